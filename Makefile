@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make run    builds .venv, installs bnjax, runs the end-to-end study (experiments/adapt_pair.py)
+#   make test   builds or reuses .venv, installs bnjax[test], runs the test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/adapt_pair
+
+.PHONY: run test test-slow bench clean
+
+$(VENV)/bin/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) experiments/adapt_pair.py --out=$(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

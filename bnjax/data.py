@@ -1,0 +1,391 @@
+"""Synthetic domains: Perlin-noise masks rendered with per-class intensities.
+
+Everything here is a pure function of a PRNG key; generation is vectorised and
+jitted over the number of images (no Python loop per image).
+
+The generator follows the study being reproduced (see DESIGN.md):
+
+* Masks are single-octave 2-D Perlin noise (Perlin 2002, "Improving noise":
+  quintic fade 6t^5 - 15t^4 + 10t^3, random unit gradients on an integer
+  lattice, the interpolated value scaled by sqrt(2)) thresholded as
+  ``|noise| > threshold``. The lattice has ``res + 1`` cells of ``size / res``
+  pixels and the image is cropped from it at a random integer offset in
+  ``[0, size / res)`` on each axis, so that the lattice points (where Perlin
+  noise is exactly zero) do not sit at fixed pixels.
+* A :class:`Domain` ``(mu1, sigma1, mu2, sigma2)`` renders background pixels as
+  N(mu1, sigma1) and foreground pixels as N(mu2, sigma2) on the 0-255 scale,
+  clipped to [0, 255] and returned as float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RENDER_KINDS = ("white_noise", "gradient", "edges")
+LAPLACIAN = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """Intensity model of a domain, on the 0-255 scale.
+
+  Attributes:
+    mu1, sigma1: mean and standard deviation of background (class 0) pixels.
+    mu2, sigma2: mean and standard deviation of foreground (mask) pixels.
+  """
+
+  mu1: float
+  sigma1: float
+  mu2: float
+  sigma2: float
+
+  def __post_init__(self):
+    for name in ("mu1", "sigma1", "mu2", "sigma2"):
+      value = getattr(self, name)
+      try:
+        value = float(value)
+      except (TypeError, ValueError):
+        raise ValueError(f"Domain.{name} must be a number, got {value!r}") from None
+      if not math.isfinite(value):
+        raise ValueError(f"Domain.{name} must be finite, got {value}")
+      if name.startswith("mu") and not 0.0 <= value <= 255.0:
+        raise ValueError(f"Domain.{name} must be in [0, 255], got {value}")
+      if name.startswith("sigma") and value < 0.0:
+        raise ValueError(f"Domain.{name} must be >= 0, got {value}")
+      object.__setattr__(self, name, value)
+
+  @classmethod
+  def parse(cls, text: str) -> "Domain":
+    """Parses ``"mu1,sigma1,mu2,sigma2"`` (as given on a command line)."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 4:
+      raise ValueError(
+          f"a domain is four numbers 'mu1,sigma1,mu2,sigma2', got {text!r}")
+    try:
+      values = [float(p) for p in parts]
+    except ValueError:
+      raise ValueError(f"a domain is four numbers, got {text!r}") from None
+    return cls(*values)
+
+  def as_array(self) -> jax.Array:
+    """float32[4] ``(mu1, sigma1, mu2, sigma2)``, for vectorised rendering."""
+    return jnp.asarray([self.mu1, self.sigma1, self.mu2, self.sigma2], jnp.float32)
+
+  def __str__(self) -> str:
+    return f"({self.mu1:g},{self.sigma1:g},{self.mu2:g},{self.sigma2:g})"
+
+
+def _check_key(key) -> None:
+  if not isinstance(key, jax.Array) or not (
+      jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+      or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
+    raise ValueError(
+        "key must be a JAX PRNG key (jax.random.key(seed) or "
+        f"jax.random.PRNGKey(seed)), got {type(key).__name__}")
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+  return int(value)
+
+
+def _check_lattice(size: int, res: int) -> None:
+  _check_positive_int("size", size)
+  _check_positive_int("res", res)
+  if size % res:
+    raise ValueError(
+        f"size ({size}) must be a multiple of res ({res}): the lattice cells "
+        "are size / res pixels wide")
+
+
+def _fade(t):
+  return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+def perlin_from_gradients(angles: jax.Array, offsets: jax.Array, size: int,
+                          res: int) -> jax.Array:
+  """Perlin noise of one image from its lattice gradients and crop offset.
+
+  Args:
+    angles: float[res + 2, res + 2], gradient angles at the lattice points.
+    offsets: int[2], crop offset (rows, columns) in pixels, in [0, size / res).
+    size: image side in pixels.
+    res: number of lattice cells across the image.
+
+  Returns:
+    float32[size, size]: sqrt(2) times the interpolated noise, in about [-1, 1].
+  """
+  cell = size // res
+  coords = (jnp.arange(size)[None, :] + offsets[:, None]) / cell  # [2, size]
+  base = jnp.floor(coords).astype(jnp.int32)
+  frac = coords - base
+  grads = jnp.stack([jnp.cos(angles), jnp.sin(angles)], -1)  # [L, L, 2]
+  row, col = base[0][:, None], base[1][None, :]
+  fy, fx = frac[0][:, None], frac[1][None, :]
+
+  def corner(di, dj):
+    g = grads[row + di, col + dj]
+    return g[..., 0] * (fy - di) + g[..., 1] * (fx - dj)
+
+  ty, tx = _fade(fy), _fade(fx)
+  top = corner(0, 0) * (1 - tx) + corner(0, 1) * tx
+  bottom = corner(1, 0) * (1 - tx) + corner(1, 1) * tx
+  return (math.sqrt(2.0) * (top * (1 - ty) + bottom * ty)).astype(jnp.float32)
+
+
+def _perlin_inputs(key, n, size, res):
+  k_angle, k_off = jax.random.split(key)
+  angles = jax.random.uniform(k_angle, (n, res + 2, res + 2),
+                              maxval=2 * math.pi)
+  offsets = jax.random.randint(k_off, (n, 2), 0, size // res)
+  return angles, offsets
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _perlin_noise(key, n, size, res):
+  angles, offsets = _perlin_inputs(key, n, size, res)
+  return jax.vmap(perlin_from_gradients, in_axes=(0, 0, None, None))(
+      angles, offsets, size, res)
+
+
+def perlin_noise(key: jax.Array, n: int, size: int = 64, res: int = 2) -> jax.Array:
+  """``n`` independent single-octave Perlin noise images, float32[n, size, size].
+
+  See the module docstring for the algorithm; values lie in about [-1, 1].
+  """
+  _check_key(key)
+  _check_positive_int("n", n)
+  _check_lattice(size, res)
+  return _perlin_noise(key, int(n), int(size), int(res))
+
+
+def perlin_masks(key: jax.Array, n: int, size: int = 64, res: int = 2,
+                 threshold: float = 0.4) -> jax.Array:
+  """``n`` binary masks ``|perlin noise| > threshold``, bool[n, size, size].
+
+  With the defaults the mean foreground fraction is about 0.20, as in the
+  study's generator.
+  """
+  threshold = float(threshold)
+  if not 0.0 <= threshold < 1.5:
+    raise ValueError(f"threshold must be in [0, 1.5), got {threshold}")
+  return jnp.abs(perlin_noise(key, n, size, res)) > threshold
+
+
+@functools.partial(jax.jit, static_argnames=("quantize",))
+def render_white_noise(key: jax.Array, masks: jax.Array, params: jax.Array,
+                       quantize: bool = False) -> jax.Array:
+  """White-noise rendering from a float[4] ``(mu1, sigma1, mu2, sigma2)``.
+
+  The array form of :func:`render` (``kind="white_noise"``), jittable and
+  vmappable over ``params`` and keys.
+  """
+  mu1, s1, mu2, s2 = params[0], params[1], params[2], params[3]
+  z = jax.random.normal(key, masks.shape, jnp.float32)
+  pixels = jnp.where(masks, mu2 + s2 * z, mu1 + s1 * z)
+  return _to_unit(pixels, quantize)
+
+
+def _to_unit(pixels, quantize):
+  pixels = jnp.clip(pixels, 0.0, 255.0)
+  if quantize:  # the original cast to uint8, which truncates toward zero
+    pixels = jnp.floor(pixels)
+  return (pixels * (1.0 / 255.0))[..., None].astype(jnp.float32)
+
+
+def _render_edges(masks):
+  x = masks.astype(jnp.float32)[:, None]  # [n, 1, H, W]
+  kernel = jnp.asarray(LAPLACIAN)[None, None]
+  lap = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME")[:, 0]
+  return (lap + 8.0) * 16.0
+
+
+def _check_masks(masks) -> jax.Array:
+  masks = jnp.asarray(masks)
+  if masks.ndim != 3 or masks.shape[0] == 0:
+    raise ValueError(
+        f"masks must be a non-empty bool[n, H, W] array, got shape {masks.shape}")
+  return masks.astype(bool)
+
+
+def render(key: jax.Array, masks: jax.Array, domain: Domain | None = None,
+           kind: str = "white_noise", quantize: bool = False,
+           texture_res: int = 2) -> jax.Array:
+  """Renders masks as images, float32[n, size, size, 1] in [0, 1].
+
+  Args:
+    key: PRNG key.
+    masks: bool[n, H, W].
+    domain: the class intensities; required for ``"white_noise"``. The study's
+      ``"gradient"`` and ``"edges"`` renderers do not use intensities.
+    kind: ``"white_noise"`` (background ~ N(mu1, sigma1), mask ~ N(mu2,
+      sigma2)); ``"gradient"`` (two independent Perlin textures
+      128 + 128 clip(p, -1, 1), one per class); ``"edges"`` (the mask convolved
+      with the 3x3 Laplacian, (x + 8) * 16).
+    quantize: truncate to integers before scaling to [0, 1], as the original
+      uint8 storage did (default False: keep float precision).
+    texture_res: lattice cells across the image for the ``"gradient"``
+      textures.
+  """
+  _check_key(key)
+  masks = _check_masks(masks)
+  if kind == "white_noise":
+    if not isinstance(domain, Domain):
+      raise ValueError(f"kind='white_noise' needs a Domain, got {domain!r}")
+    return render_white_noise(key, masks, domain.as_array(), quantize=bool(quantize))
+  if kind == "gradient":
+    n, h, w = masks.shape
+    if h != w:
+      raise ValueError(f"kind='gradient' needs square masks, got {h}x{w}")
+    k1, k2 = jax.random.split(key)
+    tex = [128.0 + 128.0 * jnp.clip(perlin_noise(k, n, h, texture_res), -1, 1)
+           for k in (k1, k2)]
+    return _to_unit(jnp.where(masks, tex[1], tex[0]), quantize)
+  if kind == "edges":
+    return _to_unit(_render_edges(masks), quantize)
+  raise ValueError(f"kind must be one of {RENDER_KINDS}, got {kind!r}")
+
+
+def make_dataset(key: jax.Array, domain: Domain, n: int, size: int = 64,
+                 kind: str = "white_noise", res: int = 2,
+                 threshold: float = 0.4, quantize: bool = False):
+  """``n`` images and masks of a domain: (float32[n, size, size, 1], bool[n, size, size])."""
+  _check_key(key)
+  k_mask, k_render = jax.random.split(key)
+  masks = perlin_masks(k_mask, n, size, res, threshold)
+  return render(k_render, masks, domain, kind, quantize), masks
+
+
+# --------------------------------------------------------------------------
+# PNG folders
+
+
+def save_folder(directory: str | os.PathLike, images, masks) -> tuple[str, str]:
+  """Writes ``images/NNNNNN.png`` (8-bit grey) and ``masks/NNNNNN.png`` (0/255).
+
+  Images are rounded to 8 bits. Returns the two folder paths.
+  """
+  from PIL import Image
+
+  images, masks = check_images_masks(images, masks)
+  images_dir = os.path.join(os.fspath(directory), "images")
+  masks_dir = os.path.join(os.fspath(directory), "masks")
+  os.makedirs(images_dir, exist_ok=True)
+  os.makedirs(masks_dir, exist_ok=True)
+  pixels = np.rint(np.asarray(images)[..., 0] * 255.0).astype(np.uint8)
+  mask_pixels = np.asarray(masks).astype(np.uint8) * 255
+  width = max(6, len(str(len(pixels) - 1)))
+  for i, (img, msk) in enumerate(zip(pixels, mask_pixels)):
+    name = f"{i:0{width}d}.png"
+    Image.fromarray(img, mode="L").save(os.path.join(images_dir, name))
+    Image.fromarray(msk, mode="L").save(os.path.join(masks_dir, name))
+  return images_dir, masks_dir
+
+
+def _image_files(directory: str, what: str) -> dict[str, str]:
+  if not os.path.isdir(directory):
+    raise ValueError(f"{what} folder {directory!r} does not exist")
+  files = {}
+  for name in sorted(os.listdir(directory)):
+    stem, suffix = os.path.splitext(name)
+    if suffix.lower() in _IMAGE_SUFFIXES:
+      files[stem] = os.path.join(directory, name)
+  if not files:
+    raise ValueError(
+        f"{what} folder {directory!r} holds no image files {_IMAGE_SUFFIXES}")
+  return files
+
+
+def _read_grey(path: str) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert("L"))
+  except (UnidentifiedImageError, OSError) as e:
+    raise ValueError(f"cannot read image file {path!r}: {e}") from None
+
+
+def load_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike):
+  """Reads a domain from PNG (or JPEG/BMP/TIFF) folders.
+
+  Images are converted to grey and scaled to [0, 1]; a mask pixel is
+  foreground when it is non-zero. Images and masks are paired by file name
+  without extension; every image needs a mask of the same size.
+
+  Returns:
+    (float32[n, H, W, 1], bool[n, H, W]), in file-name order.
+  """
+  images = _image_files(os.fspath(images_dir), "images")
+  masks = _image_files(os.fspath(masks_dir), "masks")
+  missing = [s for s in images if s not in masks]
+  if missing:
+    raise ValueError(
+        f"{len(missing)} image(s) have no mask in {os.fspath(masks_dir)!r}, "
+        f"e.g. {missing[:3]}")
+  out_images, out_masks, shape = [], [], None
+  for stem, path in images.items():
+    img = _read_grey(path)
+    msk = _read_grey(masks[stem])
+    if shape is None:
+      shape = img.shape
+    if img.shape != shape:
+      raise ValueError(
+          f"image {path!r} is {img.shape[0]}x{img.shape[1]}, the others "
+          f"{shape[0]}x{shape[1]}: all images must have one size")
+    if msk.shape != img.shape:
+      raise ValueError(
+          f"mask {masks[stem]!r} is {msk.shape[0]}x{msk.shape[1]} but its "
+          f"image is {img.shape[0]}x{img.shape[1]}")
+    out_images.append(img)
+    out_masks.append(msk > 0)
+  images_arr = (np.stack(out_images).astype(np.float32) / 255.0)[..., None]
+  return images_arr, np.stack(out_masks)
+
+
+def check_images_masks(images, masks=None, *, name: str = "images"):
+  """Validates ``float[n, H, W, C]`` images (``[n, H, W]`` gets a channel) and masks.
+
+  Raises ValueError for empty sets, wrong ranks, NaN/inf pixels or masks whose
+  shape does not match. Returns the arrays as jax arrays.
+  """
+  images = jnp.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(
+        f"{name} must be a non-empty float[n, H, W, C] (or [n, H, W]) array, "
+        f"got shape {images.shape}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    images = images.astype(jnp.float32)
+  if not bool(jnp.all(jnp.isfinite(images))):
+    raise ValueError(f"{name} contain NaN or infinite pixels")
+  if masks is None:
+    return images
+  masks = jnp.asarray(masks)
+  if masks.shape != images.shape[:3]:
+    raise ValueError(
+        f"masks must have shape {images.shape[:3]} (n, H, W of {name}), got "
+        f"{masks.shape}")
+  return images, masks.astype(bool)
+
+
+def split(arrays: Sequence, sizes: Sequence[int]):
+  """Splits arrays along axis 0 into consecutive parts of the given sizes."""
+  out, start = [], 0
+  for s in sizes:
+    out.append(tuple(a[start:start + s] for a in arrays))
+    start += s
+  return out
