@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnjax import models
+
+
+def milesial_param_count(features=64, depth=4, in_ch=1, classes=2):
+  """Closed-form parameter count of the reference PyTorch U-Net (conv weights,
+  BN scale+bias, transposed-conv weights+bias, 1x1 head with bias)."""
+  def double_conv(cin, cout):
+    return cin * cout * 9 + 2 * cout + cout * cout * 9 + 2 * cout
+  total, cin = 0, in_ch
+  for i in range(depth + 1):
+    total += double_conv(cin, features * 2**i)
+    cin = features * 2**i
+  for i in reversed(range(depth)):
+    w = features * 2**i
+    total += cin * w * 4 + w          # ConvTranspose2d(cin, cin // 2, 2, 2)
+    total += double_conv(2 * w, w)    # DoubleConv after concatenation
+    cin = w
+  return total + cin * classes + classes
+
+
+def shapes(model, side=64):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 1)),
+                                           train=False))
+
+
+def test_paper_network_parameter_count():
+  v = shapes(models.UNet.paper())
+  count = models.count_params(v["params"])
+  assert count == milesial_param_count() == 31_036_546
+  assert len(jax.tree_util.tree_leaves(v["batch_stats"])) == 2 * 18
+
+
+def test_paper_bottleneck_and_taps():
+  model = models.UNet.paper()
+  v = shapes(model)
+  _, state = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 64, 64, 1)),
+                                                  mutable=["intermediates"]), v)
+  inter = state["intermediates"]
+  assert inter["bottleneck"]["bottleneck_pre"][0].shape == (2, 4, 4, 1024)
+  for i, name in enumerate(models.level_names(4)):
+    assert f"{name}_pre" in inter[name] and f"{name}_post" in inter[name]
+
+
+def test_taps_pre_and_post_relu():
+  model = models.UNet(features=4, depth=2)
+  v = models.init(model, jax.random.key(0), (16, 16, 1))
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
+  logits, state = model.apply(v, x, mutable=["intermediates"])
+  assert logits.shape == (3, 16, 16, 2)
+  pre = state["intermediates"]["enc1"]["enc1_pre"][0]
+  post = state["intermediates"]["enc1"]["enc1_post"][0]
+  assert pre.shape == (3, 8, 8, 8)
+  np.testing.assert_allclose(post, np.maximum(pre, 0))
+  assert (np.asarray(pre) < 0).any()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(down="strided"), dict(up="resize_conv"), dict(skip=False), dict(norm="none"),
+    dict(num_classes=1)])
+def test_variants_run(kwargs):
+  model = models.UNet(features=4, depth=2, **kwargs)
+  v = models.init(model, jax.random.key(0), (16, 16, 1))
+  out = model.apply(v, jnp.ones((2, 16, 16, 1)), train=False)
+  assert out.shape == (2, 16, 16, kwargs.get("num_classes", 2))
+  assert ("batch_stats" in v) == (kwargs.get("norm", "batch") == "batch")
+
+
+def test_skip_changes_decoder_width():
+  with_skip = shapes(models.UNet(features=4, depth=2), 16)["params"]
+  without = shapes(models.UNet(features=4, depth=2, skip=False), 16)["params"]
+  assert with_skip["dec0"]["conv0"]["kernel"].shape == (3, 3, 8, 4)
+  assert without["dec0"]["conv0"]["kernel"].shape == (3, 3, 4, 4)
+
+
+def test_bad_input_errors():
+  model = models.UNet(features=4, depth=3)
+  with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
+    models.init(model, jax.random.key(0), (12, 12, 1))
+  with pytest.raises(ValueError, match="UNet.norm"):
+    models.init(models.UNet(features=4, depth=1, norm="layer"), jax.random.key(0), (8, 8, 1))
+  with pytest.raises(ValueError, match="UNet.features"):
+    models.init(models.UNet(features=0, depth=1), jax.random.key(0), (8, 8, 1))

@@ -1,0 +1,118 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+from bnjax import data, metrics, models, train
+
+TINY = models.UNet(features=4, depth=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+  return data.make_dataset(jax.random.key(0), data.Domain(60, 30, 200, 30), 72, size=16)
+
+
+def config(**kw):
+  base = dict(epochs=3, batch_size=8, learning_rate=1e-2, verbose=False)
+  return train.TrainConfig(**{**base, **kw})
+
+
+def test_fit_learns_and_is_deterministic(tiny_data):
+  x, y = tiny_data
+  v1, h1 = train.fit(TINY, x, y, config(epochs=6, patience=None))
+  v2, h2 = train.fit(TINY, x, y, config(epochs=6, patience=None))
+  assert h1["train_loss"][-1] < 0.6 * h1["train_loss"][0]
+  assert h1["val_dice"][-1] > 0.6
+  assert set(h1) >= {"train_loss", "val_loss", "val_dice", "seconds", "best_epoch", "epochs_run"}
+  for a, b in zip(jax.tree_util.tree_leaves(v1), jax.tree_util.tree_leaves(v2)):
+    np.testing.assert_array_equal(a, b)
+  v3, _ = train.fit(TINY, x, y, config(epochs=1, seed=1))
+  assert not np.array_equal(v3["params"]["head"]["kernel"], v1["params"]["head"]["kernel"])
+  pred = bnjax.predict(TINY, v1, x)
+  assert pred.shape == y.shape and pred.dtype == bool
+  assert metrics.iou(pred, y) > 0.5
+
+
+def test_early_stopping_keeps_best(tiny_data):
+  x, y = tiny_data
+  _, h = train.fit(TINY, x, y, config(epochs=10, learning_rate=0.0, patience=2))
+  # With a zero learning rate the validation Dice never improves after epoch 1.
+  assert h["epochs_run"] == 3 and h["best_epoch"] == 1
+
+
+def test_fit_updates_batch_stats_and_split(tiny_data):
+  x, y = tiny_data
+  v0 = models.init(TINY, train.seed_keys(0)[0], (16, 16, 1))
+  v, _ = train.fit(TINY, x, y, config(epochs=1, val_fraction=0.0))
+  assert not np.allclose(v["batch_stats"]["enc0"]["bn0"]["mean"], v0["batch_stats"]["enc0"]["bn0"]["mean"])
+  assert train.split_sizes(72, config()) == (65, 7)
+  with pytest.raises(ValueError, match="fewer than batch_size=80"):
+    train.fit(TINY, x, y, config(batch_size=80))
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+    (dict(learning_rate=float("nan")), "learning_rate"), (dict(optimizer="lbfgs"), "optimizer"),
+    (dict(loss="focal"), "loss"), (dict(val_fraction=1.0), "val_fraction"),
+    (dict(patience=0), "patience"), (dict(grad_clip=0.0), "grad_clip"),
+    (dict(momentum=1.0), "momentum")])
+def test_config_validation(kw, name):
+  with pytest.raises(ValueError, match=f"TrainConfig.{name}"):
+    train.TrainConfig(**kw)
+
+
+def test_paper_preset():
+  c = train.TrainConfig.paper()
+  assert (c.optimizer, c.learning_rate, c.momentum, c.batch_size, c.epochs, c.loss,
+          c.grad_clip, c.val_fraction) == ("rmsprop", 1e-5, 0.999, 1, 5, "ce+dice", 1.0, 0.1)
+  assert c.patience is not None
+
+
+def test_rmsprop_matches_pytorch_formula():
+  """Two steps of clip -> L2 -> RMSprop against PyTorch's documented update."""
+  cfg = train.TrainConfig(optimizer="rmsprop", learning_rate=0.1, momentum=0.5,
+                          weight_decay=0.01, grad_clip=1.0)
+  tx = train.make_optimizer(cfg)
+  p = jnp.array([1.0, -2.0, 3.0])
+  state = tx.init(p)
+  rng = np.random.default_rng(0)
+  ref_p, sq, buf = np.array(p, np.float64), np.zeros(3), np.zeros(3)
+  for _ in range(2):
+    g = rng.normal(size=3) * 3
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, p)
+    p = p + updates
+    g = g * min(1.0, 1.0 / np.linalg.norm(g))
+    g = g + 0.01 * ref_p
+    sq = 0.99 * sq + 0.01 * g * g
+    buf = 0.5 * buf + g / (np.sqrt(sq) + 1e-8)
+    ref_p = ref_p - 0.1 * buf
+  np.testing.assert_allclose(p, ref_p, rtol=1e-5)
+
+
+def test_losses_against_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+  masks = rng.random((2, 4, 4)) < 0.4
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  ce = -np.mean(np.where(masks, logp[..., 1], logp[..., 0]))
+  probs = np.exp(logp)
+  onehot = np.stack([~masks, masks], -1).astype(float)
+  dice = np.mean((2 * (probs * onehot).sum((1, 2)) + 1e-6)
+                 / (probs.sum((1, 2)) + onehot.sum((1, 2)) + 1e-6))
+  assert float(train.segmentation_loss(logits, masks, "ce")) == pytest.approx(ce, rel=1e-5)
+  assert float(train.segmentation_loss(logits, masks, "ce+dice")) == pytest.approx(
+      ce + 1 - dice, rel=1e-5)
+
+
+def test_predict_errors(tiny_data):
+  x, _ = tiny_data
+  v = models.init(TINY, jax.random.key(0), (16, 16, 1))
+  with pytest.raises(ValueError, match="NaN"):
+    bnjax.predict(TINY, v, x.at[0, 0, 0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="batch_size"):
+    bnjax.predict(TINY, v, x, batch_size=0)
