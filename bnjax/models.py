@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("batch", "none")
+CONV_IMPLS = ("xla", "matmul")
 DOWNS = ("maxpool", "strided")
 UPS = ("transpose", "resize_conv")
 
@@ -37,19 +38,100 @@ def level_names(depth: int) -> list[str]:
           + [f"dec{i}" for i in reversed(range(depth))])
 
 
+class Conv(nn.Module):
+  """Convolution with ``nn.Conv``'s parameters (same names, shapes, initialiser).
+
+  ``stride == 1``: a k x k convolution with 'SAME' zero padding (k odd);
+  ``stride == kernel``: non-overlapping k x k patches (down-sampling).
+  ``impl="xla"`` calls ``lax.conv_general_dilated``; ``impl="matmul"`` gathers
+  the k*k shifted views and contracts them with one matrix product. The two
+  are the same function; under ``jax.vmap`` over a stack of models the
+  matmul form lowers to a batched GEMM, where XLA:CPU turns a convolution with
+  a batched kernel into a slow grouped convolution.
+  """
+
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  use_bias: bool = True
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    k, s = self.kernel, self.stride
+    w = self.param("kernel", nn.initializers.lecun_normal(),
+                   (k, k, x.shape[-1], self.features), jnp.float32)
+    if s == 1:
+      pad = [(k // 2, k // 2)] * 2
+    elif s == k:
+      pad = [(0, 0)] * 2
+    else:
+      raise ValueError(f"Conv supports stride 1 or stride == kernel, got {k}x{k}/{s}")
+    if self.impl == "xla":
+      y = jax.lax.conv_general_dilated(x, w, (s, s), pad,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      y = _matmul_conv(x, w, s, pad)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    return y
+
+
+def _matmul_conv(x, w, stride, pad):
+  k = w.shape[0]
+  n, h, wd, c = x.shape
+  if stride == 1:
+    xp = jnp.pad(x, ((0, 0), *pad, (0, 0)))
+    patches = jnp.concatenate(
+        [xp[:, i:i + h, j:j + wd, :] for i in range(k) for j in range(k)], axis=-1)
+  else:  # space-to-depth
+    patches = x.reshape(n, h // k, k, wd // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, h // k, wd // k, k * k * c)
+  return jax.lax.dot_general(patches, w.reshape(k * k * c, -1), (((3,), (0,)), ((), ())))
+
+
+class UpConv(nn.Module):
+  """2x2 stride-2 transposed convolution with ``nn.ConvTranspose``'s parameters.
+
+  ``impl="matmul"`` computes it as a 1x1 convolution to 4 * features channels
+  followed by depth-to-space (the same function; see :class:`Conv`).
+  """
+
+  features: int
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(),
+                   (2, 2, x.shape[-1], self.features), jnp.float32)
+    b = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    if self.impl == "xla":
+      y = jax.lax.conv_transpose(x, w, (2, 2), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      n, h, wd, c = x.shape
+      # out[2i + a, 2j + b] = x[i, j] @ w[1 - a, 1 - b] (lax.conv_transpose flips)
+      y = jax.lax.dot_general(x, w[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, -1),
+                              (((3,), (0,)), ((), ())))
+      y = y.reshape(n, h, wd, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+      y = y.reshape(n, 2 * h, 2 * wd, self.features)
+    return y + b
+
+
 class DoubleConv(nn.Module):
   """(3x3 conv -> norm -> ReLU) x 2; sows the last pre-activation."""
 
   features: int
   norm: str = "batch"
   tap: str | None = None
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
     use_bn = self.norm == "batch"
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding=1, use_bias=not use_bn,
-                  name=f"conv{i}")(x)
+      x = Conv(self.features, 3, use_bias=not use_bn, impl=self.impl,
+               name=f"conv{i}")(x)
       if use_bn:
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                          epsilon=BN_EPSILON, name=f"bn{i}")(x)
@@ -74,6 +156,8 @@ class UNet(nn.Module):
       (nearest-neighbour x2 then 3x3 conv).
     skip: concatenate the encoder features into the decoder.
     num_classes: output channels (2: background / foreground logits).
+    conv_impl: ``"xla"`` or ``"matmul"``: how convolutions are lowered (the
+      same function and parameters; see :class:`Conv`).
   """
 
   features: int = 64
@@ -83,6 +167,7 @@ class UNet(nn.Module):
   up: str = "transpose"
   skip: bool = True
   num_classes: int = 2
+  conv_impl: str = "xla"
 
   @classmethod
   def paper(cls, **overrides: Any) -> "UNet":
@@ -92,7 +177,8 @@ class UNet(nn.Module):
   def _check(self, x):
     for name, value, allowed in (("norm", self.norm, NORMS),
                                  ("down", self.down, DOWNS),
-                                 ("up", self.up, UPS)):
+                                 ("up", self.up, UPS),
+                                 ("conv_impl", self.conv_impl, CONV_IMPLS)):
       if value not in allowed:
         raise ValueError(f"UNet.{name} must be one of {allowed}, got {value!r}")
     for name in ("features", "depth", "num_classes"):
@@ -111,28 +197,30 @@ class UNet(nn.Module):
   def __call__(self, x, train: bool = False):
     self._check(x)
     names = level_names(self.depth)
+    impl = self.conv_impl
     skips = []
     for i in range(self.depth):
-      x = DoubleConv(self.features * 2**i, self.norm, names[i], name=names[i])(x, train)
+      x = DoubleConv(self.features * 2**i, self.norm, names[i], impl,
+                     name=names[i])(x, train)
       skips.append(x)
       if self.down == "maxpool":
         x = nn.max_pool(x, (2, 2), (2, 2))
       else:
-        x = nn.Conv(x.shape[-1], (2, 2), strides=(2, 2), name=f"down{i}")(x)
-    x = DoubleConv(self.features * 2**self.depth, self.norm, "bottleneck",
+        x = Conv(x.shape[-1], 2, stride=2, impl=impl, name=f"down{i}")(x)
+    x = DoubleConv(self.features * 2**self.depth, self.norm, "bottleneck", impl,
                    name="bottleneck")(x, train)
     for i in reversed(range(self.depth)):
       width = self.features * 2**i
       if self.up == "transpose":
-        x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=f"up{i}")(x)
+        x = UpConv(width, impl, name=f"up{i}")(x)
       else:
         n, h, w, c = x.shape
         x = jax.image.resize(x, (n, 2 * h, 2 * w, c), "nearest")
-        x = nn.Conv(width, (3, 3), padding=1, name=f"up{i}")(x)
+        x = Conv(width, 3, impl=impl, name=f"up{i}")(x)
       if self.skip:
         x = jnp.concatenate([skips[i], x], axis=-1)
-      x = DoubleConv(width, self.norm, f"dec{i}", name=f"dec{i}")(x, train)
-    return nn.Conv(self.num_classes, (1, 1), name="head")(x)
+      x = DoubleConv(width, self.norm, f"dec{i}", impl, name=f"dec{i}")(x, train)
+    return Conv(self.num_classes, 1, impl=impl, name="head")(x)
 
 
 def count_params(params) -> int:

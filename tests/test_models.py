@@ -85,3 +85,32 @@ def test_bad_input_errors():
     models.init(models.UNet(features=4, depth=1, norm="layer"), jax.random.key(0), (8, 8, 1))
   with pytest.raises(ValueError, match="UNet.features"):
     models.init(models.UNet(features=0, depth=1), jax.random.key(0), (8, 8, 1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(down="strided", up="resize_conv")])
+def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs):
+  """conv_impl="matmul" is the same function with the same parameters."""
+  import flax.linen as nn
+
+  model = models.UNet(features=4, depth=2, **kwargs)
+  v = models.init(model, jax.random.key(0), (16, 16, 1))
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+  fast = model.clone(conv_impl="matmul")
+  v_fast = models.init(fast, jax.random.key(0), (16, 16, 1))
+  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_fast)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(fast.apply(v, x), model.apply(v, x), atol=1e-4)
+  g = jax.grad(lambda p, m: jnp.sum(m.apply({**v, "params": p}, x) ** 2), argnums=0)
+  for a, b in zip(jax.tree_util.tree_leaves(g(v["params"], fast)),
+                  jax.tree_util.tree_leaves(g(v["params"], model))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+  # Both match Flax's own layers (independent implementations).
+  xs = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  for ours, ref in [(models.Conv(5, 3), nn.Conv(5, (3, 3), padding=1)),
+                    (models.Conv(5, 2, stride=2), nn.Conv(5, (2, 2), strides=(2, 2))),
+                    (models.UpConv(5), nn.ConvTranspose(5, (2, 2), strides=(2, 2)))]:
+    w = ref.init(jax.random.key(3), xs)
+    w = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.key(4), a.shape), w)
+    for impl in models.CONV_IMPLS:
+      np.testing.assert_allclose(ours.clone(impl=impl).apply(w, xs), ref.apply(w, xs),
+                                 atol=1e-4)
