@@ -57,6 +57,7 @@ from flax import traverse_util
 from flax.linen import dtypes as flax_dtypes
 
 from bnjax import data as _data
+from bnjax import stacking
 
 MODES = ("exact", "train_pass", "ema")
 STATS = ("mean", "var", "both")
@@ -106,7 +107,7 @@ def _normalize(module: nn.BatchNorm, x, mean, var, reduction):
 def _run(model, apply_kwargs, variables, x, choose: Callable):
   """Forward pass recording ``{path: (mean, var)}`` of every BatchNorm input.
 
-  ``choose(path, mean, var)`` returns the (mean, var) that layer normalises
+  ``choose(path, mean, var, module)`` returns the (mean, var) that layer normalises
   with, or None to let the layer use its stored statistics.
   """
   records: dict[Path, tuple] = {}
@@ -124,7 +125,7 @@ def _run(model, apply_kwargs, variables, x, choose: Callable):
     _, reduction = _axes(module, x_in.ndim)
     mean, var = _moments(x_in, reduction)
     records[path] = (mean, var)
-    stats = choose(path, mean, var)
+    stats = choose(path, mean, var, module)
     if stats is None:
       return next_fun(*args, **kwargs)
     return _normalize(module, x_in, *stats, reduction)
@@ -155,7 +156,7 @@ def _count_per_channel(model, apply_kwargs, variables, x_shape) -> dict[Path, in
 
 
 # --------------------------------------------------------------------------
-# Statistics as flat {path: (mean, var)} dicts of float64 NumPy arrays
+# Statistics as flat {path: (mean, var)} dicts; arrays carry a leading pair axis
 
 
 def _flat_stats(batch_stats) -> dict[Path, tuple[np.ndarray, np.ndarray]]:
@@ -176,13 +177,21 @@ def _nest_stats(template, flat: dict[Path, tuple]) -> Any:
 
 
 def _combine(counts, means, variances):
-  """Whole-set mean and biased variance from per-part ones (law of total variance)."""
-  counts = np.asarray(counts, np.float64)[:, None]
+  """Whole-set mean and biased variance from per-part ones along axis 0
+  (law of total variance); ``counts`` has one entry per part."""
   means = np.asarray(means, np.float64)
   variances = np.asarray(variances, np.float64)
+  counts = np.asarray(counts, np.float64).reshape(-1, *[1] * (means.ndim - 1))
   total = counts.sum()
   mean = (counts * means).sum(0) / total
   var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+  return mean, var
+
+
+def _mix(mean, var, src_mean, src_var, alpha: float, stats: str):
+  """The statistics to store: ``alpha`` target + (1 - alpha) source, per ``stats``."""
+  mean = alpha * mean + (1 - alpha) * src_mean if stats in ("mean", "both") else src_mean
+  var = alpha * var + (1 - alpha) * src_var if stats in ("var", "both") else src_var
   return mean, var
 
 
@@ -203,25 +212,7 @@ def _selector(layers) -> Callable[[str], bool]:
   return lambda name: any(c.search(name) for c in compiled)
 
 
-def _mixer(source, alpha: float, stats: str):
-  """(path, target mean, target var) -> the statistics to store."""
-
-  def mix(path, mean, var):
-    src_mean, src_var = source[path]
-    if stats in ("mean", "both"):
-      mean = alpha * mean + (1 - alpha) * src_mean
-    else:
-      mean = src_mean
-    if stats in ("var", "both"):
-      var = alpha * var + (1 - alpha) * src_var
-    else:
-      var = src_var
-    return mean, var
-
-  return mix
-
-
-def _check_args(variables, images, mode, batch_size, momentum, alpha, stats):
+def _check_options(mode, batch_size, momentum, alpha, stats):
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if stats not in STATS:
@@ -234,15 +225,17 @@ def _check_args(variables, images, mode, batch_size, momentum, alpha, stats):
       isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
       or batch_size < 1):
     raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
+
+
+def _check_variables(variables):
   if not isinstance(variables, dict) or "params" not in variables:
     raise ValueError("variables must be a dict with a 'params' collection")
   if "batch_stats" not in variables or not variables["batch_stats"]:
     raise ValueError("variables have no 'batch_stats': the model has no BatchNorm layer")
-  return _data.check_images_masks(images)
 
 
 # --------------------------------------------------------------------------
-# The modes
+# The modes, on a stack of P (model, image set) pairs
 
 
 def _chunks(n: int, size: int) -> Iterable[slice]:
@@ -251,16 +244,16 @@ def _chunks(n: int, size: int) -> Iterable[slice]:
 
 
 def _exact(run_record, run_choose, variables, images, chunk, selected, mix, n_layers):
-  n = images.shape[0]
+  n = images.shape[1]
   source = _flat_stats(variables["batch_stats"])
   if chunk >= n:  # one pass: each layer normalises with its whole-set statistics
-    records = run_choose(variables, images)
-    return {p: mix(p, *map(np.asarray, records[p])) for p in selected}
+    records = jax.device_get(run_choose(variables, images))
+    return {p: mix(p, *records[p]) for p in selected}
 
   current = {p: source[p] for p in selected}
   for _ in range(n_layers):
     v = {**variables, "batch_stats": _nest_stats(variables["batch_stats"], current)}
-    parts = [(s.stop - s.start, jax.device_get(run_record(v, images[s])))
+    parts = [(s.stop - s.start, jax.device_get(run_record(v, images[:, s])))
              for s in _chunks(n, chunk)]
     new = {}
     for p in selected:
@@ -278,19 +271,24 @@ def _exact(run_record, run_choose, variables, images, chunk, selected, mix, n_la
 
 
 def _batch_moments(run_batches, variables, images, batch_size):
-  """Per-mini-batch (count, means, vars) of every layer, batches in order."""
-  n = images.shape[0]
+  """Per-mini-batch moments of every layer, batches in order along axis 1,
+  and the number of images in each batch."""
+  n = images.shape[1]
   full = n // batch_size
-  pieces = []  # list of {path: (means[B, C], vars[B, C])} and batch sizes
+  pieces, sizes = [], []
   group = max(1, 256 // batch_size)  # mini-batches per forward call
   for s in _chunks(full, group):
-    x = images[s.start * batch_size:s.stop * batch_size]
-    x = x.reshape(s.stop - s.start, batch_size, *images.shape[1:])
-    pieces.append((batch_size, jax.device_get(run_batches(variables, x))))
+    x = images[:, s.start * batch_size:s.stop * batch_size]
+    x = x.reshape(x.shape[0], s.stop - s.start, batch_size, *images.shape[2:])
+    pieces.append(jax.device_get(run_batches(variables, x)))
+    sizes += [batch_size] * (s.stop - s.start)
   if n % batch_size:
-    x = images[full * batch_size:][None]
-    pieces.append((n % batch_size, jax.device_get(run_batches(variables, x))))
-  return pieces
+    pieces.append(jax.device_get(run_batches(variables, images[:, full * batch_size:, None]
+                                             .swapaxes(1, 2))))
+    sizes.append(n % batch_size)
+  merged = {p: tuple(np.concatenate([r[p][i] for r in pieces], axis=1) for i in (0, 1))
+            for p in pieces[0]}
+  return merged, np.asarray(sizes)
 
 
 def recompute_batch_stats(model: nn.Module, variables: dict, images,
@@ -321,7 +319,34 @@ def recompute_batch_stats(model: nn.Module, variables: dict, images,
     New variables: the same ``params`` object (untouched) and a new
     ``batch_stats`` collection.
   """
-  images = _check_args(variables, images, mode, batch_size, momentum, alpha, stats)
+  _check_variables(variables)
+  images = _data.check_images_masks(images)
+  stack = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables)
+  out = recompute_batch_stats_stacked(
+      model, stack, images[None], mode=mode, batch_size=batch_size, momentum=momentum,
+      alpha=alpha, layers=layers, stats=stats, apply_kwargs=apply_kwargs,
+      strategy="unroll")
+  return {**variables,
+          "batch_stats": jax.tree_util.tree_map(lambda a: a[0], out["batch_stats"])}
+
+
+def recompute_batch_stats_stacked(model: nn.Module, variables: dict, images, *,
+                                  mode: str = "exact", batch_size: int | None = None,
+                                  momentum: float = 0.1, alpha: float = 1.0,
+                                  layers=None, stats: str = "both",
+                                  apply_kwargs: dict | None = None,
+                                  strategy: str = "auto") -> dict:
+  """:func:`recompute_batch_stats` for P pairs at once: every leaf of
+  ``variables`` and ``images`` (float[P, n, H, W, C]) has a leading axis P;
+  pair i adapts model i to image set i. ``strategy`` is how the pairs are
+  mapped (:mod:`bnjax.stacking`)."""
+  _check_variables(variables)
+  _check_options(mode, batch_size, momentum, alpha, stats)
+  images = jnp.asarray(images)
+  if images.ndim != 5 or images.shape[1] == 0:
+    raise ValueError(f"images must be a non-empty float[P, n, H, W, C] stack, got {images.shape}")
+  if not bool(jnp.all(jnp.isfinite(images))):
+    raise ValueError("images contain NaN or infinite pixels")
   apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
   batch_size = int(batch_size or DEFAULT_BATCH_SIZE[mode])
   alpha, momentum = float(alpha), float(momentum)
@@ -334,47 +359,48 @@ def recompute_batch_stats(model: nn.Module, variables: dict, images,
     raise ValueError(
         f"layers={layers!r} matches no BatchNorm layer; the layers are "
         f"{sorted(names.values())}")
-  mix = _mixer(source, alpha, stats)
-  model_fn = functools.partial(_run, model, apply_kwargs)
   selected_set = set(selected)
+  mix = lambda p, mean, var: _mix(mean, var, *source[p], alpha, stats)
+  model_fn = functools.partial(_run, model, apply_kwargs)
+  one = lambda choose: stacking.stacked(lambda v, x: model_fn(v, x, choose), strategy)
 
   if mode == "exact":
-    def choose(path, mean, var):
+    def choose(path, mean, var, module):
       if path not in selected_set:
         return None
-      return tuple(jnp.asarray(s, jnp.float32) for s in mix(path, mean, var))
+      return _mix(mean, var, module.get_variable("batch_stats", "mean"),
+                  module.get_variable("batch_stats", "var"), alpha, stats)
 
-    run_choose = jax.jit(lambda v, x: model_fn(v, x, choose))
-    run_record = jax.jit(lambda v, x: model_fn(v, x, lambda *a: None))
+    run_choose = jax.jit(one(choose))
+    run_record = jax.jit(one(lambda *a: None))
     result = _exact(run_record, run_choose, variables, images, batch_size,
                     selected, mix, len(source))
   else:
-    train_mode = lambda path, mean, var: (mean, var) if path in selected_set else None
-    run_batches = jax.jit(jax.vmap(lambda v, x: model_fn(v, x, train_mode),
-                                   in_axes=(None, 0)))
-    pieces = _batch_moments(run_batches, variables, images, batch_size)
-    counts = _count_per_channel(model, apply_kwargs, variables, (1, *images.shape[1:]))
+    train_mode = lambda path, mean, var, module: (mean, var) if path in selected_set else None
+    per_pair = lambda v, x: jax.vmap(lambda xb: model_fn(v, xb, train_mode))(x)
+    run_batches = jax.jit(stacking.stacked(per_pair, strategy))
+    moments, sizes = _batch_moments(run_batches, variables, images, batch_size)
+    first = stacking.tree_index(variables, 0)
+    counts = _count_per_channel(model, apply_kwargs, first, (1, *images.shape[2:]))
     result = {}
     for p in selected:
-      sizes = np.concatenate([np.full(len(r[p][0]), b) for b, r in pieces]) * counts[p]
-      means = np.concatenate([r[p][0] for _, r in pieces])
-      variances = np.concatenate([r[p][1] for _, r in pieces])
+      values = sizes * counts[p]
+      means, variances = moments[p]  # [P, batches, C]
       if mode == "train_pass":
-        result[p] = mix(p, *_combine(sizes, means, variances))
-      else:
-        if np.any(sizes < 2):
-          raise ValueError(
-              f"mode='ema' needs at least 2 values per channel per batch for the "
-              f"unbiased variance; layer {names[p]} sees {int(sizes.min())}: "
-              "raise batch_size")
-        run_mean, run_var = source[p]
-        for c, m, v in zip(sizes, means, variances):
-          run_mean = (1 - momentum) * run_mean + momentum * m
-          run_var = (1 - momentum) * run_var + momentum * v * c / (c - 1)
-        result[p] = mix(p, run_mean, run_var)
+        result[p] = mix(p, *_combine(values, means.swapaxes(0, 1), variances.swapaxes(0, 1)))
+        continue
+      if np.any(values < 2):
+        raise ValueError(
+            f"mode='ema' needs at least 2 values per channel per batch for the "
+            f"unbiased variance; layer {names[p]} sees {int(values.min())}: "
+            "raise batch_size")
+      run_mean, run_var = source[p]
+      for b, c in enumerate(values):
+        run_mean = (1 - momentum) * run_mean + momentum * means[:, b]
+        run_var = (1 - momentum) * run_var + momentum * variances[:, b] * c / (c - 1)
+      result[p] = mix(p, run_mean, run_var)
 
-  new_stats = _nest_stats(variables["batch_stats"], result)
-  return {**variables, "batch_stats": new_stats}
+  return {**variables, "batch_stats": _nest_stats(variables["batch_stats"], result)}
 
 
 def batch_stats_paths(variables: dict) -> list[str]:
