@@ -291,6 +291,30 @@ def _batch_moments(run_batches, variables, images, batch_size):
   return merged, np.asarray(sizes)
 
 
+@functools.lru_cache(maxsize=64)
+def _runner(model, apply_items, kind, *, selected_set, alpha, stats, strategy):
+  """The jitted stacked forward pass of one kind, cached across calls:
+  ``"record"`` (eval mode), ``"choose"`` (selected layers normalise with their
+  mixed input moments) or ``"train_batches"`` (selected layers in train mode,
+  mapped over mini-batches)."""
+  apply_kwargs = dict(apply_items)
+
+  def choose(path, mean, var, module):
+    if path not in selected_set:
+      return None
+    return _mix(mean, var, module.get_variable("batch_stats", "mean"),
+                module.get_variable("batch_stats", "var"), alpha, stats)
+
+  train_mode = lambda path, mean, var, module: (mean, var) if path in selected_set else None
+  if kind == "record":
+    fn = lambda v, x: _run(model, apply_kwargs, v, x, lambda *a: None)
+  elif kind == "choose":
+    fn = lambda v, x: _run(model, apply_kwargs, v, x, choose)
+  else:
+    fn = lambda v, x: jax.vmap(lambda xb: _run(model, apply_kwargs, v, xb, train_mode))(x)
+  return jax.jit(stacking.stacked(fn, strategy))
+
+
 def recompute_batch_stats(model: nn.Module, variables: dict, images,
                           mode: str = "exact", batch_size: int | None = None,
                           momentum: float = 0.1, alpha: float = 1.0,
@@ -359,26 +383,17 @@ def recompute_batch_stats_stacked(model: nn.Module, variables: dict, images, *,
     raise ValueError(
         f"layers={layers!r} matches no BatchNorm layer; the layers are "
         f"{sorted(names.values())}")
-  selected_set = set(selected)
+  selected_set = frozenset(selected)
   mix = lambda p, mean, var: _mix(mean, var, *source[p], alpha, stats)
-  model_fn = functools.partial(_run, model, apply_kwargs)
-  one = lambda choose: stacking.stacked(lambda v, x: model_fn(v, x, choose), strategy)
+  runner = functools.partial(_runner, model, tuple(sorted(apply_kwargs.items())),
+                             selected_set=selected_set, alpha=alpha, stats=stats,
+                             strategy=stacking.resolve(strategy))
 
   if mode == "exact":
-    def choose(path, mean, var, module):
-      if path not in selected_set:
-        return None
-      return _mix(mean, var, module.get_variable("batch_stats", "mean"),
-                  module.get_variable("batch_stats", "var"), alpha, stats)
-
-    run_choose = jax.jit(one(choose))
-    run_record = jax.jit(one(lambda *a: None))
-    result = _exact(run_record, run_choose, variables, images, batch_size,
+    result = _exact(runner("record"), runner("choose"), variables, images, batch_size,
                     selected, mix, len(source))
   else:
-    train_mode = lambda path, mean, var, module: (mean, var) if path in selected_set else None
-    per_pair = lambda v, x: jax.vmap(lambda xb: model_fn(v, xb, train_mode))(x)
-    run_batches = jax.jit(stacking.stacked(per_pair, strategy))
+    run_batches = runner("train_batches")
     moments, sizes = _batch_moments(run_batches, variables, images, batch_size)
     first = stacking.tree_index(variables, 0)
     counts = _count_per_channel(model, apply_kwargs, first, (1, *images.shape[2:]))
