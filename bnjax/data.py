@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from typing import Sequence
@@ -256,6 +257,22 @@ def render(key: jax.Array, masks: jax.Array, domain: Domain | None = None,
   if kind == "edges":
     return _to_unit(_render_edges(masks), quantize)
   raise ValueError(f"kind must be one of {RENDER_KINDS}, got {kind!r}")
+
+
+SPLITS = ("train", "eval", "adapt")
+
+
+def split_key(seed: int, domain: Domain, split: str) -> jax.Array:
+  """The key of one split of one domain in an experiment with this seed.
+
+  Depends only on the domain's values (not on its position in a list), so a
+  domain gets the same images in every experiment and grid that uses it.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  digest = hashlib.sha256(repr(dataclasses.astuple(domain)).encode()).digest()
+  key = jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest[:4], "little") >> 1)
+  return jax.random.fold_in(key, SPLITS.index(split))
 
 
 def make_dataset(key: jax.Array, domain: Domain, n: int, size: int = 64,

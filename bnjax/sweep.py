@@ -228,7 +228,7 @@ def _stacked_iou(model, variables, images, masks, strategy, empty, batch_size):
 
 def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targets_eval,
                   mode: str = "exact", oracle=None, *, strategy: str = "auto",
-                  pair_chunk: int = 8, empty: float = 1.0, batch_size: int = 64,
+                  pair_chunk: int = 8, empty: float = 1.0, eval_batch_size: int = 64,
                   progress=None, **adapt_options) -> dict:
   """Scores K stacked source models on M target sets, without and with BN adaptation.
 
@@ -243,6 +243,7 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
     mode, **adapt_options: as :func:`bnjax.adapt.recompute_batch_stats`.
     oracle: optional stacked variables of M target-trained models.
     pair_chunk: (source, target) pairs adapted per call.
+    eval_batch_size: images per forward pass when scoring.
     progress: optional callable(done_pairs, total_pairs).
 
   Returns:
@@ -261,7 +262,7 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   if pair_chunk < 1:
     raise ValueError(f"pair_chunk must be >= 1, got {pair_chunk}")
   iou = functools.partial(_stacked_iou, model, strategy=strategy, empty=empty,
-                          batch_size=batch_size)
+                          batch_size=eval_batch_size)
   source_iou = iou(variables, src_x, src_y)
   pairs = [(a, b) for a in range(k) for b in range(m)]
   none, adapted = np.zeros((k, m)), np.zeros((k, m))

@@ -93,12 +93,10 @@ def train_config(s: dict, seed: int) -> train.TrainConfig:
       patience=s["patience"], seed=seed)
 
 
-def domain_data(domain: data.Domain, index: int, split: str, n: int, size: int):
+def domain_data(domain: data.Domain, split: str, n: int, size: int):
   """Images and masks of one split of one domain, from the run's seed."""
-  splits = {"train": 0, "eval": 1, "adapt": 2}
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(FLAGS.seed), index),
-                           splits[split])
-  return data.make_dataset(key, domain, n, size, kind=FLAGS.kind, quantize=FLAGS.quantize)
+  return data.make_dataset(data.split_key(FLAGS.seed, domain, split), domain, n, size,
+                           kind=FLAGS.kind, quantize=FLAGS.quantize)
 
 
 def trained_model(name: str, model, images, masks, config, identity: dict, out: str):
@@ -183,8 +181,8 @@ def main(argv):
   print(f"source {source}, targets {', '.join(map(str, targets))}, {size}x{size}, "
         f"U-Net width {s['features']} depth {FLAGS.depth}, devices {jax.devices()}",
         flush=True)
-  x_train, y_train = domain_data(source, 0, "train", s["n_train"], size)
-  x_eval, y_eval = domain_data(source, 0, "eval", FLAGS.n_eval, size)
+  x_train, y_train = domain_data(source, "train", s["n_train"], size)
+  x_eval, y_eval = domain_data(source, "eval", FLAGS.n_eval, size)
   src_vars, src_hist = trained_model(
       "source", model, x_train, y_train, train_config(s, FLAGS.seed),
       dict(common, domain=str(source)), out)
@@ -200,9 +198,9 @@ def main(argv):
            "titles": {"no adaptation": f"prediction, IoU {results['source']['iou']:.3f}"}}]
 
   for t, target in enumerate(targets, start=1):
-    xt_eval, yt_eval = domain_data(target, t, "eval", FLAGS.n_eval, size)
+    xt_eval, yt_eval = domain_data(target, "eval", FLAGS.n_eval, size)
     xt_adapt = (xt_eval if FLAGS.transductive
-                else domain_data(target, t, "adapt", FLAGS.n_adapt, size)[0])
+                else domain_data(target, "adapt", FLAGS.n_adapt, size)[0])
     pred_none = bnjax.predict(model, src_vars, xt_eval)
     tic = time.perf_counter()
     adapted = recompute_batch_stats(model, src_vars, xt_adapt, mode=FLAGS.adapt_mode,
@@ -221,7 +219,7 @@ def main(argv):
     titles = {"no adaptation": f"IoU {entry['iou_no_adapt']:.3f}",
               "BN adapted": f"IoU {entry['iou_adapted']:.3f}"}
     if FLAGS.oracle:
-      xo, yo = domain_data(target, t, "train", s["n_train"], size)
+      xo, yo = domain_data(target, "train", s["n_train"], size)
       o_vars, o_hist = trained_model(
           f"oracle{t}", model, xo, yo, train_config(s, FLAGS.seed + t),
           dict(common, domain=str(target)), out)

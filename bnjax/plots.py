@@ -1,0 +1,165 @@
+"""Figures of the study (matplotlib, Agg). Every figure writes its numbers
+beside it as JSON (``<name>.json``) and, for matrices, CSV (``<name>.csv``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Sequence
+
+import numpy as np
+
+from bnjax.checkpoint import write_json_atomic
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _stem(path):
+  return os.path.splitext(os.fspath(path))[0]
+
+
+def _write_matrix_csv(path, matrix, rows, cols, corner="source \\ target"):
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow([corner, *cols])
+    for label, row in zip(rows, np.asarray(matrix)):
+      w.writerow([label, *[f"{v:.6g}" for v in row]])
+
+
+def heatmaps(no_adapt, adapted, rows: Sequence[str], cols: Sequence[str], path,
+             title: str = "") -> str:
+  """Three panels: IoU without adaptation, with, and the difference."""
+  plt = _plt()
+  no_adapt, adapted = np.asarray(no_adapt), np.asarray(adapted)
+  diff = adapted - no_adapt
+  k, m = no_adapt.shape
+  size = max(3.0, 0.55 * max(k, m) + 1.5)
+  fig, axes = plt.subplots(1, 3, figsize=(3 * size, size))
+  panels = [("IoU without adaptation", no_adapt, "viridis", 0, 1),
+            ("IoU with BN adaptation", adapted, "viridis", 0, 1),
+            ("difference (adapted - not)", diff, "RdBu", -1, 1)]
+  for ax, (name, mat, cmap, lo, hi) in zip(axes, panels):
+    im = ax.imshow(mat, cmap=cmap, vmin=lo, vmax=hi)
+    ax.set_title(name, fontsize=9)
+    ax.set_xticks(range(m), cols, rotation=90, fontsize=6)
+    ax.set_yticks(range(k), rows, fontsize=6)
+    ax.set_xlabel("target", fontsize=8)
+    ax.set_ylabel("source", fontsize=8)
+    if k * m <= 400:
+      for i in range(k):
+        for j in range(m):
+          ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                  color="w" if (mat[i, j] - lo) / (hi - lo) < 0.5 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  stem = _stem(path)
+  for name, mat in (("no_adapt", no_adapt), ("adapted", adapted), ("difference", diff)):
+    _write_matrix_csv(f"{stem}_{name}.csv", mat, rows, cols)
+  write_json_atomic(f"{stem}.json", {"rows": list(rows), "cols": list(cols),
+                                     "iou_no_adapt": no_adapt.tolist(),
+                                     "iou_adapted": adapted.tolist()})
+  return path
+
+
+def sigma_panels(targets, values, path, title: str = "") -> str:
+  """One source, many targets: subplot rows sigma1, columns sigma2; inside,
+  rows mu1, columns mu2 - mu1; blank where a combination is not in the grid.
+
+  ``targets`` are Domains; ``values`` float[len(targets)] (e.g. adapted IoU).
+  """
+  plt = _plt()
+  values = np.asarray(values, float)
+  s1s = sorted({t.sigma1 for t in targets})
+  s2s = sorted({t.sigma2 for t in targets})
+  mus = sorted({t.mu1 for t in targets})
+  deltas = sorted({t.mu2 - t.mu1 for t in targets})
+  fig, axes = plt.subplots(len(s1s), len(s2s), figsize=(2.2 * len(s2s) + 1, 2.2 * len(s1s)),
+                           squeeze=False)
+  table = []
+  for t, v in zip(targets, values):
+    table.append({"mu1": t.mu1, "sigma1": t.sigma1, "mu2": t.mu2, "sigma2": t.sigma2,
+                  "value": float(v)})
+  im = None
+  for a, s1 in enumerate(s1s):
+    for b, s2 in enumerate(s2s):
+      mat = np.full((len(mus), len(deltas)), np.nan)
+      for t, v in zip(targets, values):
+        if t.sigma1 == s1 and t.sigma2 == s2:
+          mat[mus.index(t.mu1), deltas.index(t.mu2 - t.mu1)] = v
+      ax = axes[a, b]
+      im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=1)
+      ax.set_xticks(range(len(deltas)), [f"{d:g}" for d in deltas], fontsize=5, rotation=90)
+      ax.set_yticks(range(len(mus)), [f"{m:g}" for m in mus], fontsize=5)
+      if a == 0:
+        ax.set_title(f"σ2 = {s2:g}", fontsize=8)
+      if b == 0:
+        ax.set_ylabel(f"σ1 = {s1:g}\nμ1", fontsize=8)
+      if a == len(s1s) - 1:
+        ax.set_xlabel("μ2 − μ1", fontsize=7)
+  fig.colorbar(im, ax=axes, fraction=0.02)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", table)
+  with open(f"{_stem(path)}.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, ["mu1", "sigma1", "mu2", "sigma2", "value"])
+    w.writeheader()
+    w.writerows(table)
+  return path
+
+
+def surface(matrix, rows: Sequence[str], cols: Sequence[str], path, zlabel="IoU",
+            title: str = "") -> str:
+  """A 3-D surface of a source x target matrix."""
+  plt = _plt()
+  matrix = np.asarray(matrix, float)
+  fig = plt.figure(figsize=(6, 5))
+  ax = fig.add_subplot(projection="3d")
+  yy, xx = np.meshgrid(np.arange(matrix.shape[0]), np.arange(matrix.shape[1]), indexing="ij")
+  ax.plot_surface(xx, yy, matrix, cmap="viridis", vmin=0, vmax=1)
+  ax.set_xticks(range(len(cols)), cols, fontsize=5)
+  ax.set_yticks(range(len(rows)), rows, fontsize=5)
+  ax.set_xlabel("target", fontsize=8)
+  ax.set_ylabel("source", fontsize=8)
+  ax.set_zlabel(zlabel, fontsize=8)
+  ax.set_zlim(0, 1)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  _write_matrix_csv(f"{_stem(path)}.csv", matrix, rows, cols)
+  return path
+
+
+def histories(history: dict, labels: Sequence[str], path) -> str:
+  """Training loss and validation Dice of every model (``history`` arrays are
+  float[epochs, K], as :func:`bnjax.sweep.train_many` returns)."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  train_loss = np.asarray(history["train_loss"])
+  val_dice = np.asarray(history["val_dice"])
+  epochs = np.arange(1, train_loss.shape[0] + 1)
+  for i, label in enumerate(labels):
+    axes[0].plot(epochs, train_loss[:, i], label=label, lw=1)
+    axes[1].plot(epochs, val_dice[:, i], label=label, lw=1)
+  axes[0].set(xlabel="epoch", ylabel="train loss")
+  axes[1].set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1))
+  if len(labels) <= 12:
+    axes[1].legend(fontsize=5)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", {
+      "labels": list(labels), "train_loss": np.where(np.isnan(train_loss), None, train_loss).tolist(),
+      "val_dice": np.where(np.isnan(val_dice), None, val_dice).tolist()})
+  return path

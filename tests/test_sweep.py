@@ -1,0 +1,205 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+from bnjax import adapt, data, metrics, models, plots, sweep, train
+
+TINY = models.UNet(features=4, depth=2)
+DOMAINS = [data.Domain(60, 30, 200, 30), data.Domain(100, 30, 180, 30), data.Domain(20, 30, 220, 30)]
+CONFIG = train.TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, verbose=False, patience=1)
+
+
+@pytest.fixture(scope="module")
+def stack():
+  pairs = [data.make_dataset(jax.random.key(i), d, 48, size=16) for i, d in enumerate(DOMAINS)]
+  return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+
+
+@pytest.fixture(scope="module")
+def trained(stack):
+  return sweep.train_many(TINY, *stack, CONFIG)
+
+
+def test_train_many_equals_fit(stack, trained):
+  x, y = stack
+  variables, history = trained
+  assert all(a.shape[0] == 3 for a in jax.tree_util.tree_leaves(variables))
+  assert history["train_loss"].shape[1] == 3
+  for i in range(3):
+    v, h = train.fit(TINY, x[i], y[i], dataclasses.replace(CONFIG, seed=CONFIG.seed + i))
+    vi = jax.tree_util.tree_map(lambda a: a[i], variables)
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(vi)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+    assert h["epochs_run"] == history["epochs_run"][i]
+    assert h["best_epoch"] == history["best_epoch"][i]
+    np.testing.assert_allclose(h["val_dice"], history["val_dice"][:h["epochs_run"], i], atol=1e-4)
+    assert abs(metrics.iou(bnjax.predict(TINY, v, x[i]), y[i])
+               - metrics.iou(bnjax.predict(TINY, vi, x[i]), y[i])) < 0.01
+  # Early stopping is per model: a stopped model's history is NaN afterwards.
+  stopped = history["epochs_run"] < history["train_loss"].shape[0]
+  assert stopped.any()
+  i = int(np.flatnonzero(stopped)[0])
+  assert np.isnan(history["train_loss"][history["epochs_run"][i]:, i]).all()
+
+
+def test_vmap_strategy_matches_unroll(stack):
+  x, y = stack
+  cfg = dataclasses.replace(CONFIG, epochs=1)
+  a, _ = sweep.train_many(TINY, x[:2], y[:2], cfg, strategy="unroll")
+  b, _ = sweep.train_many(TINY, x[:2], y[:2], cfg, strategy="vmap")
+  for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(p, q, atol=1e-4)
+
+
+def test_evaluate_grid_matches_pairwise_loop(stack, trained):
+  x, y = stack
+  variables, _ = trained
+  out = sweep.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), mode="train_pass",
+                            pair_chunk=3, batch_size=16)
+  assert set(out) == {"source_iou", "iou_no_adapt", "iou_adapted"}
+  for k in range(3):
+    vk = jax.tree_util.tree_map(lambda a: a[k], variables)
+    assert out["source_iou"][k, 0] == pytest.approx(
+        metrics.iou(bnjax.predict(TINY, vk, x[k]), y[k]), abs=1e-6)
+    for m in range(2):
+      ad = adapt.recompute_batch_stats(TINY, vk, x[m], mode="train_pass", batch_size=16)
+      assert out["iou_no_adapt"][k, m] == pytest.approx(
+          metrics.iou(bnjax.predict(TINY, vk, x[m]), y[m]), abs=1e-6)
+      assert out["iou_adapted"][k, m] == pytest.approx(
+          metrics.iou(bnjax.predict(TINY, ad, x[m]), y[m]), abs=2e-3)
+  oracle = jax.tree_util.tree_map(lambda a: a[:2], variables)
+  with_oracle = sweep.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), oracle=oracle)
+  np.testing.assert_allclose(with_oracle["iou_oracle"][0], out["source_iou"][:2, 0], atol=1e-6)
+
+
+def test_input_errors(stack):
+  x, y = stack
+  with pytest.raises(ValueError, match="masks must have shape"):
+    sweep.train_many(TINY, x, y[:2], CONFIG)
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    sweep.train_many(TINY, x, y, CONFIG, strategy="pmap")
+  with pytest.raises(ValueError, match="float\\[K, n, H, W, C\\]"):
+    sweep.train_many(TINY, x[0, 0], y[0, 0], CONFIG)
+
+
+def test_named_grids():
+  b = sweep.named_grid("brightness", "full")
+  assert [g.label for g in b.groups] == ["k20", "k40", "k80"]
+  assert [d.mu1 for d in b.groups[0].sources] == list(range(10, 171, 20))
+  assert all(d.mu2 - d.mu1 == 80 and d.sigma1 == d.sigma2 == 50 for d in b.groups[2].sources)
+  c = sweep.named_grid("clip_corrected", "full")
+  targets = c.groups[0].targets
+  assert c.groups[0].sources == (data.Domain(96, 18, 138, 18),)
+  assert all(t.mu2 <= 192 for t in targets)
+  # 7 mu1 x 7 deltas, filtered by mu2 <= 192, times 5 x 5 sigmas.
+  valid = sum(1 for m in range(64, 161, 16) for d in (24, 32, 42, 55, 73, 97, 128) if m + d <= 192)
+  assert len(targets) == 25 * valid
+  assert len(sweep.named_grid("geometric", "full").groups[0].sources) == 5
+  assert sweep.parse_values("10:170:20") == [float(v) for v in range(10, 171, 20)]
+  assert sweep.parse_values("1,2.5") == [1.0, 2.5]
+  with pytest.raises(ValueError, match="range"):
+    sweep.parse_values("1:2:0")
+  with pytest.raises(ValueError, match="unknown grid"):
+    sweep.named_grid("contrast")
+
+
+def test_plots_write_numbers(tmp_path):
+  a = np.array([[0.1, 0.2], [0.3, 0.4]])
+  b = np.array([[0.5, 0.6], [0.7, 0.9]])
+  plots.heatmaps(a, b, ["s1", "s2"], ["t1", "t2"], tmp_path / "h.png")
+  rows = (tmp_path / "h_difference.csv").read_text().splitlines()
+  assert rows[0].split(",")[1:] == ["t1", "t2"]
+  np.testing.assert_allclose([float(v) for v in rows[2].split(",")[1:]], b[1] - a[1])
+  plots.surface(b, ["s1", "s2"], ["t1", "t2"], tmp_path / "s.png")
+  targets = sweep.sigma_panel_targets([64, 112], [24, 128], [6], [6, 30])
+  plots.sigma_panels(targets, np.linspace(0, 1, len(targets)), tmp_path / "p.png")
+  table = json.loads((tmp_path / "p.json").read_text())
+  assert len(table) == len(targets) and all(t["mu2"] <= 192 for t in table)
+  plots.histories({"train_loss": np.ones((3, 2)), "val_dice": np.full((3, 2), np.nan)},
+                  ["a", "b"], tmp_path / "hist.png")
+  for name in ("h.png", "s.png", "p.png", "hist.png"):
+    assert (tmp_path / name).stat().st_size > 1000
+
+
+SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from bnjax import data, models, sweep, train
+    assert jax.device_count() == 4, jax.devices()
+    model = models.UNet(features=2, depth=1)
+    doms = [data.Domain(60, 30, 200, 30), data.Domain(100, 30, 180, 30), data.Domain(20, 30, 220, 30)]
+    pairs = [data.make_dataset(jax.random.key(i), d, 20, size=8) for i, d in enumerate(doms)]
+    x, y = jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+    cfg = train.TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, verbose=False)
+    for strategy in ("unroll", "vmap"):
+      a, ha = sweep.train_many(model, x, y, cfg, strategy=strategy)
+      b, hb = sweep.train_many(model, x, y, cfg, strategy=strategy, devices=jax.devices()[:1])
+      assert all(l.shape[0] == 3 for l in jax.tree_util.tree_leaves(a))
+      for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(q), atol=1e-5)
+      np.testing.assert_allclose(ha["val_dice"], hb["val_dice"], atol=1e-5)
+    print("SHARDED-OK")
+""")
+
+
+def test_four_device_sharding_equals_one_device(root):
+  env = {**os.environ, "PYTHONPATH": root,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
+                        env=env, timeout=600)
+  assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+SWEEP_FLAGS = ["--grid=custom", "--mu1=40,90,140", "--delta=90", "--sigma1=30", "--size=16",
+               "--n_train=24", "--n_eval=8", "--n_adapt=8", "--features=2", "--depth=2",
+               "--epochs=2", "--batch_size=8", "--chunk=1", "--pair_chunk=4"]
+
+
+def sweep_cmd(root, out, *extra):
+  return [sys.executable, os.path.join(root, "experiments", "sweep.py"), f"--out={out}",
+          *SWEEP_FLAGS, *extra]
+
+
+def test_sweep_killed_then_resumed(root, tmp_path):
+  env = {**os.environ, "PYTHONPATH": root}
+  out = tmp_path / "run"
+  proc = subprocess.Popen(sweep_cmd(root, out), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  first = out / "models" / "chunk_0000" / "bnjax.json"
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  assert first.exists(), "the first chunk was never checkpointed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / "summary.md").exists()
+  resumed = subprocess.run(sweep_cmd(root, out), env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "chunk 1/3 restored" in resumed.stderr
+  fresh = subprocess.run(sweep_cmd(root, tmp_path / "fresh"), env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  a = json.loads((out / "results" / "custom.json").read_text())
+  b = json.loads((tmp_path / "fresh" / "results" / "custom.json").read_text())
+  for key in ("source_iou", "iou_no_adapt", "iou_adapted"):
+    np.testing.assert_allclose(a[key], b[key], atol=1e-6)
+  for name in ("custom_heatmaps.png", "custom_surface.png", "histories.png", "summary.md",
+               "custom_heatmaps_adapted.csv"):
+    assert (out / name).exists()
+  # Everything done is reused; other flags into the same folder are refused.
+  again = subprocess.run(sweep_cmd(root, out), env=env, capture_output=True, text=True, timeout=600)
+  assert "scores restored" in again.stdout and again.stderr.count("restored") >= 3
+  other = subprocess.run(sweep_cmd(root, out, "--seed=1"), env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert other.returncode != 0 and "seed: 0 -> 1" in other.stderr
