@@ -53,6 +53,7 @@ def test_train_many_equals_fit(stack, trained):
   assert np.isnan(history["train_loss"][history["epochs_run"][i]:, i]).all()
 
 
+@pytest.mark.slow
 def test_vmap_strategy_matches_unroll(stack):
   x, y = stack
   cfg = dataclasses.replace(CONFIG, epochs=1)
@@ -152,6 +153,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_device_sharding_equals_one_device(root):
   env = {**os.environ, "PYTHONPATH": root,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -170,6 +172,7 @@ def sweep_cmd(root, out, *extra):
           *SWEEP_FLAGS, *extra]
 
 
+@pytest.mark.slow
 def test_sweep_killed_then_resumed(root, tmp_path):
   env = {**os.environ, "PYTHONPATH": root}
   out = tmp_path / "run"
