@@ -35,9 +35,10 @@ def tree_stack(trees):
   return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
-def stacked(fn: Callable, strategy: str, in_axes=0) -> Callable:
+def stacked(fn: Callable, strategy: str, in_axes=0, sequential: bool = True) -> Callable:
   """``fn`` mapped over the leading axis of its arguments (``in_axes`` as in vmap:
-  0 or None per positional argument)."""
+  0 or None per positional argument). With ``"unroll"`` and ``sequential``,
+  each copy's inputs wait for the previous copy's outputs."""
   strategy = resolve(strategy)
   if strategy == "vmap":
     return jax.vmap(fn, in_axes=in_axes)
@@ -48,8 +49,14 @@ def stacked(fn: Callable, strategy: str, in_axes=0) -> Callable:
             for a, ax in zip(args, axes) if ax == 0}
     if len(size) != 1:
       raise ValueError(f"stacked arguments disagree on the leading axis: {size}")
-    outs = [fn(*[tree_index(a, i) if ax == 0 else a for a, ax in zip(args, axes)])
-            for i in range(size.pop())]
+    outs = []
+    for i in range(size.pop()):
+      model_args = [tree_index(a, i) if ax == 0 else a for a, ax in zip(args, axes)]
+      if outs and sequential:
+        # Order model i after model i-1, so the copies run one after another
+        # instead of competing for the same cores.
+        _, model_args = jax.lax.optimization_barrier((outs[-1], model_args))
+      outs.append(fn(*model_args))
     return tree_stack(outs)
 
   return unrolled

@@ -1,0 +1,83 @@
+r"""Vectorised training of K models vs the same K trained one after another.
+
+    python benchmarks/train_many.py                       # CPU: K = 1, 2, 4, 8, width 8, 32x32, batch 32
+    python benchmarks/train_many.py --ks=1,32,128,256 --strategies=vmap   # on a GPU
+
+Times the train step ``bnjax.sweep.train_many`` runs (a stack of K models,
+mapped by a strategy) against K calls of the single-model step ``fit`` runs,
+side by side in one process: model-images per second for each and the ratio
+(vectorised / one at a time; > 1 means the stack is faster per model).
+Compile time is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import models, stacking, train
+
+
+def first_call(fn, *args):
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def side_by_side(a, a_args, b, b_args, reps):
+  """Median seconds of a and b, their calls alternating (drift hits both)."""
+  times = ([], [])
+  for _ in range(reps):
+    for fn, args, out in ((a, a_args, times[0]), (b, b_args, times[1])):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      out.append(time.perf_counter() - t0)
+  return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ks", default="1,2,4,8")
+  p.add_argument("--strategies", default="auto,vmap")
+  p.add_argument("--features", type=int, default=8)
+  p.add_argument("--size", type=int, default=32)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--conv_impl", default="xla", choices=models.CONV_IMPLS)
+  a = p.parse_args()
+  model = models.UNet(features=a.features, depth=4, conv_impl=a.conv_impl)
+  tx = train.make_optimizer(train.TrainConfig(batch_size=a.batch))
+  step1 = functools.partial(train.train_step, model, tx, "ce+dice")
+  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; U-Net width "
+        f"{a.features}, {a.size}x{a.size}, batch {a.batch}, conv_impl {a.conv_impl}")
+  print(f"{'K':>4} {'strategy':>8} {'stack img/s':>12} {'1-by-1 img/s':>13} {'ratio':>6} "
+        f"{'compile stack':>14} {'compile 1':>10}")
+  single = jax.jit(step1)
+  for k in [int(v) for v in a.ks.split(",")]:
+    keys = jax.random.split(jax.random.key(0), k)
+    states = [train.init_state(model, tx, kk, (a.size, a.size, 1)) for kk in keys]
+    x = jax.random.uniform(jax.random.key(1), (k, a.batch, a.size, a.size, 1))
+    y = x[..., 0] > 0.5
+
+    def one_by_one(states, x, y):
+      return [single(s, x[i], y[i]) for i, s in enumerate(states)]
+
+    c_seq = first_call(one_by_one, states, x, y)
+    stacked_state = stacking.tree_stack(states)
+    for strategy in a.strategies.split(","):
+      name = stacking.resolve(strategy)
+      fn = jax.jit(stacking.stacked(step1, strategy))
+      c_vec = first_call(fn, stacked_state, x, y)
+      t_vec, t_seq = side_by_side(fn, (stacked_state, x, y), one_by_one, (states, x, y), a.reps)
+      images = k * a.batch
+      print(f"{k:>4} {name:>8} {images / t_vec:>12.1f} {images / t_seq:>13.1f} "
+            f"{t_seq / t_vec:>6.2f} {c_vec:>13.1f}s {c_seq:>9.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+  main()
