@@ -230,5 +230,5 @@ def count_params(params) -> int:
 
 def init(model: nn.Module, key: jax.Array, image_shape) -> dict:
   """Initial ``{"params", "batch_stats"}`` for images of shape (H, W, C)."""
-  from bnjax.train import _init_variables
-  return dict(_init_variables(model, key, tuple(image_shape)))
+  from bnjax.train import init_variables
+  return dict(init_variables(model, key, tuple(image_shape)))

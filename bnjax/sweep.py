@@ -123,7 +123,7 @@ def train_many(model: nn.Module, images, masks, config: _train.TrainConfig = _tr
 
   tx = _train.make_optimizer(config)
   params_and_state = stacking.tree_stack(
-      [_train._init_variables(model, key, tuple(images.shape[2:])) for key in k_init])
+      [_train.init_variables(model, key, tuple(images.shape[2:])) for key in k_init])
   params_and_state = dict(params_and_state)
   params = params_and_state.pop("params")
   state = _train.TrainState(params, params_and_state, jax.jit(jax.vmap(tx.init))(params))

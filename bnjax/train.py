@@ -182,7 +182,7 @@ def seed_keys(seed: int):
 def init_state(model: nn.Module, tx: optax.GradientTransformation, key,
                image_shape, variables=None) -> TrainState:
   if variables is None:
-    variables = _init_variables(model, key, tuple(image_shape))
+    variables = init_variables(model, key, tuple(image_shape))
   variables = dict(variables)
   params = variables.pop("params")
   return TrainState(params, variables, tx.init(params))
@@ -193,7 +193,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key,
 # compile of its random initialisers takes ~12 s; this one ~2 s, run once.
 @functools.partial(jax.jit, static_argnums=(0, 2),
                    compiler_options={"xla_backend_optimization_level": 0})
-def _init_variables(model, key, image_shape):
+def init_variables(model, key, image_shape):
+  """``model.init`` on a zero image of ``image_shape`` (H, W, C), jitted."""
   return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
 
 
