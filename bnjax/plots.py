@@ -53,8 +53,9 @@ def heatmaps(no_adapt, adapted, rows: Sequence[str], cols: Sequence[str], path,
     if k * m <= 400:
       for i in range(k):
         for j in range(m):
+          dark = abs(mat[i, j]) > 0.6 if lo < 0 else mat[i, j] < 0.5
           ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=5,
-                  color="w" if (mat[i, j] - lo) / (hi - lo) < 0.5 else "k")
+                  color="w" if dark else "k")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
   if title:
     fig.suptitle(title, fontsize=10)

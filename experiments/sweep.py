@@ -1,7 +1,7 @@
 r"""Run a grid of source/target domains: train every source model as one stack,
 score every pair without and with BN adaptation, write the figures.
 
-    python experiments/sweep.py --grid=brightness --out=runs/brightness        # CPU-sized, ~6 min on 2 cores
+    python experiments/sweep.py --grid=brightness --out=runs/brightness        # CPU-sized, ~12 min on 2 cores
     python experiments/sweep.py --grid=geometric --out=runs/geometric
     python experiments/sweep.py --grid=clip_corrected --out=runs/clip
     python experiments/sweep.py --grid=custom --mu1=10:170:40 --delta=80 --sigma1=50 --out=runs/custom
@@ -52,12 +52,12 @@ flags.DEFINE_string("delta", "80", "custom: mu2 - mu1 values.")
 flags.DEFINE_string("sigma1", "50", "custom: background standard deviations.")
 flags.DEFINE_string("sigma2", None, "custom: foreground standard deviations (default: equal to sigma1).")
 flags.DEFINE_integer("size", 32, "Image side.")
-flags.DEFINE_integer("n_train", 600, "Training images per domain.")
+flags.DEFINE_integer("n_train", 1000, "Training images per domain.")
 flags.DEFINE_integer("n_eval", 100, "Evaluation images per domain.")
 flags.DEFINE_integer("n_adapt", 100, "Adaptation images per target.")
 flags.DEFINE_integer("features", 8, "U-Net base width.")
 flags.DEFINE_integer("depth", 4, "U-Net depth.")
-flags.DEFINE_integer("epochs", 8, "Training epochs.")
+flags.DEFINE_integer("epochs", 12, "Training epochs.")
 flags.DEFINE_integer("batch_size", 32, "Training batch size.")
 flags.DEFINE_float("learning_rate", 3e-3, "Learning rate.")
 flags.DEFINE_enum("optimizer", "adam", list(train.OPTIMIZERS), "Optimizer.")
