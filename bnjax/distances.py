@@ -241,8 +241,9 @@ def mmd(x, y, bandwidth: float | None = None, *, dtype=None) -> float:
 def sinkhorn(x, y, epsilon: float | None = None, *, max_points: int = 4096, key=None) -> float:
   """Debiased Sinkhorn divergence with squared Euclidean cost (Genevay et al.
   2018; Feydy et al. 2019): OT_ε(x, y) - (OT_ε(x, x) + OT_ε(y, y)) / 2, through
-  ott-jax (dense ``PointCloud`` geometry). ``epsilon`` defaults to ott's (5 %
-  of the mean cost). Samples larger than ``max_points`` are subsampled at
+  ott-jax (dense ``PointCloud`` geometry). ``epsilon`` defaults to 5 % of the
+  mean squared distance between points of the pooled sample (0 is returned
+  when that is 0: all points equal). Samples larger than ``max_points`` are subsampled at
   random with ``key`` (ott's online mode, which would avoid that, fails with
   jax >= 0.9). Squared-cost units."""
   from ott.geometry import pointcloud
@@ -255,9 +256,19 @@ def sinkhorn(x, y, epsilon: float | None = None, *, max_points: int = 4096, key=
     x = x[np.asarray(jax.random.permutation(kx, x.shape[0]))[:max_points]]
   if y.shape[0] > max_points:
     y = y[np.asarray(jax.random.permutation(ky, y.shape[0]))[:max_points]]
+  x, y = x.astype(np.float32), y.astype(np.float32)
+  if epsilon is None:
+    # ott's own default, 5 % of the mean cost, computed here so that a zero
+    # cost (e.g. collapsed features, all equal) never becomes epsilon = 0.
+    xy = np.concatenate([x, y])
+    mean_cost = 2 * xy.var(0).sum() * len(xy) / max(len(xy) - 1, 1)
+    if not mean_cost > 1e-12:
+      return 0.0
+    epsilon = 0.05 * float(mean_cost)
+  if not epsilon > 0:
+    raise ValueError(f"epsilon must be > 0, got {epsilon}")
   value, _ = sinkhorn_divergence.sinkhorn_divergence(
-      pointcloud.PointCloud, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-      epsilon=epsilon)
+      pointcloud.PointCloud, jnp.asarray(x), jnp.asarray(y), epsilon=float(epsilon))
   return float(value)
 
 

@@ -17,7 +17,8 @@ checkpoint; each group's scores are written atomically. Run the same command
 again after an interruption and it goes on where it stopped. Rerunning into
 the same --out with different flags is refused.
 
-Outputs under --out: ``config.json``; ``models/chunk_NNNN`` (checkpoints);
+Outputs under --out: ``config.json``; ``models/chunk_NNNN`` (checkpoints) and
+``models/index.json`` (the domain of each model, in order);
 ``results/<group>.json``; per group ``<group>_heatmaps.png`` (+ CSV/JSON),
 ``<group>_surface.png`` (or ``<group>_panels.png`` for one source, many
 targets); ``histories.png``; ``summary.md``.
@@ -183,6 +184,9 @@ def main(argv):
         f"{FLAGS.size}x{FLAGS.size}, width {FLAGS.features}, devices {jax.devices()}",
         flush=True)
   variables, history = train_all(model, trained, config, out, [FLAGS[n].value for n in IDENTITY_FLAGS])
+  checkpoint.write_json_atomic(os.path.join(out, "models", "index.json"), {
+      "domains": [list(dataclasses.astuple(d)) for d in trained], "chunk": FLAGS.chunk,
+      "model": {"features": FLAGS.features, "depth": FLAGS.depth}})
   plots.histories(history, [label(d) for d in trained], os.path.join(out, "histories.png"))
   index = {d: i for i, d in enumerate(trained)}
   take = lambda doms: jax.tree_util.tree_map(lambda a: a[np.array([index[d] for d in doms])],

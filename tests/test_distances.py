@@ -105,6 +105,8 @@ def test_sinkhorn_divergence_of_a_translation():
   value = distances.sinkhorn(x, x + delta, epsilon=0.1)
   assert value == pytest.approx(float(delta @ delta), rel=2e-2)
   assert abs(distances.sinkhorn(x, x, epsilon=0.1)) < 1e-3
+  assert distances.sinkhorn(np.zeros((5, 3)), np.zeros((7, 3))) == 0.0  # collapsed features
+  assert distances.sinkhorn(x, x + delta) == pytest.approx(float(delta @ delta), rel=5e-2)
 
 
 def test_overlap_coefficient_against_quadrature():
