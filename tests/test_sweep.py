@@ -206,3 +206,13 @@ def test_sweep_killed_then_resumed(root, tmp_path):
   other = subprocess.run(sweep_cmd(root, out, "--seed=1"), env=env, capture_output=True,
                          text=True, timeout=600)
   assert other.returncode != 0 and "seed: 0 -> 1" in other.stderr
+  # The latent-distance study runs on the sweep's output.
+  gain = subprocess.run([sys.executable, os.path.join(root, "experiments", "predict_gain.py"),
+                         f"--sweep_dir={out}", "--taps=bottleneck,dec0", "--bootstrap=20",
+                         "--max_rows=200", "--sinkhorn_points=100"],
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert gain.returncode == 0, gain.stderr[-3000:]
+  ranking = json.loads((out / "gain" / "ranking.json").read_text())
+  names = {e["predictor"] for e in ranking}
+  assert {"bn_diag_w2", "bottleneck/adapted/frechet", "dec0/unadapted/sliced_w2"} <= names
+  assert (out / "gain" / "scatter_top6.png").exists() and (out / "gain" / "distances.csv").exists()
