@@ -7,8 +7,10 @@
     bnjax.metrics.iou(bnjax.predict(model, adapted, target_images), target_masks)
 """
 
-from bnjax import adapt, checkpoint, data, metrics, models, train
+from bnjax import (adapt, checkpoint, data, distances, features, metrics, models, stacking,
+                   sweep, train)
 from bnjax.train import predict
 
-__all__ = ["adapt", "checkpoint", "data", "metrics", "models", "train", "predict"]
+__all__ = ["adapt", "checkpoint", "data", "distances", "features", "metrics", "models",
+           "stacking", "sweep", "train", "predict"]
 __version__ = "0.1.0"

@@ -24,8 +24,6 @@ import functools
 import hashlib
 import math
 import os
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -397,12 +395,3 @@ def check_images_masks(images, masks=None, *, name: str = "images"):
         f"masks must have shape {images.shape[:3]} (n, H, W of {name}), got "
         f"{masks.shape}")
   return images, masks.astype(bool)
-
-
-def split(arrays: Sequence, sizes: Sequence[int]):
-  """Splits arrays along axis 0 into consecutive parts of the given sizes."""
-  out, start = [], 0
-  for s in sizes:
-    out.append(tuple(a[start:start + s] for a in arrays))
-    start += s
-  return out

@@ -134,9 +134,7 @@ def sliced_wasserstein(x, y, *, key=None, n_proj: int = 200, projections=None,
   One-dimensional W2² between the empirical measures is exact for any n, m
   (quantile functions integrated over the union of their steps). Directions
   are ``projections`` (a [d, P] array of unit columns: deterministic), else
-  ``n_proj`` uniform directions drawn with ``key`` (default key 0). The
-  projected samples are sorted as [P, n] rows: sorting the [n, P] columns
-  instead is several times slower on CPU (strided sort).
+  ``n_proj`` uniform directions drawn with ``key`` (default key 0).
   """
   x, y = _pair(x, y)
   d = x.shape[1]
@@ -280,6 +278,9 @@ def overlap_coefficient(mu1: float, sigma1: float, mu2: float, sigma2: float) ->
   Gaussians; a zero sigma is a point mass (overlap 0 unless both are equal)."""
   from math import erf, log, sqrt
 
+  for name, v in (("mu1", mu1), ("mu2", mu2)):
+    if not math.isfinite(v):
+      raise ValueError(f"{name} must be finite, got {v}")
   for name, v in (("sigma1", sigma1), ("sigma2", sigma2)):
     if not (math.isfinite(v) and v >= 0):
       raise ValueError(f"{name} must be finite and >= 0, got {v}")
