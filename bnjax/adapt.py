@@ -344,12 +344,11 @@ def recompute_batch_stats(model: nn.Module, variables: dict, images,
     ``batch_stats`` collection.
   """
   _check_variables(variables)
+  _check_options(mode, batch_size, momentum, alpha, stats)
   images = _data.check_images_masks(images)
   stack = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables)
-  out = recompute_batch_stats_stacked(
-      model, stack, images[None], mode=mode, batch_size=batch_size, momentum=momentum,
-      alpha=alpha, layers=layers, stats=stats, apply_kwargs=apply_kwargs,
-      strategy="unroll")
+  out = _adapt_stacked(model, stack, images[None], mode, batch_size, momentum, alpha,
+                       layers, stats, apply_kwargs, "unroll")
   return {**variables,
           "batch_stats": jax.tree_util.tree_map(lambda a: a[0], out["batch_stats"])}
 
@@ -366,11 +365,14 @@ def recompute_batch_stats_stacked(model: nn.Module, variables: dict, images, *,
   mapped (:mod:`bnjax.stacking`)."""
   _check_variables(variables)
   _check_options(mode, batch_size, momentum, alpha, stats)
-  images = jnp.asarray(images)
-  if images.ndim != 5 or images.shape[1] == 0:
-    raise ValueError(f"images must be a non-empty float[P, n, H, W, C] stack, got {images.shape}")
-  if not bool(jnp.all(jnp.isfinite(images))):
-    raise ValueError("images contain NaN or infinite pixels")
+  images = _data.check_image_stack(images)
+  return _adapt_stacked(model, variables, images, mode, batch_size, momentum, alpha,
+                        layers, stats, apply_kwargs, strategy)
+
+
+def _adapt_stacked(model, variables, images, mode, batch_size, momentum, alpha, layers,
+                   stats, apply_kwargs, strategy):
+  """The work of both public functions, on checked arguments."""
   apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
   batch_size = int(batch_size or DEFAULT_BATCH_SIZE[mode])
   alpha, momentum = float(alpha), float(momentum)

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import math
 import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -394,4 +395,24 @@ def check_images_masks(images, masks=None, *, name: str = "images"):
     raise ValueError(
         f"masks must have shape {images.shape[:3]} (n, H, W of {name}), got "
         f"{masks.shape}")
+  return images, masks.astype(bool)
+
+
+def check_image_stack(images, masks=None, *, name: str = "images"):
+  """:func:`check_images_masks` for a stack: float[K, n, H, W, C] (or
+  [K, n, H, W]) images and optional bool[K, n, H, W] masks, as float32/bool."""
+  images = jnp.asarray(images)
+  if images.ndim == 4:
+    images = images[..., None]
+  if images.ndim != 5 or images.shape[0] == 0 or images.shape[1] == 0:
+    raise ValueError(
+        f"{name} must be a non-empty float[K, n, H, W, C] stack, got {images.shape}")
+  if not bool(jnp.all(jnp.isfinite(images))):
+    raise ValueError(f"{name} contain NaN or infinite pixels")
+  images = images.astype(jnp.float32)
+  if masks is None:
+    return images
+  masks = jnp.asarray(masks)
+  if masks.shape != images.shape[:4]:
+    raise ValueError(f"masks must have shape {images.shape[:4]}, got {masks.shape}")
   return images, masks.astype(bool)

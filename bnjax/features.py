@@ -68,10 +68,10 @@ def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
   name = f"{tap}_{'pre' if pre_activation else 'post'}"
   run = _runner(model, name, bool(per_image), bool(stacked), stacking.resolve(strategy))
   n = images.shape[1] if per_model else images.shape[0]
+  k = jax.tree_util.tree_leaves(variables)[0].shape[0] if stacked else None
   parts = []
   for s in range(0, n, batch_size):
     if stacked:
-      k = jax.tree_util.tree_leaves(variables)[0].shape[0]
       x = images[:, s:s + batch_size] if per_model else jnp.broadcast_to(
           images[s:s + batch_size], (k, *images[s:s + batch_size].shape))
     else:

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnjax import adapt as _adapt
+from bnjax import data as _data
 from bnjax import metrics as _metrics
 from bnjax import stacking
 from bnjax import train as _train
@@ -71,20 +72,6 @@ def _place(tree, mesh):
   return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
 
 
-def _check_stack(images, masks):
-  images, masks = jnp.asarray(images), jnp.asarray(masks)
-  if images.ndim == 4:
-    images = images[..., None]
-  if images.ndim != 5 or images.shape[0] == 0 or images.shape[1] == 0:
-    raise ValueError(
-        f"images must be a non-empty float[K, n, H, W, C] stack, got {images.shape}")
-  if masks.shape != images.shape[:4]:
-    raise ValueError(f"masks must have shape {images.shape[:4]}, got {masks.shape}")
-  if not bool(jnp.all(jnp.isfinite(images))):
-    raise ValueError("images contain NaN or infinite pixels")
-  return images.astype(jnp.float32), masks.astype(bool)
-
-
 # --------------------------------------------------------------------------
 # Training
 
@@ -106,7 +93,7 @@ def train_many(model: nn.Module, images, masks, config: _train.TrainConfig = _tr
     float[epochs_run, K] arrays (NaN after a model stopped early) with
     ``best_epoch`` and ``epochs_run`` as int[K].
   """
-  images, masks = _check_stack(images, masks)
+  images, masks = _data.check_image_stack(images, masks)
   k, n = images.shape[:2]
   n_train, n_val = _train.split_sizes(n, config)
   mesh = make_mesh(devices)
@@ -251,13 +238,11 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
     along M), ``iou_no_adapt``, ``iou_adapted`` and, with ``oracle``,
     ``iou_oracle`` (oracle m on target m, repeated along K).
   """
-  src_x, src_y = _check_stack(*source_eval)
-  tgt_x, tgt_y = _check_stack(*targets_eval)
-  tgt_a = jnp.asarray(targets_adapt)
-  if tgt_a.ndim == 4:
-    tgt_a = tgt_a[..., None]
+  src_x, src_y = _data.check_image_stack(*source_eval)
+  tgt_x, tgt_y = _data.check_image_stack(*targets_eval)
+  tgt_a = _data.check_image_stack(targets_adapt, name="targets_adapt")
   k, m = src_x.shape[0], tgt_x.shape[0]
-  if tgt_a.ndim != 5 or tgt_a.shape[0] != m:
+  if tgt_a.shape[0] != m:
     raise ValueError(f"targets_adapt must be float[{m}, n, H, W, C], got {tgt_a.shape}")
   if pair_chunk < 1:
     raise ValueError(f"pair_chunk must be >= 1, got {pair_chunk}")

@@ -131,9 +131,10 @@ def train_all(model, domains, config, out, tag):
     path = os.path.join(out, "models", f"chunk_{c:04d}")
     ident = hashlib.sha256(json.dumps([tag, [str(d) for d in chunk]]).encode()).hexdigest()
     try:
-      if checkpoint.metadata(path).get("identity") == ident:
+      meta = checkpoint.metadata(path)
+      if meta.get("identity") == ident:
         variables.append(checkpoint.restore(path))
-        histories.append({k: np.asarray(v, float) for k, v in checkpoint.metadata(path)["history"].items()})
+        histories.append({k: np.asarray(v, float) for k, v in meta["history"].items()})
         done += len(chunk)
         bar.update(done, f"chunk {c + 1}/{len(chunks)} restored")
         continue
