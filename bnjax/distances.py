@@ -151,10 +151,30 @@ def sliced_wasserstein(x, y, *, key=None, n_proj: int = 200, projections=None,
   return math.sqrt(max(_in_dtype(_sw2, dtype, x, y, projections), 0.0))
 
 
+def _flip_negative(i):
+  """Reverse the order of the negative integers among themselves (an involution)."""
+  return jnp.where(i < 0, i ^ jnp.array(jnp.iinfo(i.dtype).max, i.dtype), i)
+
+
+def sort_floats(x, axis=-1):
+  """``jnp.sort`` for NaN-free floats, by sorting order-preserving integer keys.
+
+  IEEE floats of one sign order like their bit patterns read as signed
+  integers, negative ones in reverse; flipping the magnitude bits of the
+  negative ones gives integers in the floats' order. XLA:CPU sorts int32
+  about 6x faster than float32, whose comparator also orders NaNs and signed
+  zeros (200 x 80 000 values: 0.8 s vs 4.9 s; ``benchmarks/sliced_sort.py``).
+  Same values as ``jnp.sort`` (tested), except that -0.0 sorts before +0.0.
+  """
+  itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+  keys = _flip_negative(jax.lax.bitcast_convert_type(x, itype))
+  return jax.lax.bitcast_convert_type(_flip_negative(jnp.sort(keys, axis=axis)), x.dtype)
+
+
 @jax.jit
 def _sw2(x, y, theta):
-  px = jnp.sort(theta.T @ x.T, axis=1)  # [P, n]
-  py = jnp.sort(theta.T @ y.T, axis=1)
+  px = sort_floats(theta.T @ x.T, axis=1)  # [P, n]
+  py = sort_floats(theta.T @ y.T, axis=1)
   n, m = px.shape[1], py.shape[1]
   if n == m:
     return jnp.mean((px - py) ** 2)
@@ -244,9 +264,6 @@ def sinkhorn(x, y, epsilon: float | None = None, *, max_points: int = 4096, key=
   when that is 0: all points equal). Samples larger than ``max_points`` are subsampled at
   random with ``key`` (ott's online mode, which would avoid that, fails with
   jax >= 0.9). Squared-cost units."""
-  from ott.geometry import pointcloud
-  from ott.tools import sinkhorn_divergence
-
   x, y = _pair(x, y)
   key = jax.random.key(0) if key is None else key
   kx, ky = jax.random.split(key)
@@ -265,9 +282,18 @@ def sinkhorn(x, y, epsilon: float | None = None, *, max_points: int = 4096, key=
     epsilon = 0.05 * float(mean_cost)
   if not epsilon > 0:
     raise ValueError(f"epsilon must be > 0, got {epsilon}")
-  value, _ = sinkhorn_divergence.sinkhorn_divergence(
-      pointcloud.PointCloud, jnp.asarray(x), jnp.asarray(y), epsilon=float(epsilon))
-  return float(value)
+  return float(_sinkhorn_divergence(jnp.asarray(x), jnp.asarray(y), jnp.float32(epsilon)))
+
+
+@jax.jit
+def _sinkhorn_divergence(x, y, epsilon):
+  """One compiled program per shape (ott's function is traced op by op
+  otherwise: ~2 s per call on CPU whatever the size)."""
+  from ott.geometry import pointcloud
+  from ott.tools import sinkhorn_divergence
+
+  value, _ = sinkhorn_divergence.sinkhorn_divergence(pointcloud.PointCloud, x, y, epsilon=epsilon)
+  return value
 
 
 def overlap_coefficient(mu1: float, sigma1: float, mu2: float, sigma2: float) -> float:

@@ -33,13 +33,12 @@ def available_taps(model: nn.Module, variables, image_shape) -> list[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def _runner(model, name, per_image, stacked, strategy):
+def _runner(model, names, per_image, stacked, strategy):
   def one(variables, x):
     _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-    flat = traverse_util.flatten_dict(state["intermediates"])
-    matches = [v for k, v in flat.items() if k[-1] == name]
-    feats = matches[0][0]
-    return feats.reshape(feats.shape[0], -1) if per_image else feats.reshape(-1, feats.shape[-1])
+    flat = {k[-1]: v[0] for k, v in traverse_util.flatten_dict(state["intermediates"]).items()}
+    return tuple(flat[n].reshape(flat[n].shape[0], -1) if per_image
+                 else flat[n].reshape(-1, flat[n].shape[-1]) for n in names)
   return jax.jit(stacking.stacked(one, strategy) if stacked else one)
 
 
@@ -53,6 +52,15 @@ def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
   ``stacked=True``, ``variables`` carry a leading model axis K, ``images`` are
   shared [n, ...] or per model [K, n, ...], and the result is [K, N, C].
   """
+  return extract_all(model, variables, images, [tap], pre_activation, per_image,
+                     batch_size, stacked, strategy)[tap]
+
+
+def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: bool = False,
+                per_image: bool = False, batch_size: int = 64, stacked: bool = False,
+                strategy: str = "auto") -> dict[str, np.ndarray]:
+  """``{tap: extract(..., tap=tap, ...)}`` for several taps (default: all of
+  them) from one forward pass per batch."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
   first = stacking.tree_index(variables, 0) if stacked else variables
@@ -62,11 +70,13 @@ def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
   _data.check_images_masks(check)
   if check.ndim == 3:
     images = images[..., None]
-  taps = available_taps(model, first, images.shape[-3:])
-  if tap not in taps:
-    raise ValueError(f"tap must be one of {taps}, got {tap!r}")
-  name = f"{tap}_{'pre' if pre_activation else 'post'}"
-  run = _runner(model, name, bool(per_image), bool(stacked), stacking.resolve(strategy))
+  available = available_taps(model, first, images.shape[-3:])
+  taps = list(available if taps is None else taps)
+  for tap in taps:
+    if tap not in available:
+      raise ValueError(f"tap must be one of {available}, got {tap!r}")
+  names = tuple(f"{tap}_{'pre' if pre_activation else 'post'}" for tap in taps)
+  run = _runner(model, names, bool(per_image), bool(stacked), stacking.resolve(strategy))
   n = images.shape[1] if per_model else images.shape[0]
   k = jax.tree_util.tree_leaves(variables)[0].shape[0] if stacked else None
   parts = []
@@ -76,8 +86,9 @@ def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
           images[s:s + batch_size], (k, *images[s:s + batch_size].shape))
     else:
       x = images[s:s + batch_size]
-    parts.append(np.asarray(run(variables, x)))
-  return np.concatenate(parts, axis=1 if stacked else 0)
+    parts.append([np.asarray(f) for f in run(variables, x)])
+  axis = 1 if stacked else 0
+  return {tap: np.concatenate([p[i] for p in parts], axis=axis) for i, tap in enumerate(taps)}
 
 
 def collapse_fraction(per_image_features: np.ndarray, tol: float = 1e-6) -> float:

@@ -164,3 +164,64 @@ def histories(history: dict, labels: Sequence[str], path) -> str:
       "labels": list(labels), "train_loss": np.where(np.isnan(train_loss), None, train_loss).tolist(),
       "val_dice": np.where(np.isnan(val_dice), None, val_dice).tolist()})
   return path
+
+
+def constant_channels(x, tol: float = 1e-6) -> np.ndarray:
+  """bool[C]: the channels of ``x: [N, C]`` whose values are all equal
+  (max - min <= ``tol`` x (1 + |mean|)), all-zero ReLU outputs included."""
+  x = np.asarray(x, np.float64)
+  return (x.max(0) - x.min(0)) <= tol * (1 + np.abs(x.mean(0)))
+
+
+def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constant: bool = True,
+                       bins: int = 40, title: str = "") -> str:
+  """Per-dimension histograms: a grid of channels, one outline per sample
+  (e.g. ``{"source": fs, "target": ft, "adapted": fa}``, each [N, C] from
+  :func:`bnjax.features.extract`), on shared bins per channel. With
+  ``drop_constant``, channels constant (or all zero) in every sample are
+  left out. The first ``max_channels`` remaining channels are drawn; their
+  counts go to ``<name>.json`` (channel, bin edges, counts per sample)."""
+  if not samples:
+    raise ValueError("samples must hold at least one [N, C] array")
+  arrays = {k: np.asarray(v, np.float64) for k, v in samples.items()}
+  c = {a.shape[1] if a.ndim == 2 else -1 for a in arrays.values()}
+  if len(c) != 1 or -1 in c:
+    raise ValueError(f"samples must all be [N, C] with the same C, got "
+                     f"{[a.shape for a in arrays.values()]}")
+  if max_channels < 1 or bins < 1:
+    raise ValueError(f"max_channels and bins must be >= 1, got {max_channels}, {bins}")
+  channels = np.arange(c.pop())
+  dropped = []
+  if drop_constant:
+    const = np.all([constant_channels(a) for a in arrays.values()], axis=0)
+    dropped = channels[const].tolist()
+    channels = channels[~const]
+  shown = channels[:max_channels]
+  plt = _plt()
+  cols = int(np.ceil(np.sqrt(max(len(shown), 1))))
+  rows = int(np.ceil(max(len(shown), 1) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False)
+  record = []
+  for ax, ch in zip(axes.flat, shown):
+    lo = min(a[:, ch].min() for a in arrays.values())
+    hi = max(a[:, ch].max() for a in arrays.values())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+    counts = {}
+    for label, a in arrays.items():
+      counts[label], _ = np.histogram(a[:, ch], edges, density=False)
+      ax.stairs(counts[label] / len(a), edges, label=label)
+    ax.set_title(f"channel {ch}", fontsize=7)
+    ax.tick_params(labelsize=5)
+    record.append({"channel": int(ch), "edges": edges.tolist(),
+                   "counts": {k: v.tolist() for k, v in counts.items()}})
+  for ax in list(axes.flat)[len(shown):]:
+    ax.axis("off")
+  if len(shown):
+    axes.flat[0].legend(fontsize=5)
+  fig.suptitle(f"{title} ({len(dropped)} constant channels dropped)" if drop_constant else title,
+               fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", {"dropped_constant": dropped, "histograms": record})
+  return path

@@ -17,7 +17,11 @@ over a random half of the sources, scored (Spearman, mean absolute error) on
 the pairs of the other sources.
 
 Writes ``distances.csv`` (every pair, every predictor), ``ranking.md`` /
-``ranking.json``, ``heldout.json``, ``scatter_*.png`` under --out.
+``ranking.json``, ``heldout.json``, ``scatter_*.png``, ``collapse.json`` (per source and tap:
+the fraction of per-image feature dimensions constant across images) and
+``histograms_*.png`` (channels of one tap: source features, target features
+unadapted and adapted, for the pair with the largest gain and the pair with
+the lowest adapted IoU) under --out.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import adapt, checkpoint, data, distances, features, models
+from bnjax import adapt, checkpoint, data, distances, features, models, plots
+from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
 from bnjax.progress import Progress
 
 FLAGS = flags.FLAGS
@@ -44,74 +49,11 @@ flags.DEFINE_list("taps", None, "Taps to use (default: all).")
 flags.DEFINE_integer("max_rows", 2000, "Feature rows (positions) kept per set, sampled at random.")
 flags.DEFINE_integer("sinkhorn_points", 500, "Points per set for the Sinkhorn divergence.")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95 % intervals.")
+flags.DEFINE_string("hist_tap", "bottleneck", "Tap of the channel-histogram figures.")
 flags.DEFINE_integer("seed", 0, "Seeds subsampling, projections, bootstrap and the held-out split.")
 flags.mark_flag_as_required("sweep_dir")
 
 FEATURE_DISTANCES = ("frechet", "sliced_w2", "bhattacharyya", "mmd", "sinkhorn")
-
-
-# --------------------------------------------------------------------------
-# Statistics (NumPy only)
-
-
-def ranks(a):
-  """Average ranks (ties share their mean rank)."""
-  a = np.asarray(a, float)
-  order = np.argsort(a, kind="mergesort")
-  r = np.empty(len(a))
-  r[order] = np.arange(len(a))
-  for v in np.unique(a):
-    tie = a == v
-    if tie.sum() > 1:
-      r[tie] = r[tie].mean()
-  return r
-
-
-def pearson(x, y):
-  x, y = np.asarray(x, float), np.asarray(y, float)
-  if len(x) < 3 or x.std() == 0 or y.std() == 0:
-    return float("nan")
-  return float(np.corrcoef(x, y)[0, 1])
-
-
-def spearman(x, y):
-  return pearson(ranks(x), ranks(y))
-
-
-def bootstrap_ci(fn, x, y, n, rng):
-  vals = []
-  for _ in range(n):
-    idx = rng.integers(0, len(x), len(x))
-    vals.append(fn(x[idx], y[idx]))
-  vals = np.asarray(vals)
-  vals = vals[np.isfinite(vals)]
-  if not len(vals):
-    return [float("nan"), float("nan")]
-  return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
-
-
-def isotonic_fit(x, y, increasing: bool):
-  """Pool-adjacent-violators: the monotone step function closest to y (L2)."""
-  order = np.argsort(x, kind="mergesort")
-  xs, ys = np.asarray(x, float)[order], np.asarray(y, float)[order]
-  if not increasing:
-    ys = -ys
-  blocks = []  # [sum, count, x_max]
-  for xi, yi in zip(xs, ys):
-    blocks.append([yi, 1, xi])
-    while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-      s, c, xm = blocks.pop()
-      blocks[-1][0] += s
-      blocks[-1][1] += c
-      blocks[-1][2] = xm
-  edges = np.array([b[2] for b in blocks])
-  values = np.array([b[0] / b[1] for b in blocks]) * (1 if increasing else -1)
-
-  def predict(t):
-    idx = np.clip(np.searchsorted(edges, np.asarray(t, float), side="left"), 0, len(values) - 1)
-    return values[idx]
-
-  return predict
 
 
 # --------------------------------------------------------------------------
@@ -170,19 +112,27 @@ def main(argv):
            for g, res in results.items()
            for k in range(len(res["sources"])) for m in range(len(res["targets"]))]
   bar = Progress(len(pairs), "pairs")
-  rows, source_cache = [], {}
+  rows, source_cache, collapse = [], {}, {}
   adapt_options = {"mode": config["adapt_mode"]}
   if config.get("adapt_batch_size"):
     adapt_options["batch_size"] = config["adapt_batch_size"]
-  for i, (group, src, tgt, k, m) in enumerate(pairs):
-    res = results[group]
+
+  def pair_models(src, tgt):
     v_src = jax.tree_util.tree_map(lambda a: a[position[src]], stacked)
     x_tgt, _ = dataset(tgt, "eval", config["n_eval"])
     x_adapt = x_tgt if config["transductive"] else dataset(tgt, "adapt", config["n_adapt"])[0]
-    v_ad = adapt.recompute_batch_stats(model, v_src, x_adapt, **adapt_options)
+    return v_src, adapt.recompute_batch_stats(model, v_src, x_adapt, **adapt_options), x_tgt
+
+  for i, (group, src, tgt, k, m) in enumerate(pairs):
+    res = results[group]
+    v_src, v_ad, x_tgt = pair_models(src, tgt)
     if src not in source_cache:
       x_src, _ = dataset(src, "eval", config["n_eval"])
-      source_cache[src] = {t: features.extract(model, v_src, x_src, tap=t) for t in taps}
+      source_cache[src] = features.extract_all(model, v_src, x_src, taps)
+      per_image = features.extract_all(model, v_src, x_src, taps, per_image=True)
+      collapse[str(src)] = {t: features.collapse_fraction(per_image[t]) for t in taps}
+    target_features = {variant: features.extract_all(model, v, x_tgt, taps)
+                       for variant, v in (("unadapted", v_src), ("adapted", v_ad))}
     row = {"group": group, "source": str(src), "target": str(tgt),
            "iou_no_adapt": res["iou_no_adapt"][k][m], "iou_adapted": res["iou_adapted"][k][m],
            "overlap": distances.overlap_coefficient(tgt.mu1, tgt.sigma1, tgt.mu2, tgt.sigma2),
@@ -195,8 +145,8 @@ def main(argv):
       fs = source_cache[src][t]
       kt = jax.random.fold_in(key, i * 100 + taps.index(t))
       xs = subsample(fs, FLAGS.max_rows, kt)
-      for variant, v in (("unadapted", v_src), ("adapted", v_ad)):
-        ft = subsample(features.extract(model, v, x_tgt, tap=t), FLAGS.max_rows, kt)
+      for variant in ("unadapted", "adapted"):
+        ft = subsample(target_features[variant][t], FLAGS.max_rows, kt)
         # Shapes stay fixed per tap (one compile each); collapsed channels are
         # handled by the Bhattacharyya ridge and are harmless to the others.
         a, b = xs, ft
@@ -252,6 +202,22 @@ def main(argv):
   checkpoint.write_json_atomic(os.path.join(out, "heldout.json"),
                                {"train_sources": sorted(train_src), "results": heldout})
 
+  # Collapse per tap (fraction of per-image feature dimensions constant across
+  # the source's own images), and channel histograms of two telling pairs.
+  checkpoint.write_json_atomic(os.path.join(out, "collapse.json"), collapse)
+  hist_tap = FLAGS.hist_tap if FLAGS.hist_tap in taps else taps[len(taps) // 2]
+  chosen = {"largest_gain": max(rows, key=lambda r: r["gain"]),
+            "lowest_iou_adapted": min(rows, key=lambda r: r["iou_adapted"])}
+  for label, r in chosen.items():
+    src, tgt = (data.Domain.parse(r[c].strip("()")) for c in ("source", "target"))
+    v_src, v_ad, x_tgt = pair_models(src, tgt)
+    plots.channel_histograms(
+        {"source": source_cache[src][hist_tap],
+         "target, unadapted": features.extract(model, v_src, x_tgt, hist_tap),
+         "target, adapted": features.extract(model, v_ad, x_tgt, hist_tap)},
+        os.path.join(out, f"histograms_{label}.png"),
+        title=f"{hist_tap}: {r['source']} -> {r['target']} (gain {r['gain']:+.2f})")
+
   fmt = lambda v, ci: f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
   lines = [f"# Predictors of BN adaptation ({len(rows)} pairs from {FLAGS.sweep_dir})", "",
            "x = log(1 + predictor); Spearman (Pearson) with bootstrap 95 % intervals.", "",
@@ -267,6 +233,12 @@ def main(argv):
     for h in heldout[:10]:
       lines.append(f"| {h['predictor']} | {h['test_spearman']:+.2f} | {h['test_mae']:.3f} "
                    f"| {h['baseline_mae']:.3f} |")
+  lines += ["", "## Collapse: fraction of per-image feature dimensions constant across "
+            "the source's own images (mean over sources, max)", "",
+            "| tap | mean | max |", "|---|---|---|"]
+  for t in taps:
+    vals = [c[t] for c in collapse.values()]
+    lines.append(f"| {t} | {np.mean(vals):.3f} | {np.max(vals):.3f} |")
   lines.append(f"\n({time.perf_counter() - start:.0f} s)")
   text = "\n".join(lines)
   with open(os.path.join(out, "ranking.md"), "w") as f:

@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.integrate
@@ -143,3 +144,16 @@ def test_input_errors():
     distances.mmd(np.full((5, 2), np.nan), np.zeros((5, 2)))
   with pytest.raises(ValueError, match="at least 2"):
     distances.bhattacharyya(np.zeros((1, 2)), np.zeros((5, 2)))
+
+
+def test_sort_floats_equals_numpy_sort():
+  rng = np.random.default_rng(3)
+  a = (rng.standard_normal((6, 500)) * 10.0 ** rng.integers(-30, 30, (6, 500))).astype(np.float32)
+  a[0, :4] = [np.inf, -np.inf, 0.0, -1e-40]  # infinities and a subnormal
+  np.testing.assert_array_equal(np.asarray(distances.sort_floats(jnp.asarray(a), axis=1)),
+                                np.sort(a, axis=1))
+  np.testing.assert_array_equal(np.asarray(distances.sort_floats(jnp.asarray(a), axis=0)),
+                                np.sort(a, axis=0))
+  with jax.enable_x64(True):
+    b = a.astype(np.float64) * 1e200
+    np.testing.assert_array_equal(np.asarray(distances.sort_floats(jnp.asarray(b))), np.sort(b))

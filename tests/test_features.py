@@ -42,3 +42,16 @@ def test_collapse_fraction():
   f = np.random.default_rng(0).normal(size=(10, 6))
   f[:, :2] = 3.0
   assert features.collapse_fraction(f) == pytest.approx(2 / 6)
+
+
+def test_extract_all_taps_in_one_pass(setup):
+  model, v, x = setup
+  every = features.extract_all(model, v, x, batch_size=2)
+  assert list(every) == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]
+  # Independent read-out: the model's own sown intermediates.
+  _, state = model.apply(v, x, train=False, mutable=["intermediates"])
+  for tap in every:
+    sown = np.asarray(state["intermediates"][tap][f"{tap}_post"][0])
+    np.testing.assert_allclose(every[tap], sown.reshape(-1, sown.shape[-1]), atol=1e-5)
+  with pytest.raises(ValueError, match="tap must be one of"):
+    features.extract_all(model, v, x, taps=["enc0", "nope"])

@@ -133,6 +133,26 @@ def test_plots_write_numbers(tmp_path):
     assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_channel_histograms_drop_constant_channels(tmp_path):
+  rng = np.random.default_rng(0)
+  src = rng.normal(size=(200, 5))
+  tgt = rng.normal(1.0, 2.0, size=(150, 5))
+  src[:, 1] = tgt[:, 1] = 0.0  # dead in both: dropped
+  src[:, 3] = 2.5  # constant in the source only: kept
+  plots.channel_histograms({"source": src, "target": tgt}, tmp_path / "c.png", bins=10)
+  record = json.loads((tmp_path / "c.json").read_text())
+  assert record["dropped_constant"] == [1]
+  assert [h["channel"] for h in record["histograms"]] == [0, 2, 3, 4]
+  for h in record["histograms"]:
+    assert sum(h["counts"]["source"]) == 200 and sum(h["counts"]["target"]) == 150
+    lo, hi = min(src[:, h["channel"]].min(), tgt[:, h["channel"]].min()), max(
+        src[:, h["channel"]].max(), tgt[:, h["channel"]].max())
+    assert h["edges"][0] == pytest.approx(lo) and h["edges"][-1] == pytest.approx(hi)
+  assert (tmp_path / "c.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="same C"):
+    plots.channel_histograms({"a": src, "b": tgt[:, :3]}, tmp_path / "d.png")
+
+
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from bnjax import data, models, sweep, train

@@ -1,0 +1,125 @@
+r"""One U-Net training step, bnjax vs PyTorch, side by side on this machine.
+
+    python benchmarks/train_step.py                       # the three shapes below
+    python benchmarks/train_step.py --shapes=8x32x32      # one: width x side x batch
+
+Shapes (width, side, batch): (8, 32, 32), (16, 64, 16), (64, 64, 16) (the
+paper network). Each side runs forward + backward + Adam update on float32
+data, warmed up; blocks of steps alternate between bnjax and PyTorch, and the
+median step time of each is reported as images per second, with the ratio
+bnjax / PyTorch (> 1: bnjax is faster). bnjax's step is the one ``fit`` runs
+(``bnjax.train.train_step``, jitted, state donated). The PyTorch reference
+(``benchmarks/torch_unet.py``) needs ``pip install torch==2.13.0``; without it
+the script says so and times bnjax alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import numpy as np
+
+from bnjax import models, train
+
+try:
+  from benchmarks.common import print_table, row
+except ImportError:  # run as a script
+  from common import print_table, row
+
+SHAPES = "8x32x32,16x64x16,64x64x16"
+
+
+def bnjax_step(width, side, batch, conv_impl="xla"):
+  model = models.UNet(features=width, conv_impl=conv_impl)
+  tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3, grad_clip=None))
+  state = train.init_state(model, tx, jax.random.key(0), (side, side, 1))
+  x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
+  y = jax.random.uniform(jax.random.key(2), (batch, side, side)) > 0.8
+  step = jax.jit(functools.partial(train.train_step, model, tx, "ce+dice"), donate_argnums=0)
+  box = [state]
+
+  def run():
+    box[0], loss = step(box[0], x, y)
+    return loss
+
+  return run
+
+
+def torch_step(width, side, batch):
+  import torch
+
+  try:
+    from benchmarks import torch_unet
+  except ImportError:
+    import torch_unet
+  torch.manual_seed(0)
+  _, step = torch_unet.make_step(width)
+  x = torch.rand(batch, 1, side, side)
+  y = (torch.rand(batch, side, side) > 0.8).long()
+
+  def run():
+    return step(x, y).item()
+
+  return run
+
+
+def time_blocks(fns, steps, blocks):
+  """Median seconds per step of each function: blocks of ``steps`` calls,
+  alternating between the functions."""
+  out = [[] for _ in fns]
+  for _ in range(blocks):
+    for fn, times in zip(fns, out):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        jax.block_until_ready(fn())
+      times.append((time.perf_counter() - t0) / steps)
+  return [float(np.median(t)) for t in out]
+
+
+def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "xla", budget_s: float = 2.0) -> list[dict]:
+  try:
+    import torch
+    have_torch = True
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} "
+          f"on {jax.default_backend()}")
+  except ImportError:
+    have_torch = False
+    print("PyTorch is not installed (pip install torch==2.13.0): timing bnjax alone")
+  rows = []
+  for spec in shapes.split(","):
+    width, side, batch = (int(v) for v in spec.split("x"))
+    fns = [bnjax_step(width, side, batch, conv_impl)]
+    if have_torch:
+      fns.append(torch_step(width, side, batch))
+    t_compile = time.perf_counter()
+    jax.block_until_ready(fns[0]())
+    t_compile = time.perf_counter() - t_compile
+    once = [time_blocks([f], 1, 2)[0] for f in fns]  # warm-up and a size estimate
+    steps = max(1, int(budget_s / max(once) / blocks))
+    times = time_blocks(fns, steps, blocks)
+    case = f"width {width}, {side}x{side}, batch {batch}"
+    msg = f"{case}: bnjax {batch / times[0]:.1f} img/s ({1e3 * times[0]:.1f} ms/step, compile {t_compile:.1f} s)"
+    if have_torch:
+      msg += f", PyTorch {batch / times[1]:.1f} img/s ({1e3 * times[1]:.1f} ms/step): {times[1] / times[0]:.2f}x"
+      rows.append(row("train_step", case, times[0], times[1], "PyTorch 2.13 CPU", ">= 1x (small shapes)"))
+    print(msg, flush=True)
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shapes", default=SHAPES)
+  p.add_argument("--blocks", type=int, default=5)
+  p.add_argument("--conv_impl", default="xla", choices=models.CONV_IMPLS)
+  p.add_argument("--budget_s", type=float, default=2.0, help="Seconds per block, roughly.")
+  a = p.parse_args()
+  rows = run(a.shapes, a.blocks, a.conv_impl, a.budget_s)
+  if rows:
+    print_table(rows)
+
+
+if __name__ == "__main__":
+  main()

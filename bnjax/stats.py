@@ -1,0 +1,83 @@
+"""Small statistics for relating predictors to outcomes (NumPy only).
+
+Rank correlations with average ranks for ties (as ``scipy.stats.spearmanr``),
+percentile-bootstrap intervals computed for all resamples at once, and an
+isotonic (pool-adjacent-violators) fit for held-out prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranks(a) -> np.ndarray:
+  """Ranks from 0 along the last axis; tied values share their mean rank."""
+  a = np.asarray(a, float)
+  if a.ndim == 1:
+    s = np.sort(a)
+    return (np.searchsorted(s, a, "left") + np.searchsorted(s, a, "right") - 1) / 2
+  return np.stack([ranks(r) for r in a.reshape(-1, a.shape[-1])]).reshape(a.shape)
+
+
+def pearson(x, y) -> np.ndarray | float:
+  """Pearson correlation along the last axis (NaN where either side is constant
+  or there are fewer than 3 points)."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if x.shape != y.shape:
+    raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+  xc = x - x.mean(-1, keepdims=True)
+  yc = y - y.mean(-1, keepdims=True)
+  den = np.sqrt((xc**2).sum(-1) * (yc**2).sum(-1))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    r = np.where((den > 0) & (x.shape[-1] >= 3), (xc * yc).sum(-1) / np.where(den > 0, den, 1), np.nan)
+  return float(r) if r.ndim == 0 else r
+
+
+def spearman(x, y) -> np.ndarray | float:
+  """Spearman rank correlation along the last axis."""
+  return pearson(ranks(x), ranks(y))
+
+
+def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95) -> list[float]:
+  """Percentile bootstrap interval of ``fn(x, y)`` (``fn`` works along the
+  last axis, as :func:`pearson` and :func:`spearman`): ``n`` resamples of the
+  pairs with replacement, evaluated together; NaN resamples are dropped."""
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  if not 0 < level < 1:
+    raise ValueError(f"level must be in (0, 1), got {level}")
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  idx = rng.integers(0, len(x), (n, len(x)))
+  vals = np.asarray(fn(x[idx], y[idx]))
+  vals = vals[np.isfinite(vals)]
+  if not len(vals):
+    return [float("nan"), float("nan")]
+  tail = 100 * (1 - level) / 2
+  return [float(np.percentile(vals, tail)), float(np.percentile(vals, 100 - tail))]
+
+
+def isotonic_fit(x, y, increasing: bool = True):
+  """Pool-adjacent-violators: the monotone step function closest to y (least
+  squares) over x; returns ``predict(t)`` (a new point gets the value of the
+  first block whose largest x is >= t, the last block beyond)."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if x.shape != y.shape or x.ndim != 1 or not len(x):
+    raise ValueError(f"x and y must be non-empty 1-D arrays of the same length, got {x.shape}, {y.shape}")
+  order = np.argsort(x, kind="mergesort")
+  xs, ys = x[order], y[order] * (1 if increasing else -1)
+  blocks = []  # [sum, count, x_max]
+  for xi, yi in zip(xs, ys):
+    blocks.append([yi, 1, xi])
+    while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+      s, c, xm = blocks.pop()
+      blocks[-1][0] += s
+      blocks[-1][1] += c
+      blocks[-1][2] = xm
+  edges = np.array([b[2] for b in blocks])
+  values = np.array([b[0] / b[1] for b in blocks]) * (1 if increasing else -1)
+
+  def predict(t):
+    idx = np.clip(np.searchsorted(edges, np.asarray(t, float), side="left"), 0, len(values) - 1)
+    return values[idx]
+
+  return predict
