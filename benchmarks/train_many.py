@@ -22,22 +22,45 @@ import numpy as np
 
 from bnjax import models, stacking, train
 
+try:
+  from benchmarks.common import first_call, row, side_by_side
+except ImportError:  # run as a script
+  from common import first_call, row, side_by_side
 
-def first_call(fn, *args):
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
 
+def run(ks="1,2,4,8", strategies="auto,vmap", features=8, size=32, batch=32, reps=5,
+        conv_impl="xla") -> list[dict]:
+  model = models.UNet(features=features, depth=4, conv_impl=conv_impl)
+  tx = train.make_optimizer(train.TrainConfig(batch_size=batch))
+  step1 = functools.partial(train.train_step, model, tx, "ce+dice")
+  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; U-Net width "
+        f"{features}, {size}x{size}, batch {batch}, conv_impl {conv_impl}")
+  print(f"{'K':>4} {'strategy':>8} {'stack img/s':>12} {'1-by-1 img/s':>13} {'ratio':>6} "
+        f"{'compile stack':>14} {'compile 1':>10}")
+  single = jax.jit(step1)
+  rows = []
+  for k in [int(v) for v in str(ks).split(",")]:
+    keys = jax.random.split(jax.random.key(0), k)
+    states = [train.init_state(model, tx, kk, (size, size, 1)) for kk in keys]
+    x = jax.random.uniform(jax.random.key(1), (k, batch, size, size, 1))
+    y = x[..., 0] > 0.5
 
-def side_by_side(a, a_args, b, b_args, reps):
-  """Median seconds of a and b, their calls alternating (drift hits both)."""
-  times = ([], [])
-  for _ in range(reps):
-    for fn, args, out in ((a, a_args, times[0]), (b, b_args, times[1])):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      out.append(time.perf_counter() - t0)
-  return float(np.median(times[0])), float(np.median(times[1]))
+    def one_by_one(states, x, y):
+      return [single(s, x[i], y[i]) for i, s in enumerate(states)]
+
+    c_seq = first_call(one_by_one, states, x, y)
+    stacked_state = stacking.tree_stack(states)
+    for strategy in strategies.split(","):
+      name = stacking.resolve(strategy)
+      fn = jax.jit(stacking.stacked(step1, strategy))
+      c_vec = first_call(fn, stacked_state, x, y)
+      t_vec, t_seq = side_by_side([lambda: fn(stacked_state, x, y), lambda: one_by_one(states, x, y)], reps)
+      images = k * batch
+      print(f"{k:>4} {name:>8} {images / t_vec:>12.1f} {images / t_seq:>13.1f} "
+            f"{t_seq / t_vec:>6.2f} {c_vec:>13.1f}s {c_seq:>9.1f}s", flush=True)
+      rows.append(row("train_many", f"K={k} {name}, width {features} {size}x{size}", t_vec, t_seq,
+                      "K steps one by one", ">= 1x at K=4, 8 (CPU)"))
+  return rows
 
 
 def main():
@@ -50,33 +73,7 @@ def main():
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--conv_impl", default="xla", choices=models.CONV_IMPLS)
   a = p.parse_args()
-  model = models.UNet(features=a.features, depth=4, conv_impl=a.conv_impl)
-  tx = train.make_optimizer(train.TrainConfig(batch_size=a.batch))
-  step1 = functools.partial(train.train_step, model, tx, "ce+dice")
-  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; U-Net width "
-        f"{a.features}, {a.size}x{a.size}, batch {a.batch}, conv_impl {a.conv_impl}")
-  print(f"{'K':>4} {'strategy':>8} {'stack img/s':>12} {'1-by-1 img/s':>13} {'ratio':>6} "
-        f"{'compile stack':>14} {'compile 1':>10}")
-  single = jax.jit(step1)
-  for k in [int(v) for v in a.ks.split(",")]:
-    keys = jax.random.split(jax.random.key(0), k)
-    states = [train.init_state(model, tx, kk, (a.size, a.size, 1)) for kk in keys]
-    x = jax.random.uniform(jax.random.key(1), (k, a.batch, a.size, a.size, 1))
-    y = x[..., 0] > 0.5
-
-    def one_by_one(states, x, y):
-      return [single(s, x[i], y[i]) for i, s in enumerate(states)]
-
-    c_seq = first_call(one_by_one, states, x, y)
-    stacked_state = stacking.tree_stack(states)
-    for strategy in a.strategies.split(","):
-      name = stacking.resolve(strategy)
-      fn = jax.jit(stacking.stacked(step1, strategy))
-      c_vec = first_call(fn, stacked_state, x, y)
-      t_vec, t_seq = side_by_side(fn, (stacked_state, x, y), one_by_one, (states, x, y), a.reps)
-      images = k * a.batch
-      print(f"{k:>4} {name:>8} {images / t_vec:>12.1f} {images / t_seq:>13.1f} "
-            f"{t_seq / t_vec:>6.2f} {c_vec:>13.1f}s {c_seq:>9.1f}s", flush=True)
+  run(a.ks, a.strategies, a.features, a.size, a.batch, a.reps, a.conv_impl)
 
 
 if __name__ == "__main__":
