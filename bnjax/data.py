@@ -136,7 +136,13 @@ def perlin_from_gradients(angles: jax.Array, offsets: jax.Array, size: int,
   # separable: sum_ab (g0[a, b] (y - a) + g1[a, b] (x - b)) w(y - a) w(x - b).
   w = jnp.where(jnp.abs(t) < 1, 1 - _fade(jnp.abs(t)), 0.0)
   wy, wx, uy, ux = w[0], w[1], t[0] * w[0], t[1] * w[1]
-  noise = uy @ jnp.cos(angles) @ wx.T + wy @ jnp.sin(angles) @ ux.T
+  a = uy @ jnp.cos(angles)  # [size, L]
+  b = wy @ jnp.sin(angles)
+  # The outer contraction over the few lattice columns, unrolled into
+  # elementwise products: XLA:CPU fuses them into one pass over the pixels,
+  # where a batched [size, L] x [L, size] product was 10x slower.
+  noise = sum(a[:, None, j] * wx[None, :, j] + b[:, None, j] * ux[None, :, j]
+              for j in range(angles.shape[-1]))
   return (math.sqrt(2.0) * noise).astype(jnp.float32)
 
 
@@ -176,7 +182,15 @@ def perlin_masks(key: jax.Array, n: int, size: int = 64, res: int = 2,
   threshold = float(threshold)
   if not 0.0 <= threshold < 1.5:
     raise ValueError(f"threshold must be in [0, 1.5), got {threshold}")
-  return jnp.abs(perlin_noise(key, n, size, res)) > threshold
+  _check_key(key)
+  _check_positive_int("n", n)
+  _check_lattice(size, res)
+  return _perlin_masks(key, int(n), int(size), int(res), jnp.float32(threshold))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _perlin_masks(key, n, size, res, threshold):
+  return jnp.abs(_perlin_noise(key, n, size, res)) > threshold
 
 
 @functools.partial(jax.jit, static_argnames=("quantize",))
