@@ -79,15 +79,19 @@ def time_blocks(fns, steps, blocks):
   return [float(np.median(t)) for t in out]
 
 
-def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "xla", budget_s: float = 2.0) -> list[dict]:
+def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "xla", budget_s: float = 2.0,
+        torch_reference: bool = True) -> list[dict]:
   try:
+    if not torch_reference:
+      raise ImportError
     import torch
     have_torch = True
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} "
           f"on {jax.default_backend()}")
   except ImportError:
     have_torch = False
-    print("PyTorch is not installed (pip install torch==2.13.0): timing bnjax alone")
+    print("timing bnjax alone" if not torch_reference else
+          "PyTorch is not installed (pip install torch==2.13.0): timing bnjax alone")
   rows = []
   for spec in shapes.split(","):
     width, side, batch = (int(v) for v in spec.split("x"))
@@ -115,8 +119,9 @@ def main():
   p.add_argument("--blocks", type=int, default=5)
   p.add_argument("--conv_impl", default="xla", choices=models.CONV_IMPLS)
   p.add_argument("--budget_s", type=float, default=2.0, help="Seconds per block, roughly.")
+  p.add_argument("--no_torch", action="store_true", help="Time bnjax alone.")
   a = p.parse_args()
-  rows = run(a.shapes, a.blocks, a.conv_impl, a.budget_s)
+  rows = run(a.shapes, a.blocks, a.conv_impl, a.budget_s, not a.no_torch)
   if rows:
     print_table(rows)
 

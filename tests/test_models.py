@@ -95,15 +95,15 @@ def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs):
   model = models.UNet(features=4, depth=2, **kwargs)
   v = models.init(model, jax.random.key(0), (16, 16, 1))
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
-  fast = model.clone(conv_impl="matmul")
-  v_fast = models.init(fast, jax.random.key(0), (16, 16, 1))
-  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_fast)):
-    np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(fast.apply(v, x), model.apply(v, x), atol=1e-4)
   g = jax.grad(lambda p, m: jnp.sum(m.apply({**v, "params": p}, x) ** 2), argnums=0)
-  for a, b in zip(jax.tree_util.tree_leaves(g(v["params"], fast)),
-                  jax.tree_util.tree_leaves(g(v["params"], model))):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+  for other in (model.clone(conv_impl="matmul"), model.clone(up_impl="xla")):
+    v_other = models.init(other, jax.random.key(0), (16, 16, 1))
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_other)):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(other.apply(v, x), model.apply(v, x), atol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(g(v["params"], other)),
+                    jax.tree_util.tree_leaves(g(v["params"], model))):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
   # Both match Flax's own layers (independent implementations).
   xs = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
   for ours, ref in [(models.Conv(5, 3), nn.Conv(5, (3, 3), padding=1)),

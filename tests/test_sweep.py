@@ -236,3 +236,8 @@ def test_sweep_killed_then_resumed(root, tmp_path):
   names = {e["predictor"] for e in ranking}
   assert {"bn_diag_w2", "bottleneck/adapted/frechet", "dec0/unadapted/sliced_w2"} <= names
   assert (out / "gain" / "scatter_top6.png").exists() and (out / "gain" / "distances.csv").exists()
+  collapse = json.loads((out / "gain" / "collapse.json").read_text())
+  assert all(set(c) == {"bottleneck", "dec0"} and all(0 <= v <= 1 for v in c.values())
+             for c in collapse.values())
+  hist = json.loads((out / "gain" / "histograms_largest_gain.json").read_text())
+  assert hist["histograms"] and (out / "gain" / "histograms_lowest_iou_adapted.png").exists()
