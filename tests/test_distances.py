@@ -32,6 +32,29 @@ def test_frechet_matches_scipy_in_float64():
   assert distances.frechet(x, y) == pytest.approx(got, rel=1e-3)
 
 
+def test_frechet_from_moments_singular_source_and_vmap():
+  """The eigh fallback (singular S1, no Cholesky factor) and the device path
+  agree with a NumPy eigh computation; the function vmaps."""
+  rng = np.random.default_rng(4)
+  x = gaussian_sample(rng, 200, 5)
+  x[:, 3] = 1.5  # a constant (collapsed) channel: S1 is exactly singular
+  y = gaussian_sample(rng, 150, 5, shift=0.3, scale=1.2)
+  m1, m2 = x.mean(0), y.mean(0)
+  s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  w, v = np.linalg.eigh(s1)
+  r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  ref = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(
+      np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
+  with jax.enable_x64(True):
+    got = distances.frechet_from_moments(*map(jnp.asarray, (m1, s1, m2, s2)))
+    device = distances._frechet_device(jnp.asarray(x), jnp.asarray(y))
+    both = jax.vmap(distances.frechet_from_moments)(*[jnp.stack([a, a]) for a in (m1, s1, m2, s2)])
+  assert float(got) == pytest.approx(ref, rel=1e-9)
+  assert float(device) == pytest.approx(ref, rel=1e-9)
+  np.testing.assert_allclose(np.asarray(both), ref, rtol=1e-9)
+  assert distances.frechet(x, y, dtype=np.float64) == pytest.approx(ref, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_frechet_high_dimensional_bias_and_correction():
   x = np.asarray(jax.random.normal(jax.random.key(0), (16000, 1024)))
