@@ -76,9 +76,6 @@ def frechet_from_moments(mu1, s1, mu2, s2):
   return jnp.sum((mu1 - mu2) ** 2) + jnp.trace(s1) + jnp.trace(s2) - 2 * jnp.sum(jnp.sqrt(ev))
 
 
-_frechet_from_moments = jax.jit(frechet_from_moments)
-
-
 def _host_moments(x, dtype):
   """Mean and unbiased covariance with NumPy: on a CPU backend its BLAS
   computes the [d, d] cross-product 2.7x faster than XLA:CPU in float64
@@ -89,12 +86,29 @@ def _host_moments(x, dtype):
   return mu, xc.T @ xc / (x.shape[0] - 1)
 
 
+def _host_frechet_from_moments(mu1, s1, mu2, s2):
+  """:func:`frechet_from_moments` with NumPy's LAPACK (same formula and
+  fallback): on a CPU backend it is 2x faster than XLA:CPU's eigvalsh, and
+  it does not contend with NumPy's BLAS threads left spinning by the moments."""
+  sym = lambda a: (a + a.T) / 2
+  try:
+    l = np.linalg.cholesky(sym(s1))
+    m = l.T @ s2 @ l
+  except np.linalg.LinAlgError:
+    w, v = np.linalg.eigh(sym(s1))
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = r @ s2 @ r
+  ev = np.clip(np.linalg.eigvalsh(sym(m)), 0, None)
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(ev)))
+
+
 def _frechet(x, y, dtype=None):
-  """W2² of the Gaussians fitted to x and y: moments on the host on a CPU
-  backend, on the device otherwise."""
+  """W2² of the Gaussians fitted to x and y: with NumPy on a CPU backend
+  (its BLAS/LAPACK are 2-3x faster than XLA:CPU's in float64 here), with the
+  jitted :func:`frechet_from_moments` on the device otherwise."""
   if jax.default_backend() == "cpu":
     np_dtype = np.float64 if jnp.dtype(dtype or jnp.float32) == jnp.float64 else np.float32
-    return _in_dtype(_frechet_from_moments, dtype, *_host_moments(x, np_dtype), *_host_moments(y, np_dtype))
+    return _host_frechet_from_moments(*_host_moments(x, np_dtype), *_host_moments(y, np_dtype))
   return _in_dtype(_frechet_device, dtype, x, y)
 
 
