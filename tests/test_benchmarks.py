@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end at tiny sizes (no timing is asserted)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import adapt_cost  # noqa: E402
+import data_gen  # noqa: E402
+import frechet  # noqa: E402
+import sliced_wasserstein  # noqa: E402
+import train_step  # noqa: E402
+
+
+def check_rows(rows):
+  for r in rows:
+    assert r["bnjax_s"] > 0 and r["reference_s"] > 0
+    assert r["ratio"] == pytest.approx(r["reference_s"] / r["bnjax_s"])
+
+
+def test_small_benchmarks_run(capsys):
+  check_rows(frechet.run(n=300, d=8, reps=1))
+  assert "relative difference" in capsys.readouterr().out
+  check_rows(sliced_wasserstein.run(n=400, d=8, p=4, reps=1))
+  check_rows(data_gen.run(n=20, size=16, ref_n=4, reps=1))
+  rows = adapt_cost.run(width=2, size=32, n=8, reps=1)
+  assert len(rows) == 4
+  check_rows(rows)
+
+
+def test_train_step_benchmark_runs(capsys):
+  rows = train_step.run("2x16x4", blocks=1, budget_s=0.01, torch_reference=False)
+  assert rows == [] and "bnjax" in capsys.readouterr().out
+
+
+def test_numpy_perlin_reference_matches_bnjax_statistics():
+  """The reference generator is a faithful one: same foreground fraction."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  fraction = np.mean([np.mean(np.abs(data_gen.numpy_perlin(rng)) > 0.4) for _ in range(400)])
+  assert 0.17 < fraction < 0.24
