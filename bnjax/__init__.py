@@ -8,9 +8,9 @@
 """
 
 from bnjax import (adapt, checkpoint, data, distances, features, metrics, models, stacking,
-                   sweep, train)
+                   stats, sweep, train)
 from bnjax.train import predict
 
 __all__ = ["adapt", "checkpoint", "data", "distances", "features", "metrics", "models",
-           "stacking", "sweep", "train", "predict"]
+           "stacking", "stats", "sweep", "train", "predict"]
 __version__ = "0.1.0"
