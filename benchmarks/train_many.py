@@ -29,7 +29,7 @@ except ImportError:  # run as a script
 
 
 def run(ks="1,2,4,8", strategies="auto,vmap", features=8, size=32, batch=32, reps=5,
-        conv_impl="xla") -> list[dict]:
+        conv_impl="auto") -> list[dict]:
   model = models.UNet(features=features, depth=4, conv_impl=conv_impl)
   tx = train.make_optimizer(train.TrainConfig(batch_size=batch))
   step1 = functools.partial(train.train_step, model, tx, "ce+dice")
@@ -71,7 +71,7 @@ def main():
   p.add_argument("--size", type=int, default=32)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--reps", type=int, default=5)
-  p.add_argument("--conv_impl", default="xla", choices=models.CONV_IMPLS)
+  p.add_argument("--conv_impl", default="auto", choices=models.CONV_IMPLS)
   a = p.parse_args()
   run(a.ks, a.strategies, a.features, a.size, a.batch, a.reps, a.conv_impl)
 

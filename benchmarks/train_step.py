@@ -32,7 +32,7 @@ except ImportError:  # run as a script
 SHAPES = "8x32x32,16x64x16,64x64x16"
 
 
-def bnjax_step(width, side, batch, conv_impl="xla"):
+def bnjax_step(width, side, batch, conv_impl="auto"):
   model = models.UNet(features=width, conv_impl=conv_impl)
   tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3, grad_clip=None))
   state = train.init_state(model, tx, jax.random.key(0), (side, side, 1))
@@ -79,7 +79,7 @@ def time_blocks(fns, steps, blocks):
   return [float(np.median(t)) for t in out]
 
 
-def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "xla", budget_s: float = 2.0,
+def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "auto", budget_s: float = 2.0,
         torch_reference: bool = True) -> list[dict]:
   try:
     if not torch_reference:
@@ -117,7 +117,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default=SHAPES)
   p.add_argument("--blocks", type=int, default=5)
-  p.add_argument("--conv_impl", default="xla", choices=models.CONV_IMPLS)
+  p.add_argument("--conv_impl", default="auto", choices=models.CONV_IMPLS)
   p.add_argument("--budget_s", type=float, default=2.0, help="Seconds per block, roughly.")
   p.add_argument("--no_torch", action="store_true", help="Time bnjax alone.")
   a = p.parse_args()

@@ -23,7 +23,11 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("batch", "none")
-CONV_IMPLS = ("xla", "matmul")
+CONV_IMPLS = ("auto", "xla", "matmul")
+# "auto": the matmul form on inputs of at most this many pixels (the 2x2
+# bottleneck of a 32x32 U-Net), where XLA:CPU's kernel-gradient convolutions
+# fall off its fast path (8.9 of 58 ms of a width-8 32x32 step); XLA elsewhere.
+AUTO_MATMUL_PIXELS = 4
 DOWNS = ("maxpool", "strided")
 UPS = ("transpose", "resize_conv")
 
@@ -44,8 +48,9 @@ class Conv(nn.Module):
   ``stride == 1``: a k x k convolution with 'SAME' zero padding (k odd);
   ``stride == kernel``: non-overlapping k x k patches (down-sampling).
   ``impl="xla"`` calls ``lax.conv_general_dilated``; ``impl="matmul"`` gathers
-  the k*k shifted views and contracts them with one matrix product. The two
-  are the same function; under ``jax.vmap`` over a stack of models the
+  the k*k shifted views and contracts them with one matrix product; ``"auto"``
+  picks matmul for inputs of at most ``AUTO_MATMUL_PIXELS`` pixels. All are
+  the same function; under ``jax.vmap`` over a stack of models the
   matmul form lowers to a batched GEMM, where XLA:CPU turns a convolution with
   a batched kernel into a slow grouped convolution.
   """
@@ -67,7 +72,10 @@ class Conv(nn.Module):
       pad = [(0, 0)] * 2
     else:
       raise ValueError(f"Conv supports stride 1 or stride == kernel, got {k}x{k}/{s}")
-    if self.impl == "xla":
+    impl = self.impl
+    if impl == "auto":
+      impl = "matmul" if x.shape[1] * x.shape[2] <= AUTO_MATMUL_PIXELS else "xla"
+    if impl == "xla":
       y = jax.lax.conv_general_dilated(x, w, (s, s), pad,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
@@ -156,8 +164,9 @@ class UNet(nn.Module):
       (nearest-neighbour x2 then 3x3 conv).
     skip: concatenate the encoder features into the decoder.
     num_classes: output channels (2: background / foreground logits).
-    conv_impl: ``"xla"`` or ``"matmul"``: how the 3x3 (and strided)
-      convolutions are lowered (the same function and parameters; see :class:`Conv`).
+    conv_impl: ``"xla"``, ``"matmul"`` or ``"auto"`` (matmul on inputs of at
+      most 2x2 pixels, XLA elsewhere): how the 3x3 (and strided) convolutions
+      are lowered (the same function and parameters; see :class:`Conv`).
     up_impl: the same for the transposed convolutions (:class:`UpConv`).
       Default ``"matmul"``: a 1x1 product to 4 x features channels then
       depth-to-space, 1.2-1.3x faster per training step on XLA:CPU than the
@@ -171,7 +180,7 @@ class UNet(nn.Module):
   up: str = "transpose"
   skip: bool = True
   num_classes: int = 2
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   up_impl: str = "matmul"
 
   @classmethod

@@ -87,17 +87,20 @@ def test_bad_input_errors():
     models.init(models.UNet(features=0, depth=1), jax.random.key(0), (8, 8, 1))
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(down="strided", up="resize_conv")])
-def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs):
-  """conv_impl="matmul" is the same function with the same parameters."""
+@pytest.mark.parametrize("kwargs,side", [(dict(), 16), (dict(), 8),
+                                         (dict(down="strided", up="resize_conv"), 16)])
+def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs, side):
+  """Every conv_impl / up_impl is the same function with the same parameters
+  (side 8: a 2x2 bottleneck, where "auto" switches to the matmul form)."""
   import flax.linen as nn
 
   model = models.UNet(features=4, depth=2, **kwargs)
-  v = models.init(model, jax.random.key(0), (16, 16, 1))
-  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+  v = models.init(model, jax.random.key(0), (side, side, 1))
+  x = jax.random.uniform(jax.random.key(1), (2, side, side, 1))
   g = jax.grad(lambda p, m: jnp.sum(m.apply({**v, "params": p}, x) ** 2), argnums=0)
-  for other in (model.clone(conv_impl="matmul"), model.clone(up_impl="xla")):
-    v_other = models.init(other, jax.random.key(0), (16, 16, 1))
+  for other in (model.clone(conv_impl="matmul"), model.clone(conv_impl="xla"),
+                model.clone(up_impl="xla")):
+    v_other = models.init(other, jax.random.key(0), (side, side, 1))
     for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_other)):
       np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(other.apply(v, x), model.apply(v, x), atol=1e-4)
