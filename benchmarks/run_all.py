@@ -35,7 +35,7 @@ BENCHMARKS = {
     "adapt_cost": lambda: adapt_cost.run(),
     "frechet": lambda: frechet.run(reps=2),
     "sliced_w2": lambda: sliced_wasserstein.run(reps=2),
-    "train_many": lambda: train_many.run(ks="4,8", strategies="auto", reps=3),
+    "train_many": lambda: train_many.run(ks="4,8", strategies="auto", reps=7),
 }
 
 
