@@ -117,3 +117,14 @@ def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs, side):
     for impl in models.CONV_IMPLS:
       np.testing.assert_allclose(ours.clone(impl=impl).apply(w, xs), ref.apply(w, xs),
                                  atol=1e-4)
+
+
+def test_max_pool2_equals_flax_max_pool_and_its_gradient_after_relu():
+  import flax.linen as nn
+
+  z = jax.random.normal(jax.random.key(0), (3, 8, 6, 4))
+  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
+  np.testing.assert_array_equal(models.max_pool2(z), ref(z))
+  for pre in (lambda x: x, jax.nn.relu):  # no ties; ReLU ties at zero
+    loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(3 * pool(pre(x)))))(z)
+    np.testing.assert_allclose(loss(models.max_pool2), loss(ref), atol=1e-6)
