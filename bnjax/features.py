@@ -91,12 +91,19 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   return {tap: np.concatenate([p[i] for p in parts], axis=axis) for i, tap in enumerate(taps)}
 
 
+def constant_dims(x, tol: float = 1e-6) -> np.ndarray:
+  """bool[D]: the columns of ``x: [N, D]`` whose values are all equal
+  (max - min <= ``tol`` x (1 + |mean|)), all-zero ReLU outputs included."""
+  x = np.asarray(x, np.float64)
+  return (x.max(0) - x.min(0)) <= tol * (1 + np.abs(x.mean(0)))
+
+
 def collapse_fraction(per_image_features: np.ndarray, tol: float = 1e-6) -> float:
-  """Fraction of dimensions that are constant across images (max - min <=
-  ``tol`` x (1 + |mean|)): the bottleneck "collapse" of easy tasks. Input:
-  ``extract(..., per_image=True)``."""
+  """Fraction of dimensions that are constant across images
+  (:func:`constant_dims`): the bottleneck "collapse" of easy tasks. Input:
+  ``extract(..., per_image=True)``, or per-position features reshaped to
+  [n, h w C]."""
   f = np.asarray(per_image_features, np.float64)
   if f.ndim != 2 or f.shape[0] < 2:
     raise ValueError(f"need per-image features [n >= 2, D], got {f.shape}")
-  spread = f.max(0) - f.min(0)
-  return float(np.mean(spread <= tol * (1 + np.abs(f.mean(0)))))
+  return float(np.mean(constant_dims(f, tol)))

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from bnjax.checkpoint import write_json_atomic
+from bnjax.features import constant_dims
 
 
 def _plt():
@@ -166,13 +167,6 @@ def histories(history: dict, labels: Sequence[str], path) -> str:
   return path
 
 
-def constant_channels(x, tol: float = 1e-6) -> np.ndarray:
-  """bool[C]: the channels of ``x: [N, C]`` whose values are all equal
-  (max - min <= ``tol`` x (1 + |mean|)), all-zero ReLU outputs included."""
-  x = np.asarray(x, np.float64)
-  return (x.max(0) - x.min(0)) <= tol * (1 + np.abs(x.mean(0)))
-
-
 def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constant: bool = True,
                        bins: int = 40, title: str = "") -> str:
   """Per-dimension histograms: a grid of channels, one outline per sample
@@ -193,7 +187,7 @@ def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constan
   channels = np.arange(c.pop())
   dropped = []
   if drop_constant:
-    const = np.all([constant_channels(a) for a in arrays.values()], axis=0)
+    const = np.all([constant_dims(a) for a in arrays.values()], axis=0)
     dropped = channels[const].tolist()
     channels = channels[~const]
   shown = channels[:max_channels]

@@ -129,8 +129,9 @@ def main(argv):
     if src not in source_cache:
       x_src, _ = dataset(src, "eval", config["n_eval"])
       source_cache[src] = features.extract_all(model, v_src, x_src, taps)
-      per_image = features.extract_all(model, v_src, x_src, taps, per_image=True)
-      collapse[str(src)] = {t: features.collapse_fraction(per_image[t]) for t in taps}
+      # Rows are (image, position): [n h w, C] reshaped is the per-image [n, h w C].
+      collapse[str(src)] = {t: features.collapse_fraction(f.reshape(len(x_src), -1))
+                            for t, f in source_cache[src].items()}
     target_features = {variant: features.extract_all(model, v, x_tgt, taps)
                        for variant, v in (("unadapted", v_src), ("adapted", v_ad))}
     row = {"group": group, "source": str(src), "target": str(tgt),
@@ -146,10 +147,9 @@ def main(argv):
       kt = jax.random.fold_in(key, i * 100 + taps.index(t))
       xs = subsample(fs, FLAGS.max_rows, kt)
       for variant in ("unadapted", "adapted"):
-        ft = subsample(target_features[variant][t], FLAGS.max_rows, kt)
         # Shapes stay fixed per tap (one compile each); collapsed channels are
         # handled by the Bhattacharyya ridge and are harmless to the others.
-        a, b = xs, ft
+        a, b = xs, subsample(target_features[variant][t], FLAGS.max_rows, kt)
         prefix = f"{t}/{variant}/"
         row[prefix + "frechet"] = distances.frechet(a, b)
         row[prefix + "sliced_w2"] = distances.sliced_wasserstein(a, b, key=kt, n_proj=100)
@@ -169,9 +169,10 @@ def main(argv):
   rng = np.random.default_rng(FLAGS.seed)
   gain = np.array([r["gain"] for r in rows])
   iou_ad = np.array([r["iou_adapted"] for r in rows])
+  log_x = {p: np.log1p(np.maximum(np.array([r[p] for r in rows], float), 0)) for p in predictors}
   ranking = []
   for p in predictors:
-    x = np.log1p(np.maximum(np.array([r[p] for r in rows], float), 0))
+    x = log_x[p]
     entry = {"predictor": p}
     for name, y in (("gain", gain), ("iou_adapted", iou_ad)):
       entry[f"spearman_{name}"] = spearman(x, y)
@@ -189,7 +190,7 @@ def main(argv):
   heldout = []
   if is_train.any() and (~is_train).any():
     for e in ranking:
-      x = np.log1p(np.maximum(np.array([r[e["predictor"]] for r in rows], float), 0))
+      x = log_x[e["predictor"]]
       rho = spearman(x[is_train], iou_ad[is_train])
       fit = isotonic_fit(x[is_train], iou_ad[is_train], increasing=not rho < 0)
       pred = fit(x[~is_train])
@@ -243,11 +244,11 @@ def main(argv):
   text = "\n".join(lines)
   with open(os.path.join(out, "ranking.md"), "w") as f:
     f.write(text + "\n")
-  scatter(rows, [e["predictor"] for e in ranking[:6]], os.path.join(out, "scatter_top6.png"))
+  scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], os.path.join(out, "scatter_top6.png"))
   print(text)
 
 
-def scatter(rows, names, path):
+def scatter(rows, log_x, names, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -256,7 +257,7 @@ def scatter(rows, names, path):
   colour = np.array([r["overlap"] for r in rows])
   iou_ad = np.array([r["iou_adapted"] for r in rows])
   for ax, name in zip(axes.flat, names):
-    x = np.log1p(np.maximum(np.array([r[name] for r in rows], float), 0))
+    x = log_x[name]
     sc = ax.scatter(x, iou_ad, c=colour, cmap="viridis", vmin=0, vmax=1, s=14)
     ax.set_xlabel(f"log(1 + {name})", fontsize=7)
     ax.set_ylabel("IoU adapted", fontsize=7)
