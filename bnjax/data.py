@@ -166,10 +166,15 @@ def perlin_noise(key: jax.Array, n: int, size: int = 64, res: int = 2) -> jax.Ar
 
   See the module docstring for the algorithm; values lie in about [-1, 1].
   """
+  return _perlin_noise(*_perlin_args(key, n, size, res))
+
+
+def _perlin_args(key, n, size, res):
+  """Checked (key, n, size, res) of the Perlin generators, as static ints."""
   _check_key(key)
   _check_positive_int("n", n)
   _check_lattice(size, res)
-  return _perlin_noise(key, int(n), int(size), int(res))
+  return key, int(n), int(size), int(res)
 
 
 def perlin_masks(key: jax.Array, n: int, size: int = 64, res: int = 2,
@@ -182,10 +187,7 @@ def perlin_masks(key: jax.Array, n: int, size: int = 64, res: int = 2,
   threshold = float(threshold)
   if not 0.0 <= threshold < 1.5:
     raise ValueError(f"threshold must be in [0, 1.5), got {threshold}")
-  _check_key(key)
-  _check_positive_int("n", n)
-  _check_lattice(size, res)
-  return _perlin_masks(key, int(n), int(size), int(res), jnp.float32(threshold))
+  return _perlin_masks(*_perlin_args(key, n, size, res), jnp.float32(threshold))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -28,13 +28,19 @@ def _pair(x, y, name="x, y"):
   return x, y
 
 
-def _in_dtype(fn, dtype, *arrays):
+def _check_dtype(dtype):
+  """The computation dtype: float32 (default) or float64, else ValueError."""
   dtype = jnp.dtype(dtype or jnp.float32)
+  if dtype not in (jnp.float32, jnp.float64):
+    raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+  return dtype
+
+
+def _in_dtype(fn, dtype, *arrays):
+  dtype = _check_dtype(dtype)
   if dtype == jnp.float64:
     with jax.enable_x64(True):
       return float(fn(*[jnp.asarray(a, jnp.float64) for a in arrays]))
-  if dtype != jnp.float32:
-    raise ValueError(f"dtype must be float32 or float64, got {dtype}")
   return float(fn(*[jnp.asarray(a, jnp.float32) for a in arrays]))
 
 
@@ -107,7 +113,7 @@ def _frechet(x, y, dtype=None):
   (its BLAS/LAPACK are 2-3x faster than XLA:CPU's in float64 here), with the
   jitted :func:`frechet_from_moments` on the device otherwise."""
   if jax.default_backend() == "cpu":
-    np_dtype = np.float64 if jnp.dtype(dtype or jnp.float32) == jnp.float64 else np.float32
+    np_dtype = np.dtype(_check_dtype(dtype))
     return _host_frechet_from_moments(*_host_moments(x, np_dtype), *_host_moments(y, np_dtype))
   return _in_dtype(_frechet_device, dtype, x, y)
 
@@ -213,6 +219,9 @@ def sort_floats(x, axis=-1):
   zeros (200 x 80 000 values: 0.6 s vs 3.3 s; ``benchmarks/sliced_wasserstein.py``).
   Same values as ``jnp.sort`` (tested), except that -0.0 sorts before +0.0.
   """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a float array, got dtype {x.dtype}")
   itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
   keys = _flip_negative(jax.lax.bitcast_convert_type(x, itype))
   return jax.lax.bitcast_convert_type(_flip_negative(jnp.sort(keys, axis=axis)), x.dtype)

@@ -139,6 +139,8 @@ def max_pool2(x):
   window-with-indices reduction behind ``nn.max_pool``'s gradient cost 42 of
   280 ms of a train step (width 16, 64x64); this is elementwise.
   """
+  if x.ndim != 4 or x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f"x must be float[n, H, W, C] with H and W even, got shape {x.shape}")
   return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
                      jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
 
@@ -202,8 +204,8 @@ class UNet(nn.Module):
     conv_impl: ``"xla"``, ``"matmul"`` or ``"auto"`` (matmul on inputs of at
       most 2x2 pixels, XLA elsewhere): how the 3x3 (and strided) convolutions
       are lowered (the same function and parameters; see :class:`Conv`).
-    up_impl: the same for the transposed convolutions (:class:`UpConv`).
-      Default ``"matmul"``: a 1x1 product to 4 x features channels then
+    up_impl: the same for the transposed convolutions (:class:`UpConv`;
+      ``"auto"`` means ``"matmul"`` there). Default ``"matmul"``: a 1x1 product to 4 x features channels then
       depth-to-space, 1.2-1.3x faster per training step on XLA:CPU than the
       lhs-dilated convolution (BUILD_NOTES.md).
   """

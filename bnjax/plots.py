@@ -182,6 +182,8 @@ def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constan
   if len(c) != 1 or -1 in c:
     raise ValueError(f"samples must all be [N, C] with the same C, got "
                      f"{[a.shape for a in arrays.values()]}")
+  if not all(np.all(np.isfinite(a)) for a in arrays.values()):
+    raise ValueError("samples contain NaN or infinite values")
   if max_channels < 1 or bins < 1:
     raise ValueError(f"max_channels and bins must be >= 1, got {max_channels}, {bins}")
   channels = np.arange(c.pop())

@@ -47,6 +47,8 @@ def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95
   if not 0 < level < 1:
     raise ValueError(f"level must be in (0, 1), got {level}")
   x, y = np.asarray(x, float), np.asarray(y, float)
+  if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
+    raise ValueError(f"x and y must be 1-D with the same length >= 2, got {x.shape} and {y.shape}")
   idx = rng.integers(0, len(x), (n, len(x)))
   vals = np.asarray(fn(x[idx], y[idx]))
   vals = vals[np.isfinite(vals)]

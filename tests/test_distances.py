@@ -167,6 +167,13 @@ def test_input_errors():
     distances.mmd(np.full((5, 2), np.nan), np.zeros((5, 2)))
   with pytest.raises(ValueError, match="at least 2"):
     distances.bhattacharyya(np.zeros((1, 2)), np.zeros((5, 2)))
+  x = np.random.default_rng(0).normal(size=(20, 3))
+  with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+    distances.frechet(x, x + 1, dtype=np.int32)
+  with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+    distances.bhattacharyya(x, x + 1, dtype=np.float16)
+  with pytest.raises(ValueError, match="must be a float array"):
+    distances.sort_floats(jnp.arange(5))
 
 
 def test_sort_floats_equals_numpy_sort():

@@ -128,3 +128,5 @@ def test_max_pool2_equals_flax_max_pool_and_its_gradient_after_relu():
   for pre in (lambda x: x, jax.nn.relu):  # no ties; ReLU ties at zero
     loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(3 * pool(pre(x)))))(z)
     np.testing.assert_allclose(loss(models.max_pool2), loss(ref), atol=1e-6)
+  with pytest.raises(ValueError, match="H and W even"):
+    models.max_pool2(jnp.zeros((1, 5, 4, 2)))

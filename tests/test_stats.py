@@ -28,6 +28,8 @@ def test_bootstrap_is_the_loop_over_resamples():
   np.testing.assert_allclose(ci, np.percentile(loop, [2.5, 97.5]), atol=1e-12)
   with pytest.raises(ValueError, match="n must be"):
     stats.bootstrap_ci(stats.pearson, x, y, 0, rng)
+  with pytest.raises(ValueError, match="same length"):
+    stats.bootstrap_ci(stats.pearson, x, y[:-1], 10, rng)
 
 
 @pytest.mark.parametrize("increasing", [True, False])

@@ -151,6 +151,8 @@ def test_channel_histograms_drop_constant_channels(tmp_path):
   assert (tmp_path / "c.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="same C"):
     plots.channel_histograms({"a": src, "b": tgt[:, :3]}, tmp_path / "d.png")
+  with pytest.raises(ValueError, match="NaN"):
+    plots.channel_histograms({"a": np.full((4, 2), np.nan)}, tmp_path / "e.png")
 
 
 SHARDED = textwrap.dedent("""
