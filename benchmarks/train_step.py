@@ -32,8 +32,8 @@ except ImportError:  # run as a script
 SHAPES = "8x32x32,16x64x16,64x64x16"
 
 
-def bnjax_step(width, side, batch, conv_impl="auto"):
-  model = models.UNet(features=width, conv_impl=conv_impl)
+def bnjax_step(width, side, batch, conv_impl="auto", up_impl="matmul"):
+  model = models.UNet(features=width, conv_impl=conv_impl, up_impl=up_impl)
   tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3, grad_clip=None))
   state = train.init_state(model, tx, jax.random.key(0), (side, side, 1))
   x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
@@ -80,7 +80,7 @@ def time_blocks(fns, steps, blocks):
 
 
 def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "auto", budget_s: float = 2.0,
-        torch_reference: bool = True) -> list[dict]:
+        torch_reference: bool = True, up_impl: str = "matmul") -> list[dict]:
   try:
     if not torch_reference:
       raise ImportError
@@ -95,7 +95,7 @@ def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "auto", budget_s
   rows = []
   for spec in shapes.split(","):
     width, side, batch = (int(v) for v in spec.split("x"))
-    fns = [bnjax_step(width, side, batch, conv_impl)]
+    fns = [bnjax_step(width, side, batch, conv_impl, up_impl)]
     if have_torch:
       fns.append(torch_step(width, side, batch))
     t_compile = time.perf_counter()
@@ -118,10 +118,11 @@ def main():
   p.add_argument("--shapes", default=SHAPES)
   p.add_argument("--blocks", type=int, default=5)
   p.add_argument("--conv_impl", default="auto", choices=models.CONV_IMPLS)
+  p.add_argument("--up_impl", default="matmul", choices=models.CONV_IMPLS)
   p.add_argument("--budget_s", type=float, default=2.0, help="Seconds per block, roughly.")
   p.add_argument("--no_torch", action="store_true", help="Time bnjax alone.")
   a = p.parse_args()
-  rows = run(a.shapes, a.blocks, a.conv_impl, a.budget_s, not a.no_torch)
+  rows = run(a.shapes, a.blocks, a.conv_impl, a.budget_s, not a.no_torch, a.up_impl)
   if rows:
     print_table(rows)
 
