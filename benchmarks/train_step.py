@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from bnjax import models, train
+from bnjax import compiler, models, train
 
 try:
   from benchmarks.common import print_table, row
@@ -32,13 +32,16 @@ except ImportError:  # run as a script
 SHAPES = "8x32x32,16x64x16,64x64x16"
 
 
-def bnjax_step(width, side, batch, conv_impl="auto", up_impl="matmul"):
-  model = models.UNet(features=width, conv_impl=conv_impl, up_impl=up_impl)
+def bnjax_step(width, side, batch, conv_impl="auto", up_impl="matmul", bn_impl="fused",
+               xla_defaults=False):
+  model = models.UNet(features=width, conv_impl=conv_impl, up_impl=up_impl, bn_impl=bn_impl)
   tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3, grad_clip=None))
   state = train.init_state(model, tx, jax.random.key(0), (side, side, 1))
   x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
   y = jax.random.uniform(jax.random.key(2), (batch, side, side)) > 0.8
-  step = jax.jit(functools.partial(train.train_step, model, tx, "ce+dice"), donate_argnums=0)
+  # The step ``fit`` compiles: bnjax's compiler options unless xla_defaults.
+  jit = jax.jit if xla_defaults else compiler.jit
+  step = jit(functools.partial(train.train_step, model, tx, "ce+dice"), donate_argnums=0)
   box = [state]
 
   def run():
@@ -79,8 +82,10 @@ def time_blocks(fns, steps, blocks):
   return [float(np.median(t)) for t in out]
 
 
-def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "auto", budget_s: float = 2.0,
-        torch_reference: bool = True, up_impl: str = "matmul") -> list[dict]:
+def run(shapes: str = SHAPES, blocks: int = 5, budget_s: float = 2.0,
+        torch_reference: bool = True, **bnjax_options) -> list[dict]:
+  """One row per shape; ``bnjax_options`` go to :func:`bnjax_step` (lowerings,
+  ``xla_defaults``)."""
   try:
     if not torch_reference:
       raise ImportError
@@ -95,7 +100,7 @@ def run(shapes: str = SHAPES, blocks: int = 5, conv_impl: str = "auto", budget_s
   rows = []
   for spec in shapes.split(","):
     width, side, batch = (int(v) for v in spec.split("x"))
-    fns = [bnjax_step(width, side, batch, conv_impl, up_impl)]
+    fns = [bnjax_step(width, side, batch, **bnjax_options)]
     if have_torch:
       fns.append(torch_step(width, side, batch))
     t_compile = time.perf_counter()
@@ -119,10 +124,14 @@ def main():
   p.add_argument("--blocks", type=int, default=5)
   p.add_argument("--conv_impl", default="auto", choices=models.CONV_IMPLS)
   p.add_argument("--up_impl", default="matmul", choices=models.CONV_IMPLS)
+  p.add_argument("--bn_impl", default="fused", choices=models.BN_IMPLS)
+  p.add_argument("--xla_defaults", action="store_true",
+                 help="Compile with XLA's default options instead of bnjax.compiler's.")
   p.add_argument("--budget_s", type=float, default=2.0, help="Seconds per block, roughly.")
   p.add_argument("--no_torch", action="store_true", help="Time bnjax alone.")
   a = p.parse_args()
-  rows = run(a.shapes, a.blocks, a.conv_impl, a.budget_s, not a.no_torch, a.up_impl)
+  rows = run(a.shapes, a.blocks, a.budget_s, not a.no_torch, conv_impl=a.conv_impl,
+             up_impl=a.up_impl, bn_impl=a.bn_impl, xla_defaults=a.xla_defaults)
   if rows:
     print_table(rows)
 

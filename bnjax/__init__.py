@@ -7,10 +7,10 @@
     bnjax.metrics.iou(bnjax.predict(model, adapted, target_images), target_masks)
 """
 
-from bnjax import (adapt, checkpoint, data, distances, features, metrics, models, stacking,
+from bnjax import (adapt, checkpoint, compiler, data, distances, features, metrics, models, stacking,
                    stats, sweep, train)
 from bnjax.train import predict
 
-__all__ = ["adapt", "checkpoint", "data", "distances", "features", "metrics", "models",
+__all__ = ["adapt", "checkpoint", "compiler", "data", "distances", "features", "metrics", "models",
            "stacking", "stats", "sweep", "train", "predict"]
 __version__ = "0.1.0"

@@ -56,6 +56,7 @@ import numpy as np
 from flax import traverse_util
 from flax.linen import dtypes as flax_dtypes
 
+from bnjax import compiler
 from bnjax import data as _data
 from bnjax import stacking
 
@@ -312,7 +313,7 @@ def _runner(model, apply_items, kind, *, selected_set, alpha, stats, strategy):
     fn = lambda v, x: _run(model, apply_kwargs, v, x, choose)
   else:
     fn = lambda v, x: jax.vmap(lambda xb: _run(model, apply_kwargs, v, xb, train_mode))(x)
-  return jax.jit(stacking.stacked(fn, strategy))
+  return compiler.jit(stacking.stacked(fn, strategy))
 
 
 def recompute_batch_stats(model: nn.Module, variables: dict, images,

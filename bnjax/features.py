@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bnjax import compiler
 from bnjax import data as _data
 from bnjax import stacking
 from bnjax.models import level_names
@@ -39,7 +40,7 @@ def _runner(model, names, per_image, stacked, strategy):
     flat = {k[-1]: v[0] for k, v in traverse_util.flatten_dict(state["intermediates"]).items()}
     return tuple(flat[n].reshape(flat[n].shape[0], -1) if per_image
                  else flat[n].reshape(-1, flat[n].shape[-1]) for n in names)
-  return jax.jit(stacking.stacked(one, strategy) if stacked else one)
+  return compiler.jit(stacking.stacked(one, strategy) if stacked else one)
 
 
 def extract(model: nn.Module, variables, images, tap: str = "bottleneck",

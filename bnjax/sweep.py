@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnjax import adapt as _adapt
+from bnjax import compiler
 from bnjax import data as _data
 from bnjax import metrics as _metrics
 from bnjax import stacking
@@ -60,9 +61,9 @@ def _pad(tree, k_pad):
 def _distributed(fn, mesh: Mesh | None, donate=()):
   """jit(fn) with every argument and result sharded along the model axis."""
   if mesh is None:
-    return jax.jit(fn, donate_argnums=donate)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)),
-                 donate_argnums=donate)
+    return compiler.jit(fn, donate_argnums=donate)
+  return compiler.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)),
+                      donate_argnums=donate)
 
 
 def _place(tree, mesh):
@@ -199,7 +200,7 @@ def _iou_runner(model, strategy, empty):
   def iou(variables, x, y):
     logits = model.apply(variables, x, train=False)
     return jnp.mean(_metrics.iou_per_image(_train.logits_to_masks(logits), y, empty))
-  return jax.jit(stacking.stacked(iou, strategy))
+  return compiler.jit(stacking.stacked(iou, strategy))
 
 
 def _stacked_iou(model, variables, images, masks, strategy, empty, batch_size):

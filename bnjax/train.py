@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bnjax import compiler
 from bnjax import data as _data
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -306,10 +307,10 @@ def fit(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(),
 
   tx = make_optimizer(config)
   state = init_state(model, tx, k_init, images.shape[1:], variables)
-  step_fn = jax.jit(functools.partial(train_batch, model, tx, config.loss),
-                    donate_argnums=(0,))
-  run_eval = jax.jit(functools.partial(evaluate, model, config.loss),
-                     static_argnums=(3,))
+  step_fn = compiler.jit(functools.partial(train_batch, model, tx, config.loss),
+                         donate_argnums=(0,))
+  run_eval = compiler.jit(functools.partial(evaluate, model, config.loss),
+                          static_argnums=(3,))
 
   history = {"train_loss": [], "val_loss": [], "val_dice": [], "seconds": []}
   best, best_dice, best_epoch, since_best = None, -1.0, 0, 0
@@ -355,7 +356,7 @@ def predict(model: nn.Module, variables, images, batch_size: int = 64) -> np.nda
   return np.asarray(_predict(model, variables, images, min(batch_size, images.shape[0])))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@compiler.jit(static_argnums=(0, 3))
 def _predict(model, variables, images, batch_size):
   n = images.shape[0]
   chunks = -(-n // batch_size)

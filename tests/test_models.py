@@ -130,3 +130,67 @@ def test_max_pool2_equals_flax_max_pool_and_its_gradient_after_relu():
     np.testing.assert_allclose(loss(models.max_pool2), loss(ref), atol=1e-6)
   with pytest.raises(ValueError, match="H and W even"):
     models.max_pool2(jnp.zeros((1, 5, 4, 2)))
+
+
+def test_batch_norm_relu_equals_flax_batchnorm_then_relu_with_gradients():
+  """Values, batch moments and every gradient (including through the returned
+  moments) against autodiff of nn.BatchNorm + nn.relu."""
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 5)) * 3 + 1
+  scale = jax.random.normal(jax.random.key(1), (5,))
+  bias = jax.random.normal(jax.random.key(2), (5,))
+  w, wm, wv = (jax.random.normal(jax.random.key(k), s)
+               for k, s in ((3, x.shape), (4, (5,)), (5, (5,))))
+
+  def ref(x, scale, bias):
+    y = nn.BatchNorm(use_running_average=False, epsilon=1e-5).apply(
+        {"params": {"scale": scale, "bias": bias},
+         "batch_stats": {"mean": jnp.zeros(5), "var": jnp.ones(5)}}, x,
+        mutable=["batch_stats"])[0]
+    return nn.relu(y), jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+
+  def fused(x, scale, bias):
+    return models.batch_norm_relu(x, scale, bias, 1e-5)
+
+  for a, b in zip(fused(x, scale, bias), ref(x, scale, bias)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def loss(f):
+    def value(*args):
+      y, m, v = f(*args)
+      return jnp.sum(y * w) + jnp.sum(m * wm) + jnp.sum(v * wv)
+    return jax.grad(value, argnums=(0, 1, 2))(x, scale, bias)
+
+  for a, b in zip(loss(fused), loss(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert float(jnp.mean(fused(x, scale, bias)[0] == 0)) > 0.1  # the ReLU gates some
+
+
+def test_fused_bn_train_step_equals_flax_bn_train_step():
+  """bn_impl="fused" and "flax": same variables, loss, gradients and running
+  statistics; evaluation uses nn.BatchNorm either way."""
+  from bnjax import train
+
+  model = models.UNet(features=4, depth=2)
+  flax_bn = model.clone(bn_impl="flax")
+  v = models.init(model, jax.random.key(0), (16, 16, 1))
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
+  y = jax.random.uniform(jax.random.key(2), (3, 16, 16)) > 0.7
+
+  def step(m):
+    def f(params):
+      logits, state = m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+      return train.segmentation_loss(logits, y), state
+    return jax.value_and_grad(f, has_aux=True)(v["params"])
+
+  (l1, s1), g1 = step(model)
+  (l2, s2), g2 = step(flax_bn)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves((s1, g1)), jax.tree_util.tree_leaves((s2, g2))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Collecting intermediates in train mode takes the unfused path (pre-activations).
+  _, state = model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"])
+  assert "enc0_pre" in state["intermediates"]["enc0"]
+  with pytest.raises(ValueError, match="UNet.bn_impl"):
+    models.init(model.clone(bn_impl="nope"), jax.random.key(0), (16, 16, 1))

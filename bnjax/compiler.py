@@ -1,0 +1,65 @@
+"""XLA compiler options for bnjax's own compiled model functions.
+
+The options are passed per call to ``jax.jit(..., compiler_options=...)``,
+never through ``XLA_FLAGS`` or a global setting, so importing bnjax changes no
+other program's compilation.
+
+On the CPU backend, jax 0.10's XLA hands convolutions, matrix products,
+reductions and elementwise fusions to its YNNPACK runtime by default. There
+its convolutions did not use the second core of this 2-core machine (a 3x3
+convolution 32 -> 16 channels at 64x64, batch 16, forward: 8.1 ms on one core,
+7.3 ms on two), while XLA's own (Eigen) convolutions did (11.2 -> 6.1 ms).
+Keeping YNNPACK for reductions only made a width-16 64x64 U-Net train step
+about 1.2x faster (BUILD_NOTES.md); the function computed is the same.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _accepted(backend: str) -> bool:
+  """Whether this XLA build knows the options (they are experimental)."""
+  try:
+    x = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(backend)[0])
+    jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(x).compile()
+  except Exception:  # an XLA that renamed or dropped the option
+    return False
+  return True
+
+
+def options(backend: str | None = None) -> dict[str, Any] | None:
+  """The compiler options bnjax uses on ``backend`` (default: JAX's default
+  backend), or None where it uses XLA's defaults."""
+  backend = backend or jax.default_backend()
+  if backend != "cpu" or not _accepted(backend):
+    return None
+  return dict(CPU_OPTIONS)
+
+
+def jit(fn: Callable | None = None, **kwargs) -> Callable:
+  """``jax.jit(fn, **kwargs)`` with :func:`options` for the default backend.
+
+  The backend is looked up at the first call, not when ``jit`` runs, so a
+  module-level ``@compiler.jit`` does not initialise JAX at import. Usable as
+  ``@jit`` or ``@jit(static_argnums=...)``.
+  """
+  if fn is None:
+    return functools.partial(jit, **kwargs)
+  compiled = None
+
+  @functools.wraps(fn)
+  def call(*args, **kw):
+    nonlocal compiled
+    if compiled is None:
+      compiled = jax.jit(fn, compiler_options=options(), **kwargs)
+    return compiled(*args, **kw)
+
+  return call
