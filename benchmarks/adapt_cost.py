@@ -16,7 +16,7 @@ import argparse
 
 import jax
 
-from bnjax import adapt, models
+from bnjax import adapt, compiler, models
 
 try:
   from benchmarks.common import print_table, row, side_by_side
@@ -28,7 +28,7 @@ def run(width: int = 8, size: int = 64, n: int = 256, reps: int = 3) -> list[dic
   model = models.UNet(features=width)
   v = models.init(model, jax.random.key(0), (size, size, 1))
   x = jax.random.uniform(jax.random.key(1), (n, size, size, 1))
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  forward = compiler.jit(lambda v, x: model.apply(v, x, train=False))
   modes = {
       "exact (one chunk)": dict(mode="exact", batch_size=n),
       f"exact (chunks of {n // 4})": dict(mode="exact", batch_size=n // 4),

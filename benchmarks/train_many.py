@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import models, stacking, train
+from bnjax import compiler, models, stacking, train
 
 try:
   from benchmarks.common import first_call, row, side_by_side
@@ -37,7 +37,7 @@ def run(ks="1,2,4,8", strategies="auto,vmap", features=8, size=32, batch=32, rep
         f"{features}, {size}x{size}, batch {batch}, conv_impl {conv_impl}")
   print(f"{'K':>4} {'strategy':>8} {'stack img/s':>12} {'1-by-1 img/s':>13} {'ratio':>6} "
         f"{'compile stack':>14} {'compile 1':>10}")
-  single = jax.jit(step1)
+  single = compiler.jit(step1)
   rows = []
   for k in [int(v) for v in str(ks).split(",")]:
     keys = jax.random.split(jax.random.key(0), k)
@@ -52,7 +52,9 @@ def run(ks="1,2,4,8", strategies="auto,vmap", features=8, size=32, batch=32, rep
     stacked_state = stacking.tree_stack(states)
     for strategy in strategies.split(","):
       name = stacking.resolve(strategy)
-      fn = jax.jit(stacking.stacked(step1, strategy))
+      # Compiled as train_many compiles it (XLA's defaults for an unrolled stack).
+      jit = jax.jit if name == "unroll" and k > 1 else compiler.jit
+      fn = jit(stacking.stacked(step1, strategy))
       c_vec = first_call(fn, stacked_state, x, y)
       t_vec, t_seq = side_by_side([lambda: fn(stacked_state, x, y), lambda: one_by_one(states, x, y)], reps)
       images = k * batch

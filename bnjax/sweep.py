@@ -58,12 +58,14 @@ def _pad(tree, k_pad):
   return jax.tree_util.tree_map(pad, tree)
 
 
-def _distributed(fn, mesh: Mesh | None, donate=()):
-  """jit(fn) with every argument and result sharded along the model axis."""
+def _distributed(fn, mesh: Mesh | None, donate=(), options: bool = True):
+  """jit(fn) with every argument and result sharded along the model axis;
+  ``options``: bnjax's compiler options (else XLA's defaults)."""
+  jit = compiler.jit if options else jax.jit
   if mesh is None:
-    return compiler.jit(fn, donate_argnums=donate)
-  return compiler.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)),
-                      donate_argnums=donate)
+    return jit(fn, donate_argnums=donate)
+  return jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)),
+             donate_argnums=donate)
 
 
 def _place(tree, mesh):
@@ -126,7 +128,12 @@ def train_many(model: nn.Module, images, masks, config: _train.TrainConfig = _tr
   def one_eval(state, x, y):
     return _train.evaluate(model, config.loss, _train.variables_of(state), x, y, eval_bs)
 
-  step = _distributed(stacking.stacked(one_step, strategy), mesh, donate=(0,))
+  # Several unrolled models in one CPU program train faster with XLA's
+  # default options (its library convolutions run single-threaded, the copies
+  # overlap), one model with bnjax's (BUILD_NOTES.md, "train_many").
+  per_device = k_pad // (1 if mesh is None else mesh.size)
+  step = _distributed(stacking.stacked(one_step, strategy), mesh, donate=(0,),
+                      options=per_device == 1 or stacking.resolve(strategy) != "unroll")
   run_eval = _distributed(stacking.stacked(one_eval, strategy), mesh)
   batches_of = jax.jit(jax.vmap(_train.epoch_batches, in_axes=(0, None, None, None)),
                        static_argnums=(2, 3))
