@@ -180,10 +180,11 @@ def batch_norm_relu(x, scale, bias, epsilon):
   The same function as ``nn.BatchNorm(use_running_average=False)`` (default
   ``use_fast_variance``) followed by ``nn.relu``, over every axis but the last
   of ``x``; returns ``(y, mean, var)`` (``var`` biased, as Flax stores it).
-  The gradient is written out (Ioffe & Szegedy 2015, section 3) so that the
-  backward pass reads ``x``, ``y`` and the incoming gradient in one reduction
-  and one elementwise pass, instead of the several intermediates that autodiff
-  of the unfused layers keeps (BUILD_NOTES.md).
+  The gradient is written out (Ioffe & Szegedy 2015, section 3) from ``x``,
+  ``y`` and the incoming gradient alone, without the intermediates (``x -
+  mean``, the normalised input, the ReLU mask) that autodiff of the unfused
+  layers writes out: a train step at width 16, 64x64 went 250 -> 224 ms on
+  XLA:CPU (BUILD_NOTES.md).
   """
   mean, var = _bn_relu_stats(x)
   y = jnp.maximum((x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, 0.0)

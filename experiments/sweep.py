@@ -1,7 +1,7 @@
 r"""Run a grid of source/target domains: train every source model as one stack,
 score every pair without and with BN adaptation, write the figures.
 
-    python experiments/sweep.py --grid=brightness --out=runs/brightness        # CPU-sized (64x64, width 8), ~18 min on 2 cores
+    python experiments/sweep.py --grid=brightness --out=runs/brightness        # CPU-sized (64x64, width 8), ~11 min on 2 cores
     python experiments/sweep.py --grid=geometric --out=runs/geometric
     python experiments/sweep.py --grid=clip_corrected --out=runs/clip
     python experiments/sweep.py --grid=custom --mu1=10:170:40 --delta=80 --sigma1=50 --out=runs/custom
