@@ -130,7 +130,7 @@ def train_many(model: nn.Module, images, masks, config: _train.TrainConfig = _tr
 
   # Several unrolled models in one CPU program train faster with XLA's
   # default options (its library convolutions run single-threaded, the copies
-  # overlap), one model with bnjax's (BUILD_NOTES.md, "train_many").
+  # overlap), one model with bnjax's (BUILD_NOTES.md, "Compiler options").
   per_device = k_pad // (1 if mesh is None else mesh.size)
   step = _distributed(stacking.stacked(one_step, strategy), mesh, donate=(0,),
                       options=per_device == 1 or stacking.resolve(strategy) != "unroll")
