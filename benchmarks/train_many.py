@@ -52,9 +52,9 @@ def run(ks="1,2,4,8", strategies="auto,vmap", features=8, size=32, batch=32, rep
     stacked_state = stacking.tree_stack(states)
     for strategy in strategies.split(","):
       name = stacking.resolve(strategy)
-      # Compiled as train_many compiles it (XLA's defaults for an unrolled stack).
-      jit = jax.jit if name == "unroll" and k > 1 else compiler.jit
-      fn = jit(stacking.stacked(step1, strategy))
+      # Compiled as train_many compiles it.
+      fn = compiler.jit(stacking.stacked(step1, strategy),
+                        xla_defaults=compiler.unrolled_stack(name, k))
       c_vec = first_call(fn, stacked_state, x, y)
       t_vec, t_seq = side_by_side([lambda: fn(stacked_state, x, y), lambda: one_by_one(states, x, y)], reps)
       images = k * batch

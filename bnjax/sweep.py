@@ -58,14 +58,12 @@ def _pad(tree, k_pad):
   return jax.tree_util.tree_map(pad, tree)
 
 
-def _distributed(fn, mesh: Mesh | None, donate=(), options: bool = True):
-  """jit(fn) with every argument and result sharded along the model axis;
-  ``options``: bnjax's compiler options (else XLA's defaults)."""
-  jit = compiler.jit if options else jax.jit
-  if mesh is None:
-    return jit(fn, donate_argnums=donate)
-  return jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)),
-             donate_argnums=donate)
+def _distributed(fn, mesh: Mesh | None, donate=(), xla_defaults: bool = False):
+  """jit(fn) with every argument and result sharded along the model axis
+  (``xla_defaults``: as in :func:`bnjax.compiler.jit`)."""
+  if mesh is not None:
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
+  return compiler.jit(fn, donate_argnums=donate, xla_defaults=xla_defaults)
 
 
 def _place(tree, mesh):
@@ -128,12 +126,10 @@ def train_many(model: nn.Module, images, masks, config: _train.TrainConfig = _tr
   def one_eval(state, x, y):
     return _train.evaluate(model, config.loss, _train.variables_of(state), x, y, eval_bs)
 
-  # Several unrolled models in one CPU program train faster with XLA's
-  # default options (its library convolutions run single-threaded, the copies
-  # overlap), one model with bnjax's (BUILD_NOTES.md, "Compiler options").
   per_device = k_pad // (1 if mesh is None else mesh.size)
   step = _distributed(stacking.stacked(one_step, strategy), mesh, donate=(0,),
-                      options=per_device == 1 or stacking.resolve(strategy) != "unroll")
+                      xla_defaults=compiler.unrolled_stack(stacking.resolve(strategy),
+                                                           per_device))
   run_eval = _distributed(stacking.stacked(one_eval, strategy), mesh)
   batches_of = jax.jit(jax.vmap(_train.epoch_batches, in_axes=(0, None, None, None)),
                        static_argnums=(2, 3))

@@ -25,7 +25,7 @@ def test_compiled_with_options_equals_xla_defaults():
 
   grad = jax.value_and_grad(f)
   ours = compiler.jit(grad)(v["params"])
-  ref = jax.jit(grad)(v["params"])
+  ref = compiler.jit(grad, xla_defaults=True)(v["params"])
   for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
@@ -37,3 +37,9 @@ def test_jit_decorator_forms_and_static_args():
 
   np.testing.assert_allclose(power(jnp.arange(3.0), 3), [0.0, 1.0, 8.0])
   assert compiler.jit(lambda x: x + 1)(1.0) == 2.0
+
+
+def test_unrolled_stack_rule():
+  assert compiler.unrolled_stack("unroll", 2)
+  assert not compiler.unrolled_stack("unroll", 1)
+  assert not compiler.unrolled_stack("vmap", 8)

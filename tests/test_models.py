@@ -165,6 +165,12 @@ def test_batch_norm_relu_equals_flax_batchnorm_then_relu_with_gradients():
   for a, b in zip(loss(fused), loss(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert float(jnp.mean(fused(x, scale, bias)[0] == 0)) > 0.1  # the ReLU gates some
+  with pytest.raises(ValueError, match=r"scale and bias must have shape \(5,\)"):
+    models.batch_norm_relu(x, scale[:1], bias)
+  with pytest.raises(ValueError, match="epsilon must be > 0"):
+    models.batch_norm_relu(x, scale, bias, 0.0)
+  with pytest.raises(ValueError, match="x must be a float array"):
+    models.batch_norm_relu(jnp.ones((4, 5), jnp.int32), scale, bias)
 
 
 def test_fused_bn_train_step_equals_flax_bn_train_step():
