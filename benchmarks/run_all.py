@@ -5,7 +5,7 @@ r"""Every side-by-side benchmark in one table (CPU: under 15 minutes on 2 cores)
 
 Ratios are reference time / bnjax time, measured in this process with the
 calls alternating: > 1 means bnjax is faster. The references: PyTorch 2.13
-(train step; skipped if torch is absent), a per-image NumPy + PIL generator
+(train step, and its convolutions by part; skipped if torch is absent), a per-image NumPy + PIL generator
 and ``jax.random.normal`` (data), one eval forward pass (adaptation), SciPy
 ``sqrtm`` (Fréchet), POT (sliced W2; skipped if absent), and K single-model
 steps (the vectorised sweep).
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import adapt_cost  # noqa: E402
 import common  # noqa: E402
+import conv_parts  # noqa: E402
 import data_gen  # noqa: E402
 import frechet  # noqa: E402
 import sliced_wasserstein  # noqa: E402
@@ -31,6 +32,7 @@ import train_step  # noqa: E402
 
 BENCHMARKS = {
     "train_step": lambda: train_step.run(),
+    "conv_parts": lambda: conv_parts.run(),
     "data_gen": lambda: data_gen.run(),
     "adapt_cost": lambda: adapt_cost.run(),
     "frechet": lambda: frechet.run(reps=2),

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import adapt_cost  # noqa: E402
+import conv_parts  # noqa: E402
 import data_gen  # noqa: E402
 import frechet  # noqa: E402
 import sliced_wasserstein  # noqa: E402
@@ -33,6 +34,21 @@ def test_small_benchmarks_run(capsys):
 def test_train_step_benchmark_runs(capsys):
   rows = train_step.run("2x16x4", blocks=1, budget_s=0.01, torch_reference=False)
   assert rows == [] and "bnjax" in capsys.readouterr().out
+
+
+def test_conv_parts_layers_and_run(capsys):
+  # The 3x3 convolutions of UNet(features=4, depth=2) on 16x16 inputs, read
+  # off the model's own parameters: (side, in, out) in forward order.
+  import jax
+  from bnjax import models
+
+  variables = models.init(models.UNet(features=4, depth=2), jax.random.key(0), (16, 16, 1))
+  kernels = [variables["params"][name][f"conv{i}"]["kernel"].shape
+             for name in models.level_names(2) for i in range(2)]
+  sides = [16, 16, 8, 8, 4, 4, 8, 8, 16, 16]
+  assert conv_parts.layers(4, 16, depth=2) == [(s, k[2], k[3]) for s, k in zip(sides, kernels)]
+  assert conv_parts.run("2x16x2", reps=1, block_s=0.001, torch_reference=False) == []
+  assert "kernel grad" in capsys.readouterr().out
 
 
 def test_numpy_perlin_reference_matches_bnjax_statistics():
