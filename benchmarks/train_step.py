@@ -5,9 +5,11 @@ r"""One U-Net training step, bnjax vs PyTorch, side by side on this machine.
 
 Shapes (width, side, batch): (8, 32, 32), (16, 64, 16), (64, 64, 16) (the
 paper network). Each side runs forward + backward + Adam update on float32
-data, warmed up; blocks of steps alternate between bnjax and PyTorch, and the
-median step time of each is reported as images per second, with the ratio
-bnjax / PyTorch (> 1: bnjax is faster). bnjax's step is the one ``fit`` runs
+data, warmed up; blocks of steps (about 0.4 s, at least one step) alternate
+between bnjax and PyTorch for 15 rounds, and the median step time of each is
+reported as images per second, with the ratio bnjax / PyTorch (> 1: bnjax is
+faster) and the middle half of the per-round ratios (how noisy the machine
+was: on the 2-core CI machine it drifts 10-20 % from minute to minute). bnjax's step is the one ``fit`` runs
 (``bnjax.train.train_step``, jitted, state donated). The PyTorch reference
 (``benchmarks/torch_unet.py``) needs ``pip install torch==2.13.0``; without it
 the script says so and times bnjax alone.
@@ -70,8 +72,8 @@ def torch_step(width, side, batch):
 
 
 def time_blocks(fns, steps, blocks):
-  """Median seconds per step of each function: blocks of ``steps`` calls,
-  alternating between the functions."""
+  """Seconds per step of each function in each block: ``blocks`` rounds of
+  ``steps`` calls per function, the functions alternating."""
   out = [[] for _ in fns]
   for _ in range(blocks):
     for fn, times in zip(fns, out):
@@ -79,10 +81,10 @@ def time_blocks(fns, steps, blocks):
       for _ in range(steps):
         jax.block_until_ready(fn())
       times.append((time.perf_counter() - t0) / steps)
-  return [float(np.median(t)) for t in out]
+  return [np.asarray(t) for t in out]
 
 
-def run(shapes: str = SHAPES, blocks: int = 5, budget_s: float = 2.0,
+def run(shapes: str = SHAPES, blocks: int = 15, block_s: float = 0.4,
         torch_reference: bool = True, **bnjax_options) -> list[dict]:
   """One row per shape; ``bnjax_options`` go to :func:`bnjax_step` (lowerings,
   ``xla_defaults``)."""
@@ -106,13 +108,18 @@ def run(shapes: str = SHAPES, blocks: int = 5, budget_s: float = 2.0,
     t_compile = time.perf_counter()
     jax.block_until_ready(fns[0]())
     t_compile = time.perf_counter() - t_compile
-    once = [time_blocks([f], 1, 2)[0] for f in fns]  # warm-up and a size estimate
-    steps = max(1, int(budget_s / max(once) / blocks))
-    times = time_blocks(fns, steps, blocks)
+    once = [float(time_blocks([f], 1, 2)[0].min()) for f in fns]  # warm-up, size estimate
+    steps = max(1, int(block_s / max(once)))
+    per_block = time_blocks(fns, steps, blocks)
+    times = [float(np.median(t)) for t in per_block]
     case = f"width {width}, {side}x{side}, batch {batch}"
     msg = f"{case}: bnjax {batch / times[0]:.1f} img/s ({1e3 * times[0]:.1f} ms/step, compile {t_compile:.1f} s)"
     if have_torch:
-      msg += f", PyTorch {batch / times[1]:.1f} img/s ({1e3 * times[1]:.1f} ms/step): {times[1] / times[0]:.2f}x"
+      # The spread of the per-round ratios shows how noisy this machine was.
+      q1, q3 = np.percentile(per_block[1] / per_block[0], [25, 75])
+      msg += (f", PyTorch {batch / times[1]:.1f} img/s ({1e3 * times[1]:.1f} ms/step): "
+              f"{times[1] / times[0]:.2f}x (per-round ratios, middle half: {q1:.2f}-{q3:.2f}; "
+              f"{blocks} rounds of {steps} step(s))")
       rows.append(row("train_step", case, times[0], times[1], "PyTorch 2.13 CPU", ">= 1x (small shapes)"))
     print(msg, flush=True)
   return rows
@@ -121,16 +128,17 @@ def run(shapes: str = SHAPES, blocks: int = 5, budget_s: float = 2.0,
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default=SHAPES)
-  p.add_argument("--blocks", type=int, default=5)
+  p.add_argument("--blocks", type=int, default=15, help="Rounds of alternating blocks.")
   p.add_argument("--conv_impl", default="auto", choices=models.CONV_IMPLS)
   p.add_argument("--up_impl", default="matmul", choices=models.CONV_IMPLS)
   p.add_argument("--bn_impl", default="fused", choices=models.BN_IMPLS)
   p.add_argument("--xla_defaults", action="store_true",
                  help="Compile with XLA's default options instead of bnjax.compiler's.")
-  p.add_argument("--budget_s", type=float, default=2.0, help="Seconds per block, roughly.")
+  p.add_argument("--block_s", type=float, default=0.4,
+                 help="Seconds per block, roughly (at least one step).")
   p.add_argument("--no_torch", action="store_true", help="Time bnjax alone.")
   a = p.parse_args()
-  rows = run(a.shapes, a.blocks, a.budget_s, not a.no_torch, conv_impl=a.conv_impl,
+  rows = run(a.shapes, a.blocks, a.block_s, not a.no_torch, conv_impl=a.conv_impl,
              up_impl=a.up_impl, bn_impl=a.bn_impl, xla_defaults=a.xla_defaults)
   if rows:
     print_table(rows)

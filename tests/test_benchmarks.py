@@ -32,7 +32,7 @@ def test_small_benchmarks_run(capsys):
 
 
 def test_train_step_benchmark_runs(capsys):
-  rows = train_step.run("2x16x4", blocks=1, budget_s=0.01, torch_reference=False)
+  rows = train_step.run("2x16x4", blocks=1, block_s=0.01, torch_reference=False)
   assert rows == [] and "bnjax" in capsys.readouterr().out
 
 
