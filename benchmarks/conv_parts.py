@@ -91,7 +91,13 @@ def _per_call(fns, block_s, reps):
 def run(shape: str = "16x64x16", reps: int = 5, block_s: float = 0.1,
         torch_reference: bool = True, verbose: bool = True) -> list[dict]:
   """Rows per part (sums over the layers); per-layer times printed."""
-  width, side, batch = (int(v) for v in shape.split("x"))
+  try:
+    width, side, batch = (int(v) for v in shape.split("x"))
+  except ValueError:
+    raise ValueError(f"shape must be WIDTHxSIDExBATCH, e.g. 16x64x16, got {shape!r}") from None
+  if min(width, side, batch) < 1 or side % 16:
+    raise ValueError(f"shape {shape!r}: width, side and batch must be >= 1 and side a "
+                     "multiple of 16 (four 2x2 poolings)")
   try:
     if not torch_reference:
       raise ImportError

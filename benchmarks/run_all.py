@@ -5,10 +5,10 @@ r"""Every side-by-side benchmark in one table (CPU: under 15 minutes on 2 cores)
 
 Ratios are reference time / bnjax time, measured in this process with the
 calls alternating: > 1 means bnjax is faster. The references: PyTorch 2.13
-(train step, and its convolutions by part; skipped if torch is absent), a per-image NumPy + PIL generator
-and ``jax.random.normal`` (data), one eval forward pass (adaptation), SciPy
-``sqrtm`` (Fréchet), POT (sliced W2; skipped if absent), and K single-model
-steps (the vectorised sweep).
+(train step, and its convolutions by part; skipped if torch is absent), a
+per-image NumPy + PIL generator and ``jax.random.normal`` (data), one eval
+forward pass (adaptation), SciPy ``sqrtm`` (Fréchet), POT (sliced W2;
+skipped if absent), and K single-model steps (the vectorised sweep).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ data, warmed up; blocks of steps (about 0.4 s, at least one step) alternate
 between bnjax and PyTorch for 15 rounds, and the median step time of each is
 reported as images per second, with the ratio bnjax / PyTorch (> 1: bnjax is
 faster) and the middle half of the per-round ratios (how noisy the machine
-was: on the 2-core CI machine it drifts 10-20 % from minute to minute). bnjax's step is the one ``fit`` runs
-(``bnjax.train.train_step``, jitted, state donated). The PyTorch reference
+was; a 2-core cloud machine drifts 10-20 % from minute to minute). bnjax's
+step is the one ``fit`` runs (``bnjax.train.train_step``, jitted, state
+donated). The PyTorch reference
 (``benchmarks/torch_unet.py``) needs ``pip install torch==2.13.0``; without it
 the script says so and times bnjax alone.
 """

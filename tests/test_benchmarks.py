@@ -49,6 +49,9 @@ def test_conv_parts_layers_and_run(capsys):
   assert conv_parts.layers(4, 16, depth=2) == [(s, k[2], k[3]) for s, k in zip(sides, kernels)]
   assert conv_parts.run("2x16x2", reps=1, block_s=0.001, torch_reference=False) == []
   assert "kernel grad" in capsys.readouterr().out
+  for bad in ("16x64", "16x60x16", "0x64x16"):
+    with pytest.raises(ValueError, match="shape"):
+      conv_parts.run(bad, torch_reference=False)
 
 
 def test_numpy_perlin_reference_matches_bnjax_statistics():
