@@ -27,6 +27,23 @@ def side_by_side(fns, reps: int = 5) -> list[float]:
   return [float(np.median(t)) for t in times]
 
 
+def per_call_blocks(fns, calls, rounds: int) -> list[np.ndarray]:
+  """Seconds per call of each zero-argument callable in each of ``rounds``
+  rounds, where a round runs a block of ``calls`` calls (one count for all, or
+  one per callable) of each callable in turn. Long blocks keep one
+  framework's worker threads, still spinning after its block, off all but
+  the first call of the next."""
+  calls = [calls] * len(fns) if isinstance(calls, int) else list(calls)
+  out = [[] for _ in fns]
+  for _ in range(rounds):
+    for fn, k, times in zip(fns, calls, out):
+      t0 = time.perf_counter()
+      for _ in range(k):
+        jax.block_until_ready(fn())
+      times.append((time.perf_counter() - t0) / k)
+  return [np.asarray(t) for t in out]
+
+
 def row(benchmark: str, case: str, ours_s: float, ref_s: float, reference: str, goal: str = "") -> dict:
   """One result: ``ratio`` = reference time / bnjax time (> 1: bnjax is faster)."""
   return {"benchmark": benchmark, "case": case, "bnjax_s": ours_s, "reference": reference,

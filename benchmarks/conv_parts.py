@@ -11,8 +11,8 @@ compiles its steps (``bnjax.compiler``, ``models.Conv`` with the model's
 lowering), against PyTorch's ``conv2d``, ``grad.conv2d_input`` and
 ``grad.conv2d_weight`` on the same shapes (NCHW, its default). The first
 layer's input gradient is skipped: neither framework computes it in training.
-Calls alternate (``common.side_by_side``). Rows: the sums over the layers,
-ratio = PyTorch time / bnjax time.
+Calls alternate in blocks of about 0.1 s (``common.per_call_blocks``).
+Rows: the sums over the layers, ratio = PyTorch time / bnjax time.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 from bnjax import compiler, models
 
 try:
-  from benchmarks.common import print_table, row, side_by_side
+  from benchmarks.common import per_call_blocks, print_table, row
 except ImportError:  # run as a script
-  from common import print_table, row, side_by_side
+  from common import per_call_blocks, print_table, row
 
 PARTS = ("forward", "input grad", "kernel grad")
 
@@ -52,9 +52,7 @@ def bnjax_parts(side, cin, cout, batch, impl="auto"):
   g = jax.random.normal(jax.random.key(1), (batch, side, side, cout))
   params = conv.init(jax.random.key(2), x)
 
-  def apply(p, x):
-    return conv.apply(p, x)
-
+  apply = conv.apply
   fwd = compiler.jit(apply)
   dx = compiler.jit(lambda p, x, g: jax.vjp(lambda x: apply(p, x), x)[1](g)[0])
   dw = compiler.jit(lambda p, x, g: jax.vjp(lambda p: apply(p, x), p)[1](g)[0])
@@ -75,17 +73,10 @@ def torch_parts(side, cin, cout, batch):
 
 def _per_call(fns, block_s, reps):
   """Median seconds per call of each function, timed in blocks of about
-  ``block_s`` seconds that alternate between the functions (so that one
-  framework's worker threads, still spinning after its last call, do not
-  land on a single call of the other)."""
-  n = []
-  for fn in fns:
-    for _ in range(2):  # compile, warm up
-      jax.block_until_ready(fn())
-    t = side_by_side([fn], 3)[0]
-    n.append(max(1, int(block_s / max(t, 1e-6))))
-  blocks = [lambda fn=fn, k=k: [fn() for _ in range(k)][-1] for fn, k in zip(fns, n)]
-  return [t / k for t, k in zip(side_by_side(blocks, reps), n)]
+  ``block_s`` seconds that alternate between the functions."""
+  once = [float(per_call_blocks([fn], 1, 3)[0].min()) for fn in fns]  # compile, warm up
+  calls = [max(1, int(block_s / max(t, 1e-6))) for t in once]
+  return [float(np.median(t)) for t in per_call_blocks(fns, calls, reps)]
 
 
 def run(shape: str = "16x64x16", reps: int = 5, block_s: float = 0.1,

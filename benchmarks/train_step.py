@@ -28,9 +28,9 @@ import numpy as np
 from bnjax import compiler, models, train
 
 try:
-  from benchmarks.common import print_table, row
+  from benchmarks.common import per_call_blocks, print_table, row
 except ImportError:  # run as a script
-  from common import print_table, row
+  from common import per_call_blocks, print_table, row
 
 SHAPES = "8x32x32,16x64x16,64x64x16"
 
@@ -72,19 +72,6 @@ def torch_step(width, side, batch):
   return run
 
 
-def time_blocks(fns, steps, blocks):
-  """Seconds per step of each function in each block: ``blocks`` rounds of
-  ``steps`` calls per function, the functions alternating."""
-  out = [[] for _ in fns]
-  for _ in range(blocks):
-    for fn, times in zip(fns, out):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        jax.block_until_ready(fn())
-      times.append((time.perf_counter() - t0) / steps)
-  return [np.asarray(t) for t in out]
-
-
 def run(shapes: str = SHAPES, blocks: int = 15, block_s: float = 0.4,
         torch_reference: bool = True, **bnjax_options) -> list[dict]:
   """One row per shape; ``bnjax_options`` go to :func:`bnjax_step` (lowerings,
@@ -109,9 +96,9 @@ def run(shapes: str = SHAPES, blocks: int = 15, block_s: float = 0.4,
     t_compile = time.perf_counter()
     jax.block_until_ready(fns[0]())
     t_compile = time.perf_counter() - t_compile
-    once = [float(time_blocks([f], 1, 2)[0].min()) for f in fns]  # warm-up, size estimate
+    once = [float(per_call_blocks([f], 1, 2)[0].min()) for f in fns]  # warm-up, size estimate
     steps = max(1, int(block_s / max(once)))
-    per_block = time_blocks(fns, steps, blocks)
+    per_block = per_call_blocks(fns, steps, blocks)
     times = [float(np.median(t)) for t in per_block]
     case = f"width {width}, {side}x{side}, batch {batch}"
     msg = f"{case}: bnjax {batch / times[0]:.1f} img/s ({1e3 * times[0]:.1f} ms/step, compile {t_compile:.1f} s)"
