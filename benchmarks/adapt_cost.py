@@ -1,18 +1,23 @@
 r"""Cost of BN adaptation relative to one eval-mode forward pass over the same images.
 
     python benchmarks/adapt_cost.py              # width 8, 64x64, 256 target images
+    git show REV:bnjax/adapt.py > /tmp/adapt_rev.py
+    python benchmarks/adapt_cost.py --compare_with=/tmp/adapt_rev.py   # two versions side by side
 
 Times, side by side: one jitted eval-mode forward pass over the target set
 (in one batch), and ``bnjax.adapt.recompute_batch_stats`` with
 ``"exact"`` (one chunk: a single pass; and in chunks of n/4, which needs a
 pass per BN layer in the worst case), ``"train_pass"`` (batch 32) and
 ``"ema"`` (batch 1, momentum 0.1: the original protocol). Ratios are
-adaptation time / forward time (lower is cheaper).
+adaptation time / forward time (lower is cheaper). ``--compare_with`` loads
+another version of ``bnjax/adapt.py`` from a file and times its calls
+alternating with this version's (ratio = other / this: > 1, this one faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import jax
 
@@ -24,7 +29,15 @@ except ImportError:  # run as a script
   from common import print_table, row, side_by_side
 
 
-def run(width: int = 8, size: int = 64, n: int = 256, reps: int = 3) -> list[dict]:
+def _load(path: str):
+  spec = importlib.util.spec_from_file_location("bnjax._adapt_compared", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run(width: int = 8, size: int = 64, n: int = 256, reps: int = 3,
+        compare_with: str | None = None) -> list[dict]:
   model = models.UNet(features=width)
   v = models.init(model, jax.random.key(0), (size, size, 1))
   x = jax.random.uniform(jax.random.key(1), (n, size, size, 1))
@@ -35,16 +48,24 @@ def run(width: int = 8, size: int = 64, n: int = 256, reps: int = 3) -> list[dic
       "train_pass (batch 32)": dict(mode="train_pass", batch_size=32),
       "ema (batch 1)": dict(mode="ema", batch_size=1),
   }
+  versions = [adapt] + ([_load(compare_with)] if compare_with else [])
   fns = [lambda: forward(v, x)] + [
-      (lambda o=o: adapt.recompute_batch_stats(model, v, x, **o)["batch_stats"]) for o in modes.values()]
+      (lambda o=o, m=m: m.recompute_batch_stats(model, v, x, **o)["batch_stats"])
+      for o in modes.values() for m in versions]
   for f in fns:
     jax.block_until_ready(f())
   times = side_by_side(fns, reps)
   print(f"eval forward over {n} images (width {width}, {size}x{size}): {times[0]:.3f} s")
   out = []
-  for (name, _), t in zip(modes.items(), times[1:]):
+  k = len(versions)
+  for i, name in enumerate(modes):
+    t = times[1 + k * i]
     print(f"  {name}: {t:.3f} s = {t / times[0]:.2f} forward passes")
     out.append(row("adapt", f"{name}, {n} img", t, times[0], "1 eval forward", "ratio = forward / adapt"))
+    if compare_with:
+      other = times[2 + k * i]
+      print(f"    {compare_with}: {other:.3f} s ({other / t:.2f}x this version's time)")
+      out.append(row("adapt", f"{name} vs other", t, other, "--compare_with", "ratio >= 1"))
   return out
 
 
@@ -54,8 +75,10 @@ def main():
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--n", type=int, default=256)
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--compare_with", default=None,
+                 help="a file holding another version of bnjax/adapt.py, timed side by side")
   a = p.parse_args()
-  print_table(run(a.width, a.size, a.n, a.reps))
+  print_table(run(a.width, a.size, a.n, a.reps, a.compare_with))
 
 
 if __name__ == "__main__":

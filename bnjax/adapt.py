@@ -1,26 +1,38 @@
 """Batch-Norm adaptation ("AdaBN", Li et al. 2016, arXiv:1603.04779): keep every
 weight of a trained model and recompute the statistics of its BatchNorm layers
-on unlabelled target images.
+on unlabelled target inputs.
 
-:func:`recompute_batch_stats` is a pure function ``variables -> variables``
-that works on any linen model whose normalisation layers are ``nn.BatchNorm``:
-it intercepts every BatchNorm call (``flax.linen.intercept_methods``) to read
-the layer's input and, where needed, to normalise it with statistics of its
-own choosing. The model is always run as ``model.apply(variables, x,
-**apply_kwargs)`` with ``apply_kwargs={"train": False}`` by default, so
-dropout and other train-time behaviour stay off.
+:func:`recompute_batch_stats` is a pure function ``variables -> variables`` for
+any Flax linen model, and :func:`recompute_batch_stats_nnx` its counterpart for
+Flax NNX modules. A BatchNorm layer is any module that owns ``batch_stats``
+variables ``mean`` and ``var`` (NNX: ``nnx.BatchStat`` attributes ``mean`` and
+``var``): ``nn.BatchNorm``, its subclasses and forks with that layout
+(``is_batch_norm=`` overrides the test). bnjax never re-implements the layer's
+arithmetic. It intercepts each call, computes the moments of the layer's
+input (honouring ``mask=``, any ``axis`` and any rank), puts the statistics a
+mode needs into the layer's ``mean``/``var`` and lets the layer normalise
+itself in eval mode, so custom epsilons, dtypes and forks behave as their
+authors wrote them, and lifted transforms (``nn.remat``, ``nn.scan``) work
+because the moments travel through the ``batch_stats`` collection, not Python
+state. A layer that nevertheless updates its statistics (it ran in train
+mode) is an error.
 
-Modes (``n`` target images):
+The model runs as ``model.apply(variables, *inputs, **apply_kwargs)``;
+``apply_kwargs`` defaults to ``{"train": False}`` when the model's
+``__call__`` has a ``train`` parameter and to ``{}`` otherwise.
+
+Modes (``n`` target examples):
 
 ``"exact"``
   Self-consistent population statistics: every layer's stored mean and biased
-  variance are those of its input over all ``n`` images when the model runs in
-  eval mode with the adapted statistics. When the images fit in one chunk
-  (``batch_size >= n``) this takes one forward pass (each layer normalises with
-  the whole-set moments of its input, which are then stored). Otherwise the
-  moments are accumulated over chunks and the passes are repeated, every pass
-  using the previous pass's statistics, until nothing changes: a layer whose
-  upstream BatchNorm chain is ``d`` layers long is exact after ``d + 1`` passes.
+  variance are those of its input over all ``n`` examples when the model runs
+  in eval mode with the adapted statistics. When the inputs fit in one chunk
+  (``batch_size >= n``) this takes one forward pass (each layer normalises
+  with the whole-set moments of its input, which are then stored). Otherwise
+  the moments are accumulated over chunks and the passes are repeated, every
+  pass using the previous pass's statistics, until nothing changes: a layer
+  whose upstream BatchNorm chain is ``d`` layers long is exact after ``d + 1``
+  passes.
 ``"train_pass"``
   One pass in train mode (each mini-batch normalised with its own moments)
   over mini-batches of ``batch_size``; per-batch moments are combined exactly
@@ -41,152 +53,80 @@ Options: ``alpha`` mixes ``alpha * target + (1 - alpha) * source``;
 downstream (the fixed point includes the mixing); in ``"train_pass"`` and
 ``"ema"`` the selected layers run in train mode and the others in eval mode,
 and the mixing is applied to the result.
+
+Under ``jax.jit`` every mode traces; input checks that need values (NaN) are
+skipped, and chunked ``"exact"`` runs its worst-case number of passes.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
+import math
 import re
-from typing import Any, Callable, Iterable
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from flax.linen import dtypes as flax_dtypes
 
+from bnjax import _modules as _m
 from bnjax import compiler
-from bnjax import data as _data
 from bnjax import stacking
 
-MODES = ("exact", "train_pass", "ema")
-STATS = ("mean", "var", "both")
+__all__ = ["recompute_batch_stats", "recompute_batch_stats_nnx",
+           "recompute_batch_stats_stacked", "batch_stats_paths", "layer_stats",
+           "MODES", "STATS"]
+
+Mode = Literal["exact", "train_pass", "ema"]
+Stats = Literal["mean", "var", "both"]
+MODES: tuple[str, ...] = ("exact", "train_pass", "ema")
+STATS: tuple[str, ...] = ("mean", "var", "both")
 DEFAULT_BATCH_SIZE = {"exact": 256, "train_pass": 32, "ema": 1}
 
-Path = tuple[str, ...]
+# Where a pass leaves each layer's input moments: extra batch_stats variables
+# beside the layer's mean/var, so lifted transforms carry them like the stats.
+_RECORD = ("bnjax_mean", "bnjax_var", "bnjax_count")
 
 
 # --------------------------------------------------------------------------
-# Reading and normalising inside BatchNorm calls
+# One BatchNorm call: moments of the input, statistics put, the layer's own call
 
 
-def _axes(module: nn.BatchNorm, ndim: int):
-  axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-  features = tuple(sorted({a % ndim for a in axis}))
-  return features, tuple(i for i in range(ndim) if i not in features)
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+  """What the layers of one forward pass normalise with.
 
-
-def _moments(x: jax.Array, reduction) -> tuple[jax.Array, jax.Array]:
-  """Mean and biased variance (two-pass, float32) over ``reduction`` axes."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=reduction)
-  var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, reduction)), axis=reduction)
-  return mean, var
-
-
-def _normalize(module: nn.BatchNorm, x, mean, var, reduction):
-  """What ``nn.BatchNorm`` computes with the given statistics (same op order)."""
-  mean = jnp.expand_dims(mean, reduction)
-  var = jnp.expand_dims(var, reduction)
-  shape = mean.shape
-  y = x - mean
-  mul = jax.lax.rsqrt(var + module.epsilon)
-  args = [x]
-  if module.use_scale:
-    scale = module.get_variable("params", "scale").reshape(shape)
-    mul = mul * scale
-    args.append(scale)
-  y = y * mul
-  if module.use_bias:
-    bias = module.get_variable("params", "bias").reshape(shape)
-    y = y + bias
-    args.append(bias)
-  return jnp.asarray(y, flax_dtypes.canonicalize_dtype(*args, dtype=module.dtype))
-
-
-def _run(model, apply_kwargs, variables, x, choose: Callable):
-  """Forward pass recording ``{path: (mean, var)}`` of every BatchNorm input.
-
-  ``choose(path, mean, var, module)`` returns the (mean, var) that layer normalises
-  with, or None to let the layer use its stored statistics.
+  ``"record"``: their stored statistics; ``"choose"``: selected layers their
+  input moments mixed with their stored statistics; ``"batch"``: selected
+  layers their input moments (train mode). Every layer records its input moments.
   """
-  records: dict[Path, tuple] = {}
 
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    path = tuple(module.scope.path)
-    if path in records:
-      raise ValueError(
-          f"BatchNorm layer {'/'.join(path)} is called more than once per forward "
-          "pass; shared BatchNorm layers cannot be adapted")
-    x_in = args[0] if args else kwargs["x"]
-    _, reduction = _axes(module, x_in.ndim)
-    mean, var = _moments(x_in, reduction)
-    records[path] = (mean, var)
-    stats = choose(path, mean, var, module)
-    if stats is None:
-      return next_fun(*args, **kwargs)
-    return _normalize(module, x_in, *stats, reduction)
-
-  with nn.intercept_methods(interceptor):
-    model.apply(variables, x, **apply_kwargs)
-  return records
+  kind: str
+  selected: frozenset
+  alpha: float = 1.0
+  stats: str = "both"
 
 
-def _count_per_channel(model, apply_kwargs, variables, x_shape) -> dict[Path, int]:
-  """Samples per channel each BatchNorm layer sees for an input of ``x_shape``."""
-  counts = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
-      x_in = args[0] if args else kwargs["x"]
-      _, reduction = _axes(module, x_in.ndim)
-      counts[tuple(module.scope.path)] = int(np.prod([x_in.shape[i] for i in reduction]))
-    return next_fun(*args, **kwargs)
-
-  def f(v, x):
-    with nn.intercept_methods(interceptor):
-      return model.apply(v, x, **apply_kwargs)
-
-  jax.eval_shape(f, variables, jax.ShapeDtypeStruct(x_shape, jnp.float32))
-  return counts
-
-
-# --------------------------------------------------------------------------
-# Statistics as flat {path: (mean, var)} dicts; arrays carry a leading pair axis
-
-
-def _flat_stats(batch_stats) -> dict[Path, tuple[np.ndarray, np.ndarray]]:
-  flat = traverse_util.flatten_dict(jax.device_get(batch_stats))
-  paths = sorted({k[:-1] for k in flat if k[-1] in ("mean", "var")})
-  return {p: (np.asarray(flat[p + ("mean",)], np.float64),
-              np.asarray(flat[p + ("var",)], np.float64)) for p in paths}
-
-
-def _nest_stats(template, flat: dict[Path, tuple]) -> Any:
-  """``template`` (a batch_stats tree) with the given layers' mean/var replaced."""
-  out = traverse_util.flatten_dict(template)
-  for path, (mean, var) in flat.items():
-    for name, value in (("mean", mean), ("var", var)):
-      old = out[path + (name,)]
-      out[path + (name,)] = jnp.asarray(value, old.dtype)
-  return traverse_util.unflatten_dict(out)
-
-
-def _combine(counts, means, variances):
-  """Whole-set mean and biased variance from per-part ones along axis 0
-  (law of total variance); ``counts`` has one entry per part."""
-  means = np.asarray(means, np.float64)
-  variances = np.asarray(variances, np.float64)
-  counts = np.asarray(counts, np.float64).reshape(-1, *[1] * (means.ndim - 1))
-  total = counts.sum()
-  mean = (counts * means).sum(0) / total
-  var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
-  return mean, var
+def _moments(x, reduction, mask):
+  """Mean, biased variance (two-pass, at least float32) and count of the
+  values over ``reduction`` axes, only where ``mask`` (broadcast to ``x``)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  if mask is None:
+    count = math.prod(x.shape[i] for i in reduction)
+    mean = jnp.mean(x, axis=reduction)
+    var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, reduction)), axis=reduction)
+    return mean, var, jnp.full(mean.shape, count, jnp.int32)
+  w = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+  count = jnp.sum(w, axis=reduction, dtype=jnp.int32)
+  mean = jnp.sum(jnp.where(w, x, 0), axis=reduction) / count
+  dev = jnp.where(w, jnp.square(x - jnp.expand_dims(mean, reduction)), 0)
+  return mean, jnp.sum(dev, axis=reduction) / count, count
 
 
 def _mix(mean, var, src_mean, src_var, alpha: float, stats: str):
@@ -196,8 +136,167 @@ def _mix(mean, var, src_mean, src_var, alpha: float, stats: str):
   return mean, var
 
 
+def _adapting_call(layer, module, fn, args, kwargs, policy: _Policy):
+  """Calls BatchNorm ``module`` through ``fn(*args, **kwargs)`` with the
+  statistics ``policy`` asks for and records its input moments (``layer``
+  reads and writes the module's variables, linen or NNX)."""
+  x, mask = _m.first_argument(fn, args, kwargs, "mask")
+  src_mean, src_var = layer.stored()
+  _, reduction = _m.feature_axes(module, x.ndim)
+  mean, var, count = _moments(x, reduction, mask)
+  if mean.shape != src_mean.shape:
+    raise ValueError(
+        f"BatchNorm layer {layer.name}: the moments of its input {x.shape} over the "
+        f"non-feature axes {reduction} have shape {mean.shape}, but its stored mean has "
+        f"shape {src_mean.shape}; a layer without an 'axis' attribute is read as "
+        "normalising over all axes but the last")
+  if layer.recorded():
+    raise ValueError(
+        f"BatchNorm layer {layer.name} is called more than once per forward pass; "
+        "shared BatchNorm layers cannot be adapted")
+  chosen = layer.name in policy.selected
+  if chosen and policy.kind == "choose":
+    use = _mix(mean, var, src_mean, src_var, policy.alpha, policy.stats)
+  elif chosen and policy.kind == "batch":
+    use = (mean, var)
+  else:
+    use = (src_mean, src_var)
+  layer.put(jnp.asarray(use[0], src_mean.dtype), jnp.asarray(use[1], src_var.dtype))
+  out = fn(*args, **kwargs)
+  if layer.updated():
+    raise ValueError(
+        f"BatchNorm layer {layer.name} updated its statistics: it ran in train mode. "
+        "Adaptation runs the model in eval mode: pass the flag that selects it in "
+        "apply_kwargs (e.g. {'train': False}), or build the model in eval mode")
+  layer.record(mean, var, count)
+  return out
+
+
 # --------------------------------------------------------------------------
-# Option handling
+# Linen: an interceptor over every BatchNorm call
+
+
+class _LinenLayer:
+  def __init__(self, module):
+    self.module = module
+    self.name = "/".join(module.scope.path)
+    self._put = None
+
+  def stored(self):
+    return (self.module.get_variable("batch_stats", "mean"),
+            self.module.get_variable("batch_stats", "var"))
+
+  def put(self, mean, var):
+    self.module.put_variable("batch_stats", "mean", mean)
+    self.module.put_variable("batch_stats", "var", var)
+    self._put = self.stored()
+
+  def updated(self) -> bool:
+    return any(a is not b for a, b in zip(self.stored(), self._put))
+
+  def record(self, mean, var, count):
+    for name, value in zip(_RECORD, (mean, var, count)):
+      self.module.put_variable("batch_stats", name, value)
+
+  def recorded(self) -> bool:
+    return self.module.has_variable("batch_stats", _RECORD[0])
+
+
+def _linen_interceptor(policy: _Policy, is_batch_norm):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or getattr(module, "scope", None) is None:
+      return next_fun(*args, **kwargs)
+    owns = _m.owns_stats(module)
+    if is_batch_norm is not None:
+      if not is_batch_norm(module):
+        return next_fun(*args, **kwargs)
+      if not owns:
+        raise ValueError(
+            f"is_batch_norm accepted {type(module).__name__} at "
+            f"{'/'.join(module.scope.path)}, which owns no batch_stats 'mean' and 'var'")
+    elif not owns:
+      return next_fun(*args, **kwargs)
+    return _adapting_call(_LinenLayer(module), module, next_fun, args, kwargs, policy)
+  return interceptor
+
+
+def _records(tree) -> dict[str, tuple]:
+  """``{layer name: (mean, var, count)}`` of the records left in a stats tree."""
+  flat = traverse_util.flatten_dict(tree) if tree else {}
+  return {"/".join(map(str, k[:-1])): tuple(flat[k[:-1] + (r,)] for r in _RECORD)
+          for k in flat if k[-1] == _RECORD[0]}
+
+
+def _linen_runner(model, kind: str, policy: _Policy, kw: _m.Kwargs, is_batch_norm, strategy):
+  """The jitted stacked forward pass of ``kind`` (``"record"``, ``"choose"``,
+  ``"batch"``: mapped over mini-batches), cached across calls."""
+  def build():
+    interceptor = _linen_interceptor(policy, is_batch_norm)
+
+    def one(variables, inputs, arrays):
+      with nn.intercept_methods(interceptor):
+        _, state = model.apply(variables, *inputs, mutable=["batch_stats"], **kw.join(arrays))
+      return _records(state["batch_stats"])
+
+    fn = one if kind != "batch" else (
+        lambda v, x, a: jax.vmap(lambda xb: one(v, xb, a))(x))
+    return compiler.jit(stacking.stacked(fn, strategy, in_axes=(0, 0, None)))
+
+  return _m.cached(model, ("linen", kind, policy, kw.key(), is_batch_norm, strategy), build)
+
+
+# --------------------------------------------------------------------------
+# Statistics as flat {name: (mean, var)} dicts; arrays carry a leading pair axis
+
+
+def layer_stats(batch_stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a ``batch_stats``
+  collection, as float64 NumPy arrays."""
+  flat = traverse_util.flatten_dict(jax.device_get(batch_stats)) if batch_stats else {}
+  return {name: (np.asarray(flat[p + ("mean",)], np.float64),
+                 np.asarray(flat[p + ("var",)], np.float64))
+          for name, p in _m.stats_paths(batch_stats).items()}
+
+
+def _nest_stats(template, paths, flat: dict[str, tuple]) -> Any:
+  """``template`` (a batch_stats tree) with the given layers' mean/var replaced."""
+  out = traverse_util.flatten_dict(template)
+  for name, (mean, var) in flat.items():
+    for leaf, value in (("mean", mean), ("var", var)):
+      old = out[paths[name] + (leaf,)]
+      out[paths[name] + (leaf,)] = jnp.asarray(value, old.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def _combine(counts, means, variances, xp):
+  """Whole-set mean and biased variance from per-part ones along axis 0
+  (law of total variance); parts with no values are skipped."""
+  dt = np.float64 if xp is np else jnp.float32
+  c, m, v = (xp.asarray(a, dt) for a in (counts, means, variances))
+  total = c.sum(0)
+  has = c > 0
+  mean = xp.where(has, c * m, 0).sum(0) / total
+  var = xp.where(has, c * (v + (m - mean) ** 2), 0).sum(0) / total
+  return mean, var
+
+
+def _ema(src_mean, src_var, counts, means, variances, momentum: float, xp):
+  """PyTorch's running averages after the batches along axis 1 (in order):
+  closed form of ``r = (1 - m) r + m b`` with unbiased batch variances."""
+  dt = np.float64 if xp is np else jnp.float32
+  c, m, v = (xp.asarray(a, dt) for a in (counts, means, variances))
+  steps = m.shape[1]
+  w = momentum * (1 - momentum) ** xp.arange(steps - 1, -1, -1, dtype=dt)
+  w = w.reshape(1, steps, *[1] * (m.ndim - 2))
+  keep = (1 - momentum) ** steps
+  mean = keep * xp.asarray(src_mean, dt) + (w * m).sum(1)
+  var = keep * xp.asarray(src_var, dt) + (w * v * c / (c - 1)).sum(1)
+  return mean, var
+
+
+# --------------------------------------------------------------------------
+# Option and input handling
 
 
 def _selector(layers) -> Callable[[str], bool]:
@@ -228,15 +327,45 @@ def _check_options(mode, batch_size, momentum, alpha, stats):
     raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
 
 
-def _check_variables(variables):
-  if not isinstance(variables, dict) or "params" not in variables:
-    raise ValueError("variables must be a dict with a 'params' collection")
-  if "batch_stats" not in variables or not variables["batch_stats"]:
-    raise ValueError("variables have no 'batch_stats': the model has no BatchNorm layer")
+def _no_layer_error(model, variables, inputs, kwargs):
+  """The ValueError for variables without BatchNorm statistics: either the
+  model has no BatchNorm layer or its ``batch_stats`` were left out."""
+  if not isinstance(variables, Mapping):
+    return ValueError(f"variables must be a dict of collections, got {type(variables).__name__}")
+  try:
+    rngs = {"params": jax.random.key(0), **dict(kwargs.get("rngs", {}))}
+    call = {k: v for k, v in kwargs.items() if k != "rngs"}
+    example = tuple(a[:1] for a in inputs)
+    shapes = jax.eval_shape(lambda: model.init(rngs, *example, **call))
+    has_bn = bool(_m.stats_paths(shapes.get("batch_stats")))
+  except Exception:  # the model cannot be initialised this way: say both
+    return ValueError(
+        "variables have no 'batch_stats' with BatchNorm 'mean'/'var': the model has no "
+        "BatchNorm layer, or the variables lack their 'batch_stats' collection")
+  if has_bn:
+    return ValueError(
+        f"variables have no BatchNorm statistics (collections: {sorted(variables)}), but "
+        "the model has BatchNorm layers: pass the whole variables dict "
+        "{'params': ..., 'batch_stats': ...}, not the params alone")
+  return ValueError("the model has no BatchNorm layer (no 'batch_stats' with 'mean' and 'var')")
 
 
 # --------------------------------------------------------------------------
-# The modes, on a stack of P (model, image set) pairs
+# The modes, on P (model, input set) pairs, for linen or NNX
+
+
+@dataclasses.dataclass
+class _Target:
+  """What the modes need of a model: ``run(kind)`` is a forward pass
+  ``(state, inputs [P, m, ...], arrays) -> {name: (mean, var, count)}`` with a
+  leading P axis; ``with_stats(state, {name: (mean, var)})`` a state whose
+  layers use those statistics; ``source`` the given statistics."""
+
+  run: Callable[[str], Callable]
+  with_stats: Callable
+  state: Any
+  source: dict
+  arrays: list
 
 
 def _chunks(n: int, size: int) -> Iterable[slice]:
@@ -244,183 +373,379 @@ def _chunks(n: int, size: int) -> Iterable[slice]:
     yield slice(start, min(start + size, n))
 
 
-def _exact(run_record, run_choose, variables, images, chunk, selected, mix, n_layers):
-  n = images.shape[1]
-  source = _flat_stats(variables["batch_stats"])
-  if chunk >= n:  # one pass: each layer normalises with its whole-set statistics
-    records = jax.device_get(run_choose(variables, images))
-    return {p: mix(p, *records[p]) for p in selected}
+def _take(inputs, s: slice):
+  return tuple(a[:, s] for a in inputs)
 
-  current = {p: source[p] for p in selected}
-  for _ in range(n_layers):
-    v = {**variables, "batch_stats": _nest_stats(variables["batch_stats"], current)}
-    parts = [(s.stop - s.start, jax.device_get(run_record(v, images[:, s])))
-             for s in _chunks(n, chunk)]
-    new = {}
-    for p in selected:
-      mean, var = _combine([c for c, _ in parts], [r[p][0] for _, r in parts],
-                           [r[p][1] for _, r in parts])
-      new[p] = mix(p, mean, var)
+
+def _pass(target, kind, state, inputs, xp):
+  out = target.run(kind)(state, inputs, target.arrays)
+  return out if xp is jnp else jax.device_get(out)
+
+
+def _check_called(records, selected):
+  missing = sorted(set(selected) - set(records))
+  if len(missing) == len(selected):
+    raise ValueError(
+        f"none of the BatchNorm layers {sorted(selected)} was called as one in a forward "
+        "pass (is_batch_norm rejected them, or the model does not use them)")
+  if missing:
+    warnings.warn(f"BatchNorm layers {missing} did not run as BatchNorm layers in the "
+                  "forward pass (not called, or rejected by is_batch_norm); their statistics "
+                  "are kept", stacklevel=4)
+  return [p for p in selected if p in records]
+
+
+def _exact(target, inputs, n, chunk, selected, mix, xp):
+  if chunk >= n:  # one pass: each layer normalises with its whole-set statistics
+    records = _pass(target, "choose", target.state, inputs, xp)
+    return {p: mix(p, *records[p][:2]) for p in _check_called(records, selected)}
+
+  # At most one pass per BatchNorm statistics vector (a scanned layer holds several).
+  passes = sum(max(1, math.prod(target.source[p][0].shape[1:-1])) for p in selected)
+  current = {p: target.source[p] for p in selected}
+  called = None
+  for _ in range(passes):
+    state = target.with_stats(target.state, current)
+    parts = [_pass(target, "record", state, _take(inputs, s), xp) for s in _chunks(n, chunk)]
+    called = called or _check_called(parts[0], selected)
+    new = dict(current)
+    for p in called:
+      counts, means, variances = ([part[p][i] for part in parts] for i in (2, 0, 1))
+      new[p] = mix(p, *_combine(counts, means, variances, xp))
     # Stored statistics are float32: compare at that precision.
-    unchanged = all(
+    unchanged = xp is np and all(
         np.array_equal(np.float32(new[p][i]), np.float32(current[p][i]))
-        for p in selected for i in (0, 1))
+        for p in called for i in (0, 1))
     current = new
     if unchanged:
       break
   return current
 
 
-def _batch_moments(run_batches, variables, images, batch_size):
-  """Per-mini-batch moments of every layer, batches in order along axis 1,
-  and the number of images in each batch."""
-  n = images.shape[1]
+def _batch_records(target, inputs, n, batch_size, xp):
+  """Per-mini-batch records of every layer, batches in order along axis 1."""
   full = n // batch_size
-  pieces, sizes = [], []
+  pieces = []
   group = max(1, 256 // batch_size)  # mini-batches per forward call
   for s in _chunks(full, group):
-    x = images[:, s.start * batch_size:s.stop * batch_size]
-    x = x.reshape(x.shape[0], s.stop - s.start, batch_size, *images.shape[2:])
-    pieces.append(jax.device_get(run_batches(variables, x)))
-    sizes += [batch_size] * (s.stop - s.start)
+    x = tuple(a[:, s.start * batch_size:s.stop * batch_size] for a in inputs)
+    x = tuple(a.reshape(a.shape[0], s.stop - s.start, batch_size, *a.shape[2:]) for a in x)
+    pieces.append(_pass(target, "batch", target.state, x, xp))
   if n % batch_size:
-    pieces.append(jax.device_get(run_batches(variables, images[:, full * batch_size:, None]
-                                             .swapaxes(1, 2))))
-    sizes.append(n % batch_size)
-  merged = {p: tuple(np.concatenate([r[p][i] for r in pieces], axis=1) for i in (0, 1))
-            for p in pieces[0]}
-  return merged, np.asarray(sizes)
+    x = tuple(a[:, full * batch_size:, None].swapaxes(1, 2) for a in inputs)
+    pieces.append(_pass(target, "batch", target.state, x, xp))
+  return {p: tuple(xp.concatenate([r[p][i] for r in pieces], axis=1) for i in range(3))
+          for p in pieces[0]}
 
 
-@functools.lru_cache(maxsize=64)
-def _runner(model, apply_items, kind, *, selected_set, alpha, stats, strategy):
-  """The jitted stacked forward pass of one kind, cached across calls:
-  ``"record"`` (eval mode), ``"choose"`` (selected layers normalise with their
-  mixed input moments) or ``"train_batches"`` (selected layers in train mode,
-  mapped over mini-batches)."""
-  apply_kwargs = dict(apply_items)
+def _adapt(target: _Target, inputs, mode, batch_size, momentum, alpha, stats, selected):
+  """The adapted ``{name: (mean, var)}`` of the selected layers (leading P axis)."""
+  xp = jnp if _m.is_traced((target.state, inputs, target.arrays)) else np
+  if xp is np:
+    target.source = {p: tuple(np.asarray(a, np.float64) for a in s)
+                     for p, s in jax.device_get(target.source).items()}
+  n = inputs[0].shape[1]
+  batch_size = int(batch_size or DEFAULT_BATCH_SIZE[mode])
+  mix = lambda p, mean, var: _mix(mean, var, *target.source[p], alpha, stats)
+  if mode == "exact":
+    return _exact(target, inputs, n, batch_size, selected, mix, xp)
 
-  def choose(path, mean, var, module):
-    if path not in selected_set:
-      return None
-    return _mix(mean, var, module.get_variable("batch_stats", "mean"),
-                module.get_variable("batch_stats", "var"), alpha, stats)
+  records = _batch_records(target, inputs, n, batch_size, xp)
+  result = {}
+  for p in _check_called(records, selected):
+    means, variances, counts = records[p]  # [P, batches, ...]
+    if mode == "train_pass":
+      result[p] = mix(p, *_combine(*(a.swapaxes(0, 1) for a in (counts, means, variances)), xp))
+      continue
+    if xp is np and np.any(counts < 2):
+      raise ValueError(
+          f"mode='ema' needs at least 2 values per channel per batch for the unbiased "
+          f"variance; layer {p} sees {int(counts.min())}: raise batch_size")
+    result[p] = mix(p, *_ema(*target.source[p], counts, means, variances, momentum, xp))
+  return result
 
-  train_mode = lambda path, mean, var, module: (mean, var) if path in selected_set else None
-  if kind == "record":
-    fn = lambda v, x: _run(model, apply_kwargs, v, x, lambda *a: None)
-  elif kind == "choose":
-    fn = lambda v, x: _run(model, apply_kwargs, v, x, choose)
-  else:
-    fn = lambda v, x: jax.vmap(lambda xb: _run(model, apply_kwargs, v, xb, train_mode))(x)
-  return compiler.jit(stacking.stacked(fn, strategy))
+
+def _selected(names, layers) -> list[str]:
+  keep = _selector(layers)
+  selected = [p for p in names if keep(p)]
+  if not selected:
+    raise ValueError(f"layers={layers!r} matches no BatchNorm layer; the layers are "
+                     f"{sorted(names)}")
+  return selected
 
 
-def recompute_batch_stats(model: nn.Module, variables: dict, images,
-                          mode: str = "exact", batch_size: int | None = None,
-                          momentum: float = 0.1, alpha: float = 1.0,
+# --------------------------------------------------------------------------
+# Public functions
+
+
+def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mode = "exact",
+                          batch_size: int | None = None, momentum: float = 0.1,
+                          alpha: float = 1.0,
                           layers: str | Iterable[str] | Callable | None = None,
-                          stats: str = "both", apply_kwargs: dict | None = None) -> dict:
-  """Adapts the BatchNorm statistics of ``variables`` to ``images``.
+                          stats: Stats = "both", apply_kwargs: Mapping | None = None,
+                          is_batch_norm: Callable[[nn.Module], bool] | None = None) -> dict:
+  """Adapts the BatchNorm statistics of ``variables`` to ``inputs``.
 
   Args:
-    model: any linen model using ``nn.BatchNorm``.
+    model: any linen model with BatchNorm layers (see the module docstring).
     variables: ``{"params": ..., "batch_stats": ..., ...}``.
-    images: float[n, H, W, C] (or [n, H, W]) target images; their labels are
-      never needed.
+    inputs: the target inputs, never their labels: an array ``[n, ...]`` of any
+      rank, or a tuple of arrays sharing the leading axis ``n`` (the model is
+      called as ``model.apply(variables, *chunk, **apply_kwargs)``, every array
+      sliced alike).
     mode: ``"exact"``, ``"train_pass"`` or ``"ema"`` (see the module docstring).
-    batch_size: images per forward pass. For ``"exact"`` only memory depends on
-      it (default 256); for ``"train_pass"`` (default 32) and ``"ema"``
+    batch_size: examples per forward pass. For ``"exact"`` only memory depends
+      on it (default 256); for ``"train_pass"`` (default 32) and ``"ema"``
       (default 1) it is the mini-batch size and changes the result.
     momentum: ``"ema"`` only: weight of the new batch (PyTorch convention).
     alpha: weight of the target statistics, in [0, 1].
     layers: regex (or list of regexes, or predicate on the path string such as
       ``"enc0/bn1"``) selecting the layers to adapt; default all.
     stats: ``"mean"``, ``"var"`` or ``"both"``.
-    apply_kwargs: keyword arguments of ``model.apply`` (default
-      ``{"train": False}``).
+    apply_kwargs: keyword arguments of ``model.apply`` (any pytree: arrays,
+      ``rngs``, flags; default ``{"train": False}`` if the model's ``__call__``
+      takes ``train``, else ``{}``).
+    is_batch_norm: predicate on a bound module overriding which modules are
+      BatchNorm layers (default: those owning ``batch_stats`` mean and var).
 
   Returns:
     New variables: the same ``params`` object (untouched) and a new
     ``batch_stats`` collection.
   """
-  _check_variables(variables)
   _check_options(mode, batch_size, momentum, alpha, stats)
-  images = _data.check_images_masks(images)
-  stack = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables)
-  out = _adapt_stacked(model, stack, images[None], mode, batch_size, momentum, alpha,
-                       layers, stats, apply_kwargs, "unroll")
+  inputs = _m.check_inputs(inputs, lead=1)
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  paths = _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None)
+  if not paths:
+    raise _no_layer_error(model, variables, inputs, kwargs)
+  stack = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], dict(variables))
+  out = _adapt_linen(model, stack, tuple(a[None] for a in inputs), mode, batch_size, momentum,
+                     alpha, layers, stats, kwargs, is_batch_norm, "unroll")
   return {**variables,
           "batch_stats": jax.tree_util.tree_map(lambda a: a[0], out["batch_stats"])}
 
 
-def recompute_batch_stats_stacked(model: nn.Module, variables: dict, images, *,
-                                  mode: str = "exact", batch_size: int | None = None,
+def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, *,
+                                  mode: Mode = "exact", batch_size: int | None = None,
                                   momentum: float = 0.1, alpha: float = 1.0,
-                                  layers=None, stats: str = "both",
-                                  apply_kwargs: dict | None = None,
-                                  strategy: str = "auto") -> dict:
+                                  layers=None, stats: Stats = "both",
+                                  apply_kwargs: Mapping | None = None,
+                                  is_batch_norm=None, strategy: str = "auto") -> dict:
   """:func:`recompute_batch_stats` for P pairs at once: every leaf of
-  ``variables`` and ``images`` (float[P, n, H, W, C]) has a leading axis P;
-  pair i adapts model i to image set i. ``strategy`` is how the pairs are
-  mapped (:mod:`bnjax.stacking`)."""
-  _check_variables(variables)
+  ``variables`` and of ``inputs`` (``[P, n, ...]``, or a tuple of such) has a
+  leading axis P; pair i adapts model i to input set i. ``strategy`` is how
+  the pairs are mapped (:mod:`bnjax.stacking`)."""
   _check_options(mode, batch_size, momentum, alpha, stats)
-  images = _data.check_image_stack(images)
-  return _adapt_stacked(model, variables, images, mode, batch_size, momentum, alpha,
-                        layers, stats, apply_kwargs, strategy)
+  inputs = _m.check_inputs(inputs, lead=2)
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  if not _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None):
+    raise _no_layer_error(model, jax.tree_util.tree_map(lambda a: a[0], variables),
+                          tuple(a[0] for a in inputs), kwargs)
+  return _adapt_linen(model, dict(variables), inputs, mode, batch_size, momentum, alpha, layers,
+                      stats, kwargs, is_batch_norm, stacking.resolve(strategy))
 
 
-def _adapt_stacked(model, variables, images, mode, batch_size, momentum, alpha, layers,
-                   stats, apply_kwargs, strategy):
-  """The work of both public functions, on checked arguments."""
-  apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
-  batch_size = int(batch_size or DEFAULT_BATCH_SIZE[mode])
-  alpha, momentum = float(alpha), float(momentum)
+def _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, layers, stats,
+                 kwargs, is_batch_norm, strategy):
+  """Both linen functions' work, on checked arguments (stacked variables)."""
+  paths = _m.stats_paths(variables["batch_stats"])
+  selected = _selected(paths, layers)
+  flat = traverse_util.flatten_dict(variables["batch_stats"])
+  source = {p: (flat[paths[p] + ("mean",)], flat[paths[p] + ("var",)]) for p in paths}
+  kw, arrays = _m.Kwargs.split(kwargs)
+  policies = {
+      "choose": _Policy("choose", frozenset(selected), float(alpha), stats),
+      "record": _Policy("record", frozenset(selected)),
+      "batch": _Policy("batch", frozenset(selected)),
+  }
 
-  source = _flat_stats(variables["batch_stats"])
-  names = {p: "/".join(p) for p in source}
-  keep = _selector(layers)
-  selected = [p for p in source if keep(names[p])]
-  if not selected:
-    raise ValueError(
-        f"layers={layers!r} matches no BatchNorm layer; the layers are "
-        f"{sorted(names.values())}")
-  selected_set = frozenset(selected)
-  mix = lambda p, mean, var: _mix(mean, var, *source[p], alpha, stats)
-  runner = functools.partial(_runner, model, tuple(sorted(apply_kwargs.items())),
-                             selected_set=selected_set, alpha=alpha, stats=stats,
-                             strategy=stacking.resolve(strategy))
+  def with_stats(v, current):
+    return {**v, "batch_stats": _nest_stats(v["batch_stats"], paths, current)}
 
-  if mode == "exact":
-    result = _exact(runner("record"), runner("choose"), variables, images, batch_size,
-                    selected, mix, len(source))
-  else:
-    run_batches = runner("train_batches")
-    moments, sizes = _batch_moments(run_batches, variables, images, batch_size)
-    first = stacking.tree_index(variables, 0)
-    counts = _count_per_channel(model, apply_kwargs, first, (1, *images.shape[2:]))
-    result = {}
-    for p in selected:
-      values = sizes * counts[p]
-      means, variances = moments[p]  # [P, batches, C]
-      if mode == "train_pass":
-        result[p] = mix(p, *_combine(values, means.swapaxes(0, 1), variances.swapaxes(0, 1)))
-        continue
-      if np.any(values < 2):
-        raise ValueError(
-            f"mode='ema' needs at least 2 values per channel per batch for the "
-            f"unbiased variance; layer {names[p]} sees {int(values.min())}: "
-            "raise batch_size")
-      run_mean, run_var = source[p]
-      for b, c in enumerate(values):
-        run_mean = (1 - momentum) * run_mean + momentum * means[:, b]
-        run_var = (1 - momentum) * run_var + momentum * variances[:, b] * c / (c - 1)
-      result[p] = mix(p, run_mean, run_var)
-
-  return {**variables, "batch_stats": _nest_stats(variables["batch_stats"], result)}
+  target = _Target(
+      run=lambda kind: _linen_runner(model, kind, policies[kind], kw, is_batch_norm, strategy),
+      with_stats=with_stats, state=variables, source=source, arrays=arrays)
+  result = _adapt(target, inputs, mode, batch_size, float(momentum), float(alpha), stats,
+                  selected)
+  return with_stats(variables, result)
 
 
-def batch_stats_paths(variables: dict) -> list[str]:
+def batch_stats_paths(variables: Mapping) -> list[str]:
   """Paths (``"enc0/bn1"``) of the BatchNorm layers in ``variables``."""
-  return ["/".join(p) for p in _flat_stats(variables.get("batch_stats", {}))]
+  return list(_m.stats_paths(variables.get("batch_stats", {})))
+
+
+# --------------------------------------------------------------------------
+# NNX: the module's BatchNorm layers, on a private copy, call through a subclass
+
+
+_NNX_POLICY: contextvars.ContextVar = contextvars.ContextVar("bnjax_nnx_policy", default=None)
+
+
+class _NnxLayer:
+  def __init__(self, module, seen: set):
+    self.module = module
+    self.name = module.bnjax_name
+    self._seen = seen
+    self._put = None
+
+  def stored(self):
+    return self.module.mean.get_value(), self.module.var.get_value()
+
+  def put(self, mean, var):
+    self.module.mean.set_value(mean)
+    self.module.var.set_value(var)
+    self._put = self.stored()
+
+  def updated(self) -> bool:
+    return any(a is not b for a, b in zip(self.stored(), self._put))
+
+  def record(self, mean, var, count):
+    for name, value in zip(_RECORD, (mean, var, count)):
+      getattr(self.module, name).set_value(value)
+
+  def recorded(self) -> bool:
+    if id(self.module) in self._seen:
+      return True
+    self._seen.add(id(self.module))
+    return False
+
+
+@functools.cache
+def _adapting_class(cls):
+  """A subclass of an NNX BatchNorm class whose calls go through
+  :func:`_adapting_call` while a pass is active."""
+  def __call__(self, *args, **kwargs):
+    active = _NNX_POLICY.get()
+    call = functools.partial(cls.__call__, self)
+    if active is None:
+      return call(*args, **kwargs)
+    policy, seen = active
+    return _adapting_call(_NnxLayer(self, seen), self, call, args, kwargs, policy)
+  return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                     "__qualname__": cls.__qualname__})
+
+
+def _nnx_owns_stats(module) -> bool:
+  from flax import nnx
+  return all(isinstance(getattr(module, a, None), nnx.BatchStat) for a in ("mean", "var"))
+
+
+def _nnx_layers(module, is_batch_norm) -> dict[str, Any]:
+  """``{name: submodule}`` of the BatchNorm layers of an NNX module."""
+  from flax import nnx
+  out = {}
+  for path, sub in nnx.iter_modules(module):
+    owns = _nnx_owns_stats(sub)
+    if is_batch_norm is not None:
+      if not is_batch_norm(sub):
+        continue
+      if not owns:
+        raise ValueError(f"is_batch_norm accepted {type(sub).__name__} at "
+                         f"{'/'.join(map(str, path))}, which has no nnx.BatchStat 'mean' and 'var'")
+    elif not owns:
+      continue
+    out["/".join(map(str, path))] = sub
+  return out
+
+
+def _nnx_pass(graphdef, kind, policy, kw: _m.Kwargs):
+  from flax import nnx
+
+  def build():
+    def one(state, stats, inputs, arrays):
+      # Fresh Variables in this trace (the state's own belong to the caller's).
+      module = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a, state))
+      for name, sub in _nnx_layers(module, None).items():
+        if name in stats:
+          sub.mean.set_value(stats[name][0])
+          sub.var.set_value(stats[name][1])
+      token = _NNX_POLICY.set((policy, set()))
+      try:
+        module(*inputs, **kw.join(arrays))
+      finally:
+        _NNX_POLICY.reset(token)
+      return {name: tuple(getattr(sub, r).get_value() for r in _RECORD)
+              for name, sub in _nnx_layers(module, None).items()
+              if hasattr(sub, "bnjax_name")}
+
+    def unstacked(state_stats, inputs, arrays):  # P = 1
+      state, stats = state_stats
+      first = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)
+      if kind == "batch":
+        fn = jax.vmap(lambda xb: one(state, first(stats), xb, arrays))
+        out = fn(first(inputs))
+      else:
+        out = one(state, first(stats), first(inputs), arrays)
+      return jax.tree_util.tree_map(lambda a: a[None], out)
+
+    return compiler.jit(unstacked)
+
+  return _m.cached(graphdef, ("nnx", kind, policy, kw.key()), build)
+
+
+def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
+                              batch_size: int | None = None, momentum: float = 0.1,
+                              alpha: float = 1.0,
+                              layers: str | Iterable[str] | Callable | None = None,
+                              stats: Stats = "both", call_kwargs: Mapping | None = None,
+                              is_batch_norm: Callable | None = None):
+  """:func:`recompute_batch_stats` for a Flax NNX module.
+
+  Returns a new module whose ``nnx.BatchStat`` ``mean``/``var`` are adapted and
+  whose other state equals the given module's bit for bit; ``module`` itself
+  is left unchanged. The passes run a private copy in eval mode
+  (``module.eval()``: ``use_running_average=True``, ``deterministic=True``)
+  as ``copy(*inputs, **call_kwargs)``. Layers are the submodules with
+  ``nnx.BatchStat`` attributes ``mean`` and ``var`` (or those
+  ``is_batch_norm`` accepts); names are their paths (``"blocks/1/bn"``).
+  Every other argument is as in :func:`recompute_batch_stats`.
+  """
+  from flax import nnx
+
+  if not isinstance(module, nnx.Module):
+    raise ValueError(f"module must be an nnx.Module, got {type(module).__name__}")
+  _check_options(mode, batch_size, momentum, alpha, stats)
+  inputs = _m.check_inputs(inputs, lead=1)
+  if call_kwargs is not None and not isinstance(call_kwargs, Mapping):
+    raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
+  call_kwargs = dict(call_kwargs or {})
+  _m.check_call(type(module).__call__, module, len(inputs), call_kwargs, "call_kwargs")
+
+  copy = nnx.clone(module)
+  copy.eval()
+  found = _nnx_layers(copy, is_batch_norm)
+  if not found:
+    raise ValueError("the module has no BatchNorm layer (no submodule with nnx.BatchStat "
+                     "'mean' and 'var')")
+  selected = _selected(found, layers)
+  for name, sub in found.items():
+    sub.__class__ = _adapting_class(type(sub))
+    sub.bnjax_name = name
+    mean = sub.mean.get_value()
+    sub.bnjax_mean, sub.bnjax_var = nnx.BatchStat(jnp.zeros_like(mean, jnp.float32)), \
+        nnx.BatchStat(jnp.zeros_like(mean, jnp.float32))
+    sub.bnjax_count = nnx.BatchStat(jnp.zeros(mean.shape, jnp.int32))
+  graphdef, state = nnx.split(copy)
+  source = {p: tuple(jnp.asarray(getattr(found[p], a).get_value())[None] for a in ("mean", "var"))
+            for p in found}
+  kw, arrays = _m.Kwargs.split(call_kwargs)
+  policies = {
+      "choose": _Policy("choose", frozenset(selected), float(alpha), stats),
+      "record": _Policy("record", frozenset(selected)),
+      "batch": _Policy("batch", frozenset(selected)),
+  }
+  target = _Target(
+      run=lambda kind: _nnx_pass(graphdef, kind, policies[kind], kw),
+      with_stats=lambda st, current: (st[0], {**st[1], **current}),
+      state=(state, source), source=source, arrays=arrays)
+  result = _adapt(target, tuple(a[None] for a in inputs), mode, batch_size, float(momentum),
+                  float(alpha), stats, selected)
+
+  out = nnx.clone(module)
+  layers_out = _nnx_layers(out, is_batch_norm)
+  for name, (mean, var) in result.items():
+    for attr, value in (("mean", mean), ("var", var)):
+      variable = getattr(layers_out[name], attr)
+      variable.set_value(jnp.asarray(value[0], variable.get_value().dtype))
+  return out

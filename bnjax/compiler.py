@@ -60,17 +60,22 @@ def jit(fn: Callable | None = None, *, xla_defaults: bool = False, **kwargs) -> 
 
   The backend is looked up at the first call, not when ``jit`` runs, so a
   module-level ``@compiler.jit`` does not initialise JAX at import. Usable as
-  ``@jit`` or ``@jit(static_argnums=...)``.
+  ``@jit`` or ``@jit(static_argnums=...)``. Called inside another ``jit`` it
+  is a plain nested ``jax.jit`` (XLA takes options from the outermost one).
   """
   if fn is None:
     return functools.partial(jit, xla_defaults=xla_defaults, **kwargs)
   if xla_defaults:
     return jax.jit(fn, **kwargs)
-  compiled = None
+  compiled = nested = None
 
   @functools.wraps(fn)
   def call(*args, **kw):
-    nonlocal compiled
+    nonlocal compiled, nested
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves((args, kw))):
+      # Inside another jit: XLA takes compiler options from the outer one only.
+      nested = nested or jax.jit(fn, **kwargs)
+      return nested(*args, **kw)
     if compiled is None:
       compiled = jax.jit(fn, compiler_options=options(), **kwargs)
     return compiled(*args, **kw)

@@ -9,12 +9,12 @@ x64 breaks ott-jax's Sinkhorn on float32 inputs).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+
+from bnjax.adapt import layer_stats
 
 
 def _pair(x, y, name="x, y"):
@@ -393,18 +393,11 @@ def overlap_coefficient(mu1: float, sigma1: float, mu2: float, sigma2: float) ->
   return float(outside_narrow + inside_wide)
 
 
-def _layer_stats(batch_stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  flat = traverse_util.flatten_dict(jax.device_get(batch_stats), sep="/")
-  paths = sorted({k.rsplit("/", 1)[0] for k in flat if k.endswith(("/mean", "/var"))})
-  return {p: (np.asarray(flat[p + "/mean"], np.float64), np.asarray(flat[p + "/var"], np.float64))
-          for p in paths}
-
-
 def diag_w2(source_stats, target_stats) -> dict[str, float]:
   """Per BatchNorm layer, W2² between the diagonal Gaussians of two
   ``batch_stats`` collections: Σ_c (m1 - m2)² + (sqrt v1 - sqrt v2)². Squared.
   Needs no features: compare a source model's statistics with its adapted ones."""
-  a, b = _layer_stats(source_stats), _layer_stats(target_stats)
+  a, b = layer_stats(source_stats), layer_stats(target_stats)
   if a.keys() != b.keys():
     raise ValueError("the two batch_stats have different layers")
   return {p: float(np.sum((a[p][0] - b[p][0]) ** 2 + (np.sqrt(a[p][1]) - np.sqrt(b[p][1])) ** 2))
@@ -414,7 +407,7 @@ def diag_w2(source_stats, target_stats) -> dict[str, float]:
 def diag_bhattacharyya(source_stats, target_stats, eps: float = 1e-12) -> dict[str, float]:
   """Per BatchNorm layer, the Bhattacharyya distance of diagonal Gaussians:
   Σ_c (m1 - m2)² / (4 (v1 + v2)) + ½ ln((v1 + v2) / (2 sqrt(v1 v2)))."""
-  a, b = _layer_stats(source_stats), _layer_stats(target_stats)
+  a, b = layer_stats(source_stats), layer_stats(target_stats)
   if a.keys() != b.keys():
     raise ValueError("the two batch_stats have different layers")
   out = {}

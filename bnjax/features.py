@@ -1,13 +1,26 @@
 """Features of a model at any level, for latent-space diagnostics and distances.
 
-Works on models that sow their levels into the ``"intermediates"`` collection
-as :class:`bnjax.models.UNet` does (``<tap>_pre`` before the level's last ReLU,
-``<tap>_post`` after it; taps ``enc0..``, ``bottleneck``, ``dec..``).
+A tap is one of:
+
+- a level a model sows into ``"intermediates"`` as :class:`bnjax.models.UNet`
+  does (``<tap>_pre`` before the level's last ReLU, ``<tap>_post`` after it;
+  taps ``enc0..``, ``bottleneck``, ``dec..``; see :func:`available_taps`);
+- ``"bn_inputs"``: the input of every BatchNorm layer (any module owning
+  ``batch_stats`` ``mean`` and ``var``), one feature set per layer, keyed
+  ``"<layer path>:input"``, its feature axes moved last;
+- a module path of any linen model (``"ResNetBlock_1/Conv_0"``; see
+  :func:`module_paths`) or a regex matching module paths: the output of those
+  modules' ``__call__``, read with Flax's ``capture_intermediates``.
+
+Feature vectors are the last axis (channels-last); a lifted transform
+(``nn.scan``) must carry the ``"intermediates"`` collection for taps inside it.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -15,81 +28,208 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bnjax import _modules as _m
 from bnjax import compiler
-from bnjax import data as _data
 from bnjax import stacking
 from bnjax.models import level_names
 
+__all__ = ["BN_INPUTS", "available_taps", "module_paths", "extract", "extract_all",
+           "constant_dims", "collapse_fraction"]
 
-def available_taps(model: nn.Module, variables, image_shape) -> list[str]:
-  """The taps a model sows, in forward order."""
-  def fn(v):
-    return model.apply(v, jnp.zeros((1, *image_shape), jnp.float32), train=False,
-                       mutable=["intermediates"])[1]
-  inter = jax.eval_shape(fn, variables)["intermediates"]
-  names = [k[-1] for k in traverse_util.flatten_dict(inter)]
+BN_INPUTS = "bn_inputs"
+_BN_INPUT = "bnjax_bn_input"  # the name BatchNorm inputs are sown under
+
+
+def _one_example(inputs) -> tuple:
+  return tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in inputs)
+
+
+def _intermediates_shapes(model, variables, inputs, kwargs, capture) -> dict:
+  kw, arrays = _m.Kwargs.split(kwargs)
+
+  def fn(v, x, a):
+    return model.apply(v, *x, mutable=["intermediates"], capture_intermediates=capture,
+                       **kw.join(a))[1]
+  return jax.eval_shape(fn, variables, inputs, arrays).get("intermediates", {})
+
+
+def _sown_taps(model, variables, inputs, kwargs) -> list[str]:
+  inter = _intermediates_shapes(model, variables, inputs, kwargs, False)
+  names = [k[-1] for k in traverse_util.flatten_dict(inter)] if inter else []
   taps = list(dict.fromkeys(n.rsplit("_", 1)[0] for n in names if n.endswith(("_pre", "_post"))))
-  order = level_names(getattr(model, "depth", 0))
+  order = level_names(getattr(model, "depth", 0) or 0)
   return sorted(taps, key=lambda t: (order.index(t) if t in order else len(order), t))
 
 
-@functools.lru_cache(maxsize=32)
-def _runner(model, names, per_image, stacked, strategy):
-  def one(variables, x):
-    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-    flat = {k[-1]: v[0] for k, v in traverse_util.flatten_dict(state["intermediates"]).items()}
-    return tuple(flat[n].reshape(flat[n].shape[0], -1) if per_image
-                 else flat[n].reshape(-1, flat[n].shape[-1]) for n in names)
-  return compiler.jit(stacking.stacked(one, strategy) if stacked else one)
+def available_taps(model: nn.Module, variables, image_shape, apply_kwargs=None) -> list[str]:
+  """The levels a model sows (``<tap>_pre`` / ``<tap>_post``), in forward
+  order, for inputs of one example of ``image_shape``."""
+  example = (jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),)
+  return _sown_taps(model, variables, example, _m.apply_kwargs(model, apply_kwargs, 1))
+
+
+def module_paths(model: nn.Module, variables, inputs, apply_kwargs=None) -> list[str]:
+  """Paths (``"Block_0/Conv_1"``) of every submodule called in a forward pass
+  on ``inputs`` (an array ``[n, ...]`` or a tuple of them), in call order."""
+  inputs = _m.check_inputs(inputs)
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  return _module_paths(model, variables, _one_example(inputs), kwargs)
+
+
+def _module_paths(model, variables, example, kwargs) -> list[str]:
+  inter = _intermediates_shapes(model, variables, example, kwargs, True)
+  flat = traverse_util.flatten_dict(inter) if inter else {}
+  return ["/".join(k[:-1]) for k in flat if k[-1] == "__call__" and len(k) > 1]
+
+
+# --------------------------------------------------------------------------
+# What to read, and the forward pass that reads it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+  key: str     # the name in the result
+  kind: str    # "sown", "bn" or "module"
+  path: tuple  # where in "intermediates"
+
+
+def _resolve(model, variables, example, kwargs, taps, pre_activation) -> list[_Read]:
+  sown = _sown_taps(model, variables, example, kwargs)
+  if taps is None:
+    taps = sown or [BN_INPUTS]
+  elif isinstance(taps, str):
+    raise ValueError(f"taps must be a list of taps, got the string {taps!r}")
+  layers = _m.stats_paths(variables.get("batch_stats"))
+  modules = None
+  reads = []
+  for tap in taps:
+    if tap in sown:
+      reads.append(_Read(tap, "sown", (f"{tap}_{'pre' if pre_activation else 'post'}",)))
+      continue
+    if tap == BN_INPUTS:
+      if not layers:
+        raise ValueError("tap 'bn_inputs': the variables have no BatchNorm layer")
+      reads += [_Read(f"{name}:input", "bn", path) for name, path in layers.items()]
+      continue
+    modules = modules if modules is not None else _module_paths(model, variables, example, kwargs)
+    matches = [m for m in modules if m == tap] or (
+        [m for m in modules if re.search(tap, m)] if isinstance(tap, str) else [])
+    if not matches:
+      raise ValueError(
+          f"tap must be one of the sown taps {sown}, {BN_INPUTS!r}, or a module path or "
+          f"regex matching one of {modules}; got {tap!r}")
+    reads += [_Read(m, "module", tuple(m.split("/"))) for m in matches]
+  return reads
+
+
+def _bn_input_sower(next_fun, args, kwargs, context):
+  module = context.module
+  if context.method_name == "__call__" and _m.owns_stats(module):
+    x = _m.first_argument(next_fun, args, kwargs)
+    features, _ = _m.feature_axes(module, x.ndim)
+    moved = jnp.moveaxis(x, features, tuple(range(x.ndim - len(features), x.ndim)))
+    module.sow("intermediates", _BN_INPUT,
+               moved.reshape(*moved.shape[:x.ndim - len(features)], -1))
+  return next_fun(*args, **kwargs)
+
+
+def _leaf(value, where: str):
+  leaves = [a for a in jax.tree_util.tree_leaves(value) if hasattr(a, "shape")]
+  if not leaves:
+    raise ValueError(f"tap {where!r} returned no array")
+  return leaves[0]
+
+
+def _runner(model, reads: tuple, kw: _m.Kwargs, per_image: bool, stacked: bool, strategy):
+  def build():
+    want = {r.path for r in reads if r.kind == "module"}
+    capture = ((lambda mdl, method: method == "__call__" and tuple(mdl.scope.path) in want)
+               if want else False)
+    sow_bn = any(r.kind == "bn" for r in reads)
+
+    def one(variables, inputs, arrays):
+      context = nn.intercept_methods(_bn_input_sower) if sow_bn else contextlib.nullcontext()
+      with context:
+        _, state = model.apply(variables, *inputs, mutable=["intermediates"],
+                               capture_intermediates=capture, **kw.join(arrays))
+      flat = traverse_util.flatten_dict(state["intermediates"])
+      by_name = {k[-1]: v for k, v in flat.items()}
+      out = []
+      for r in reads:
+        if r.kind == "sown":
+          a = by_name[r.path[0]][0]
+        elif r.kind == "bn":
+          a = flat[r.path + (_BN_INPUT,)][0]
+        else:
+          a = _leaf(flat[r.path + ("__call__",)][0], r.key)
+        out.append(a.reshape(a.shape[0], -1) if per_image else a.reshape(-1, a.shape[-1]))
+      return tuple(out)
+
+    if not stacked:
+      return compiler.jit(one)
+    return compiler.jit(stacking.stacked(one, strategy, in_axes=(0, 0, None)))
+
+  return _m.cached(model, ("features", reads, kw.key(), per_image, stacked, strategy), build)
 
 
 def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
             pre_activation: bool = False, per_image: bool = False,
-            batch_size: int = 64, stacked: bool = False, strategy: str = "auto") -> np.ndarray:
-  """Features at ``tap``, before (``pre_activation=True``) or after its last ReLU.
+            batch_size: int = 64, stacked: bool = False, strategy: str = "auto",
+            apply_kwargs=None) -> np.ndarray:
+  """Features at ``tap`` (a sown level, before (``pre_activation=True``) or
+  after its last ReLU; or one module path; see the module docstring).
 
-  Returns float32[N, C] with one row per spatial position of every image
-  (N = n h w), or with ``per_image=True`` one h w C row per image. With
+  Returns float32[N, C] with one row per position of every example (N = n h w
+  for images), or with ``per_image=True`` one row per example. With
   ``stacked=True``, ``variables`` carry a leading model axis K, ``images`` are
-  shared [n, ...] or per model [K, n, ...], and the result is [K, N, C].
+  shared [n, H, W, C] or per model [K, n, H, W, C], and the result is
+  [K, N, C]. ``images`` may be any inputs (an array ``[n, ...]`` or a tuple)
+  and ``apply_kwargs`` are as in :func:`bnjax.adapt.recompute_batch_stats`.
   """
-  return extract_all(model, variables, images, [tap], pre_activation, per_image,
-                     batch_size, stacked, strategy)[tap]
+  out = extract_all(model, variables, images, [tap], pre_activation, per_image,
+                    batch_size, stacked, strategy, apply_kwargs)
+  if len(out) != 1:
+    raise ValueError(f"tap={tap!r} matches {len(out)} modules {list(out)}; pass one path, "
+                     "or use extract_all for several")
+  return next(iter(out.values()))
 
 
 def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: bool = False,
                 per_image: bool = False, batch_size: int = 64, stacked: bool = False,
-                strategy: str = "auto") -> dict[str, np.ndarray]:
-  """``{tap: extract(..., tap=tap, ...)}`` for several taps (default: all of
-  them) from one forward pass per batch."""
+                strategy: str = "auto", apply_kwargs=None) -> dict[str, np.ndarray]:
+  """``{name: features}`` for several taps from one forward pass per batch.
+
+  ``taps`` defaults to every sown level, or ``["bn_inputs"]`` for a model
+  that sows none; a regex tap gives one entry per matching module path.
+  """
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
   first = stacking.tree_index(variables, 0) if stacked else variables
-  images = jnp.asarray(images)
-  per_model = stacked and images.ndim == 5
-  check = images[0] if per_model else images
-  _data.check_images_masks(check)
-  if check.ndim == 3:
-    images = images[..., None]
-  available = available_taps(model, first, images.shape[-3:])
-  taps = list(available if taps is None else taps)
-  for tap in taps:
-    if tap not in available:
-      raise ValueError(f"tap must be one of {available}, got {tap!r}")
-  names = tuple(f"{tap}_{'pre' if pre_activation else 'post'}" for tap in taps)
-  run = _runner(model, names, bool(per_image), bool(stacked), stacking.resolve(strategy))
-  n = images.shape[1] if per_model else images.shape[0]
+  inputs = tuple(images) if isinstance(images, (tuple, list)) else (images,)
+  per_model = stacked and len(inputs) == 1 and jnp.ndim(inputs[0]) == 5
+  check = _m.check_inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images")
+  if not per_model:
+    inputs = check
+  else:
+    inputs = tuple(jnp.asarray(a) for a in inputs)
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  kw, arrays = _m.Kwargs.split(kwargs)
+  reads = tuple(_resolve(model, first, _one_example(check), kwargs, taps, pre_activation))
+  run = _runner(model, reads, kw, bool(per_image), bool(stacked), stacking.resolve(strategy))
+  n = check[0].shape[0]
   k = jax.tree_util.tree_leaves(variables)[0].shape[0] if stacked else None
   parts = []
   for s in range(0, n, batch_size):
-    if stacked:
-      x = images[:, s:s + batch_size] if per_model else jnp.broadcast_to(
-          images[s:s + batch_size], (k, *images[s:s + batch_size].shape))
+    if per_model:
+      x = tuple(a[:, s:s + batch_size] for a in inputs)
+    elif stacked:
+      x = tuple(jnp.broadcast_to(a[s:s + batch_size], (k, *a[s:s + batch_size].shape))
+                for a in inputs)
     else:
-      x = images[s:s + batch_size]
-    parts.append([np.asarray(f) for f in run(variables, x)])
+      x = tuple(a[s:s + batch_size] for a in inputs)
+    parts.append([np.asarray(f) for f in run(variables, x, arrays)])
   axis = 1 if stacked else 0
-  return {tap: np.concatenate([p[i] for p in parts], axis=axis) for i, tap in enumerate(taps)}
+  return {r.key: np.concatenate([p[i] for p in parts], axis=axis) for i, r in enumerate(reads)}
 
 
 def constant_dims(x, tol: float = 1e-6) -> np.ndarray:

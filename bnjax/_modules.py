@@ -1,0 +1,201 @@
+"""Calling linen models that bnjax did not write (private).
+
+Their call flags, their inputs (any rank, one array or several), their
+BatchNorm layers (any module owning ``batch_stats`` ``mean`` and ``var``) and a
+cache of compiled functions that needs neither the model nor the keyword
+values to be hashable. Used by :mod:`bnjax.adapt` and :mod:`bnjax.features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# Keys of model.apply that are not arguments of the called method.
+APPLY_ONLY = ("rngs", "method", "capture_intermediates")
+
+
+# --------------------------------------------------------------------------
+# BatchNorm layers
+
+
+def owns_stats(module) -> bool:
+  """Whether a bound linen module owns ``batch_stats`` ``mean`` and ``var``."""
+  try:
+    return (module.has_variable("batch_stats", "mean")
+            and module.has_variable("batch_stats", "var"))
+  except Exception:  # an unbound module or one without a scope
+    return False
+
+
+def feature_axes(module, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(feature axes, reduction axes) of a BatchNorm-like module on a rank-``ndim``
+  input: its ``axis`` attribute, or the last axis if it has none."""
+  axis = getattr(module, "axis", -1)
+  axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  features = tuple(sorted({int(a) % ndim for a in axis}))
+  return features, tuple(i for i in range(ndim) if i not in features)
+
+
+def stats_paths(batch_stats) -> dict[str, tuple]:
+  """``{name: path}`` of every dict in a stats tree holding ``mean`` and ``var``
+  (names join the path with ``/``)."""
+  if not batch_stats:
+    return {}
+  flat = traverse_util.flatten_dict(batch_stats)
+  paths = sorted({k[:-1] for k in flat if k[-1] == "mean" and k[:-1] + ("var",) in flat})
+  return {"/".join(map(str, p)): p for p in paths}
+
+
+@functools.cache
+def signature(fn) -> inspect.Signature:
+  return inspect.signature(fn)
+
+
+def first_argument(fn, args, kwargs, name: str | None = None):
+  """The call's first argument (and, with ``name``, the argument of that name)."""
+  try:
+    bound = signature(fn).bind(*args, **kwargs).arguments
+  except (TypeError, ValueError):
+    bound = {**dict(enumerate(args)), **kwargs}
+  first = next(iter(bound.values()))
+  return first if name is None else (first, bound.get(name))
+
+
+# --------------------------------------------------------------------------
+# Call arguments
+
+
+class _Annotation(str):
+  def __repr__(self):  # shown as written, not quoted
+    return str(self)
+
+
+def call_signature(fn) -> str:
+  """``(x, train: bool = True)``: the parameters after ``self``."""
+  params = [p.replace(annotation=_Annotation(p.annotation)) if isinstance(p.annotation, str)
+            else p for p in list(signature(fn).parameters.values())[1:]]
+  return str(inspect.Signature(params))
+
+
+def apply_kwargs(model, kwargs, n_inputs: int, name: str = "apply_kwargs") -> dict:
+  """``kwargs`` for ``model.apply`` (default ``{"train": False}`` when the
+  called method takes ``train``, else ``{}``), checked against its signature."""
+  method = (kwargs or {}).get("method", "__call__")
+  fn = getattr(type(model), method) if isinstance(method, str) else method
+  if kwargs is None:
+    kwargs = {"train": False} if "train" in signature(fn).parameters else {}
+  if not isinstance(kwargs, Mapping):
+    raise ValueError(f"{name} must be a dict, got {type(kwargs).__name__}")
+  kwargs = dict(kwargs)
+  if "mutable" in kwargs:
+    raise ValueError(f"{name} must not set 'mutable': bnjax chooses the mutable collections")
+  call = {k: v for k, v in kwargs.items() if k not in APPLY_ONLY}
+  check_call(fn, model, n_inputs, call, name)
+  return kwargs
+
+
+def check_call(fn, self, n_inputs: int, kwargs: dict, name: str):
+  """ValueError naming ``name`` unless ``fn(self, *inputs, **kwargs)`` binds."""
+  try:
+    signature(fn).bind(self, *range(n_inputs), **kwargs)
+  except TypeError as e:
+    raise ValueError(
+        f"{name} {sorted(kwargs)} with {n_inputs} input(s) do not fit "
+        f"{type(self).__name__}.{getattr(fn, '__name__', 'method')}{call_signature(fn)}: "
+        f"{e}. The inputs are passed positionally; pass the other arguments in {name}") from None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Kwargs:
+  """A kwargs pytree split into its array leaves (traced) and the rest (static)."""
+
+  treedef: Any
+  static: tuple
+  is_array: tuple
+
+  @classmethod
+  def split(cls, kwargs) -> tuple["Kwargs", list]:
+    leaves, treedef = jax.tree_util.tree_flatten(kwargs)
+    is_array = tuple(isinstance(a, (jax.Array, np.ndarray)) for a in leaves)
+    static = tuple(None if arr else a for a, arr in zip(leaves, is_array))
+    return cls(treedef, static, is_array), [a for a, arr in zip(leaves, is_array) if arr]
+
+  def join(self, arrays) -> Any:
+    it = iter(arrays)
+    return self.treedef.unflatten(
+        [next(it) if arr else s for s, arr in zip(self.static, self.is_array)])
+
+  def key(self) -> tuple:
+    return (self.treedef, self.static, self.is_array)
+
+
+# --------------------------------------------------------------------------
+# Inputs
+
+
+def is_traced(tree) -> bool:
+  return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
+
+
+def check_inputs(inputs, lead: int = 1, name: str = "inputs") -> tuple:
+  """``inputs`` (an array or a tuple of arrays) as a tuple of arrays sharing
+  their ``lead`` leading axes, none of them empty, without NaN or infinite
+  values (checked only where the values are concrete)."""
+  arrays = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+  if not arrays:
+    raise ValueError(f"{name} must be an array or a non-empty tuple of arrays")
+  arrays = tuple(jnp.asarray(a) for a in arrays)
+  want = "[P, n, ...]" if lead == 2 else "[n, ...]"
+  shapes = [a.shape for a in arrays]
+  if any(a.ndim < lead for a in arrays) or len({s[:lead] for s in shapes}) != 1:
+    raise ValueError(f"{name} must be arrays {want} sharing their leading "
+                     f"ax{'es' if lead > 1 else 'is'}, got shapes {shapes}")
+  if 0 in shapes[0][:lead]:
+    raise ValueError(f"{name} must be a non-empty set {want}, got shapes {shapes}")
+  for i, a in enumerate(arrays):
+    if (not isinstance(a, jax.core.Tracer) and jnp.issubdtype(a.dtype, jnp.inexact)
+        and not bool(jnp.all(jnp.isfinite(a)))):
+      which = name if len(arrays) == 1 else f"{name}[{i}]"
+      raise ValueError(f"{which} contain NaN or infinite values")
+  return arrays
+
+
+# --------------------------------------------------------------------------
+# Compiled functions, cached without hashing
+
+
+def _same(a, b) -> bool:
+  if a is b:
+    return True
+  try:
+    return bool(a == b)
+  except Exception:  # array-valued or failing comparisons
+    return False
+
+
+_CACHE: list = []  # (owner, key, fn), most recently used last
+_CACHE_SIZE = 64
+
+
+def cached(owner, key, build: Callable[[], Callable]) -> Callable:
+  """``build()``'s function for (``owner``, ``key``), built once: entries are
+  found by identity or equality (a model with a list attribute, a dict of
+  flags), so neither needs to be hashable. The jitted function it returns
+  then compiles once per input shape."""
+  for i, (o, k, fn) in enumerate(_CACHE):
+    if _same(o, owner) and _same(k, key):
+      _CACHE.append(_CACHE.pop(i))
+      return fn
+  fn = build()
+  _CACHE.append((owner, key, fn))
+  del _CACHE[:-_CACHE_SIZE]
+  return fn
