@@ -167,7 +167,8 @@ def _adapting_call(layer, module, fn, args, kwargs, policy: _Policy):
     raise ValueError(
         f"BatchNorm layer {layer.name} updated its statistics: it ran in train mode. "
         "Adaptation runs the model in eval mode: pass the flag that selects it in "
-        "apply_kwargs (e.g. {'train': False}), or build the model in eval mode")
+        "apply_kwargs (linen, e.g. {'train': False}) or call_kwargs (NNX), or build the "
+        "model in eval mode")
   layer.record(mean, var, count)
   return out
 
@@ -229,8 +230,10 @@ def _records(tree) -> dict[str, tuple]:
 
 
 def _linen_runner(model, kind: str, policy: _Policy, kw: _m.Kwargs, is_batch_norm, strategy):
-  """The jitted stacked forward pass of ``kind`` (``"record"``, ``"choose"``,
-  ``"batch"``: mapped over mini-batches), cached across calls."""
+  """The jitted forward pass of ``kind`` (``"record"``, ``"choose"``,
+  ``"batch"``: mapped over mini-batches), cached across calls: over stacked
+  pairs mapped by ``strategy``, or (None) one model, its inputs and records
+  with a pair axis of 1."""
   def build():
     interceptor = _linen_interceptor(policy, is_batch_norm)
 
@@ -241,7 +244,10 @@ def _linen_runner(model, kind: str, policy: _Policy, kw: _m.Kwargs, is_batch_nor
 
     fn = one if kind != "batch" else (
         lambda v, x, a: jax.vmap(lambda xb: one(v, xb, a))(x))
-    return compiler.jit(stacking.stacked(fn, strategy, in_axes=(0, 0, None)))
+    if strategy is not None:
+      return compiler.jit(stacking.stacked(fn, strategy, in_axes=(0, 0, None)))
+    pair = lambda t, f: jax.tree_util.tree_map(f, t)
+    return compiler.jit(lambda v, x, a: pair(fn(v, pair(x, lambda b: b[0]), a), lambda b: b[None]))
 
   return _m.cached(model, ("linen", kind, policy, kw.key(), is_batch_norm, strategy), build)
 
@@ -259,13 +265,15 @@ def layer_stats(batch_stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
           for name, p in _m.stats_paths(batch_stats).items()}
 
 
-def _nest_stats(template, paths, flat: dict[str, tuple]) -> Any:
-  """``template`` (a batch_stats tree) with the given layers' mean/var replaced."""
+def _nest_stats(template, paths, flat: dict[str, tuple], index: int | None = None) -> Any:
+  """``template`` (a batch_stats tree) with the given layers' mean/var replaced
+  (by entry ``index`` of the pair axis, if given)."""
   out = traverse_util.flatten_dict(template)
   for name, (mean, var) in flat.items():
     for leaf, value in (("mean", mean), ("var", var)):
       old = out[paths[name] + (leaf,)]
-      out[paths[name] + (leaf,)] = jnp.asarray(value, old.dtype)
+      out[paths[name] + (leaf,)] = jnp.asarray(value if index is None else value[index],
+                                               old.dtype)
   return traverse_util.unflatten_dict(out)
 
 
@@ -518,11 +526,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
   paths = _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None)
   if not paths:
     raise _no_layer_error(model, variables, inputs, kwargs)
-  stack = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], dict(variables))
-  out = _adapt_linen(model, stack, tuple(a[None] for a in inputs), mode, batch_size, momentum,
-                     alpha, layers, stats, kwargs, is_batch_norm, "unroll")
-  return {**variables,
-          "batch_stats": jax.tree_util.tree_map(lambda a: a[0], out["batch_stats"])}
+  return _adapt_linen(model, variables, tuple(a[None] for a in inputs), mode, batch_size,
+                      momentum, alpha, layers, stats, kwargs, is_batch_norm, None)
 
 
 def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, *,
@@ -541,17 +546,25 @@ def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, 
   if not _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None):
     raise _no_layer_error(model, jax.tree_util.tree_map(lambda a: a[0], variables),
                           tuple(a[0] for a in inputs), kwargs)
-  return _adapt_linen(model, dict(variables), inputs, mode, batch_size, momentum, alpha, layers,
+  return _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, layers,
                       stats, kwargs, is_batch_norm, stacking.resolve(strategy))
 
 
 def _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, layers, stats,
                  kwargs, is_batch_norm, strategy):
-  """Both linen functions' work, on checked arguments (stacked variables)."""
+  """Both linen functions' work, on checked arguments: stacked variables
+  mapped by ``strategy``, or (``strategy=None``) one model's variables, with
+  ``inputs`` carrying a pair axis of 1 either way."""
   paths = _m.stats_paths(variables["batch_stats"])
   selected = _selected(paths, layers)
   flat = traverse_util.flatten_dict(variables["batch_stats"])
   source = {p: (flat[paths[p] + ("mean",)], flat[paths[p] + ("var",)]) for p in paths}
+  index = None
+  if strategy is None:  # the pair axis is added inside the compiled passes
+    index = 0
+    if not _m.is_traced(source):
+      source = jax.device_get(source)
+    source = {p: (m[None], v[None]) for p, (m, v) in source.items()}
   kw, arrays = _m.Kwargs.split(kwargs)
   policies = {
       "choose": _Policy("choose", frozenset(selected), float(alpha), stats),
@@ -560,7 +573,7 @@ def _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, la
   }
 
   def with_stats(v, current):
-    return {**v, "batch_stats": _nest_stats(v["batch_stats"], paths, current)}
+    return {**v, "batch_stats": _nest_stats(v["batch_stats"], paths, current, index)}
 
   target = _Target(
       run=lambda kind: _linen_runner(model, kind, policies[kind], kw, is_batch_norm, strategy),
@@ -722,10 +735,9 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
   for name, sub in found.items():
     sub.__class__ = _adapting_class(type(sub))
     sub.bnjax_name = name
-    mean = sub.mean.get_value()
-    sub.bnjax_mean, sub.bnjax_var = nnx.BatchStat(jnp.zeros_like(mean, jnp.float32)), \
-        nnx.BatchStat(jnp.zeros_like(mean, jnp.float32))
-    sub.bnjax_count = nnx.BatchStat(jnp.zeros(mean.shape, jnp.int32))
+    shape = sub.mean.get_value().shape  # with a scanned layer's leading axes
+    for record, dtype in zip(_RECORD, (jnp.float32, jnp.float32, jnp.int32)):
+      setattr(sub, record, nnx.BatchStat(jnp.zeros(shape, dtype)))
   graphdef, state = nnx.split(copy)
   source = {p: tuple(jnp.asarray(getattr(found[p], a).get_value())[None] for a in ("mean", "var"))
             for p in found}

@@ -358,6 +358,8 @@ def test_stacked_pairs_match_single_pairs():
 
 
 class NnxCNN(nnx.Module):
+  traces = [0]  # Python side effects run only when traced
+
   def __init__(self, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(1, 4, (3, 3), rngs=rngs)
     self.bn1 = nnx.BatchNorm(4, rngs=rngs)
@@ -367,6 +369,7 @@ class NnxCNN(nnx.Module):
     self.head = nnx.Linear(3, 2, rngs=rngs)
 
   def __call__(self, x):
+    type(self).traces[0] += 1
     x = nnx.relu(self.bn1(self.conv1(x)))
     x = self.dropout(x)
     x = nnx.relu(self.bn2(self.conv2(x)))
@@ -471,6 +474,15 @@ def test_nnx_modes_and_options(nnx_cnn, monkeypatch):
   assert flags() == flags_before
 
 
+def test_nnx_second_call_does_not_recompile(nnx_cnn):
+  module, x = nnx_cnn
+  first = adapt.recompute_batch_stats_nnx(module, x, batch_size=4)
+  before = NnxCNN.traces[0]
+  second = adapt.recompute_batch_stats_nnx(module, x * 2, batch_size=4)
+  assert NnxCNN.traces[0] == before
+  assert not np.allclose(first.bn1.mean.get_value(), second.bn1.mean.get_value())
+
+
 def test_nnx_errors(nnx_cnn):
   module, x = nnx_cnn
   with pytest.raises(ValueError, match="nnx.Module"):
@@ -483,3 +495,60 @@ def test_nnx_errors(nnx_cnn):
     adapt.recompute_batch_stats_nnx(module, x, layers="enc")
   with pytest.raises(ValueError, match="NaN"):
     adapt.recompute_batch_stats_nnx(module, x.at[0].set(jnp.nan))
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(4, 4, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+  def __call__(self, x):
+    return x + nnx.relu(self.bn(self.linear(x)))
+
+
+class NnxLifted(nnx.Module):
+  """One block under nnx.remat, three stacked blocks under nnx.scan."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(3, 4, rngs=rngs)
+    self.remat_block = NnxBlock(rngs)
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NnxBlock(rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    x = nnx.remat(lambda block, x: block(x))(self.remat_block, self.inp(x))
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(block, x):
+      return block(x)
+
+    return body(self.blocks, x)
+
+
+def test_nnx_remat_and_scan(monkeypatch):
+  module = NnxLifted(nnx.Rngs(0))
+  x = _rand(11, (N, 3))
+  original = nnx.BatchNorm.__call__
+  for batch_size in (None, 4):
+    out = adapt.recompute_batch_stats_nnx(module, x, batch_size=batch_size)
+    assert out.blocks.bn.mean.get_value().shape == (3, 4)
+    seen = []
+
+    def recording(self, x, use_running_average=None, *, mask=None):
+      # Inside nnx.remat/nnx.scan the values are traced: read them out by callback.
+      jax.debug.callback(lambda *a: seen.append([np.asarray(b, np.float64) for b in a]),
+                         x, self.mean.get_value(), self.var.get_value())
+      return original(self, x, use_running_average=True)
+
+    with monkeypatch.context() as m:
+      m.setattr(nnx.BatchNorm, "__call__", recording)
+      jax.block_until_ready(out(x))
+    assert len(seen) == 4
+    for a, mean, var in seen:
+      np.testing.assert_array_less(np.abs(mean - a.mean(0)), 1e-4 * np.sqrt(a.var(0)) + 1e-7)
+      np.testing.assert_array_less(np.abs(var - a.var(0)), 1e-4 * a.var(0) + 1e-9)
