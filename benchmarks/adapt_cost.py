@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 
 import jax
 
@@ -30,8 +31,10 @@ except ImportError:  # run as a script
 
 
 def _load(path: str):
-  spec = importlib.util.spec_from_file_location("bnjax._adapt_compared", path)
+  name = "bnjax._adapt_compared"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from bnjax import compiler, models, stacking, train
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import data as _data
 
@@ -189,14 +190,22 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key,
   return TrainState(params, variables, tx.init(params))
 
 
-# Jitted, at XLA's lowest backend optimisation level: an eager ``model.init``
-# dispatches op by op (~20 s for a small U-Net on CPU) and a fully optimised
-# compile of its random initialisers takes ~12 s; this one ~2 s, run once.
-@functools.partial(jax.jit, static_argnums=(0, 2),
-                   compiler_options={"xla_backend_optimization_level": 0})
 def init_variables(model, key, image_shape):
-  """``model.init`` on a zero image of ``image_shape`` (H, W, C), jitted."""
-  return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  """``model.init`` on a zero image of ``image_shape`` (H, W, C), jitted.
+
+  Compiled at XLA's lowest backend optimisation level: an eager ``model.init``
+  dispatches op by op (~20 s for a small U-Net on CPU) and a fully optimised
+  compile of its random initialisers takes ~12 s; this one ~2 s, once per
+  model and shape (the model need not be hashable).
+  """
+  image_shape = tuple(image_shape)
+
+  def build():
+    def init(key):
+      return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})
+
+  return _m.cached(model, ("init_variables", image_shape), build)(key)
 
 
 def train_step(model, tx, loss, state: TrainState, x, y):
@@ -280,6 +289,24 @@ def _log(config, text):
     print(text, file=sys.stderr, flush=True)
 
 
+def _fit_functions(model, config: TrainConfig):
+  """(optimizer, jitted step, jitted evaluation) of ``fit``, built once per
+  model and optimisation settings, so that a second ``fit`` with the same
+  shapes does not compile again."""
+  settings = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
+              config.grad_clip, config.loss)
+
+  def build():
+    tx = make_optimizer(config)
+    step = compiler.jit(functools.partial(train_batch, model, tx, config.loss),
+                        donate_argnums=(0,))
+    run_eval = compiler.jit(functools.partial(evaluate, model, config.loss),
+                            static_argnums=(3,))
+    return tx, step, run_eval
+
+  return _m.cached(model, ("fit",) + settings, build)
+
+
 def fit(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(),
         variables=None):
   """Trains ``model`` on (images, masks).
@@ -305,12 +332,8 @@ def fit(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(),
   train_x, train_y = images[order[:n_train]], masks[order[:n_train]]
   val_x, val_y = images[order[n_train:]], masks[order[n_train:]]
 
-  tx = make_optimizer(config)
+  tx, step_fn, run_eval = _fit_functions(model, config)
   state = init_state(model, tx, k_init, images.shape[1:], variables)
-  step_fn = compiler.jit(functools.partial(train_batch, model, tx, config.loss),
-                         donate_argnums=(0,))
-  run_eval = compiler.jit(functools.partial(evaluate, model, config.loss),
-                          static_argnums=(3,))
 
   history = {"train_loss": [], "val_loss": [], "val_dice": [], "seconds": []}
   best, best_dice, best_epoch, since_best = None, -1.0, 0, 0
@@ -353,10 +376,12 @@ def predict(model: nn.Module, variables, images, batch_size: int = 64) -> np.nda
   images = _data.check_images_masks(images)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-  return np.asarray(_predict(model, variables, images, min(batch_size, images.shape[0])))
+  batch_size = min(batch_size, images.shape[0])
+  run = _m.cached(model, ("predict",), lambda: compiler.jit(
+      functools.partial(_predict, model), static_argnums=(2,)))
+  return np.asarray(run(variables, images, batch_size))
 
 
-@compiler.jit(static_argnums=(0, 3))
 def _predict(model, variables, images, batch_size):
   n = images.shape[0]
   chunks = -(-n // batch_size)

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -33,7 +32,7 @@ import jax
 import numpy as np
 
 import bnjax
-from bnjax import checkpoint, data, metrics, models, train
+from bnjax import checkpoint, compiler, data, metrics, models, train
 from bnjax.adapt import MODES, recompute_batch_stats
 
 FLAGS = flags.FLAGS
@@ -161,6 +160,7 @@ def history_figure(histories: dict, path):
 
 def main(argv):
   del argv
+  compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk
   if not FLAGS["verbosity"].present:  # keep orbax's per-save INFO lines out of the log
     logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()

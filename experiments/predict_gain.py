@@ -27,7 +27,6 @@ the lowest adapted IoU) under --out.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import time
@@ -35,10 +34,9 @@ import time
 from absl import app, flags, logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bnjax import adapt, checkpoint, data, distances, features, models, plots
+from bnjax import adapt, checkpoint, compiler, data, distances, features, models, plots
 from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
 from bnjax.progress import Progress
 
@@ -92,6 +90,7 @@ def layer_sum(d: dict) -> float:
 
 def main(argv):
   del argv
+  compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()

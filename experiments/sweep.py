@@ -31,7 +31,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import checkpoint, data, models, plots, sweep, train
+from bnjax import checkpoint, compiler, data, models, plots, sweep, train
 from bnjax.adapt import MODES
 from bnjax.progress import Progress
 
@@ -165,6 +164,7 @@ def label(d: data.Domain) -> str:
 
 def main(argv):
   del argv
+  compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:

@@ -21,13 +21,15 @@ def check_rows(rows):
     assert r["ratio"] == pytest.approx(r["reference_s"] / r["bnjax_s"])
 
 
-def test_small_benchmarks_run(capsys):
+def test_small_benchmarks_run(root, capsys):
   check_rows(frechet.run(n=300, d=8, reps=1))
   assert "relative difference" in capsys.readouterr().out
   check_rows(sliced_wasserstein.run(n=400, d=8, p=4, reps=1))
   check_rows(data_gen.run(n=20, size=16, ref_n=4, reps=1))
-  rows = adapt_cost.run(width=2, size=32, n=8, reps=1)
-  assert len(rows) == 4
+  # This version of adapt.py against itself loaded from its file, side by side.
+  rows = adapt_cost.run(width=2, size=32, n=8, reps=1,
+                        compare_with=os.path.join(root, "bnjax", "adapt.py"))
+  assert [r["case"].endswith("vs other") for r in rows] == [False, True] * 4
   check_rows(rows)
 
 

@@ -1,5 +1,4 @@
-import dataclasses
-
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +115,36 @@ def test_predict_errors(tiny_data):
     bnjax.predict(TINY, v, x.at[0, 0, 0, 0].set(jnp.nan))
   with pytest.raises(ValueError, match="batch_size"):
     bnjax.predict(TINY, v, x, batch_size=0)
+
+
+class _TinySeg(flax_nn.Module):
+  """Not hashable (a list attribute); counts its traces (Python side effects
+  run only when a function is traced)."""
+
+  widths: list
+  traces = [0]
+
+  @flax_nn.compact
+  def __call__(self, x, train: bool = False):
+    type(self).traces[0] += 1
+    for w in self.widths:
+      x = flax_nn.Conv(w, (3, 3), use_bias=False)(x)
+      x = flax_nn.relu(flax_nn.BatchNorm(use_running_average=not train)(x))
+    return flax_nn.Conv(2, (1, 1))(x)
+
+
+def test_second_fit_and_predict_do_not_compile_again(tiny_data):
+  x, y = tiny_data
+  model = _TinySeg(widths=[4, 4])
+  v1, _ = train.fit(model, x, y, config(epochs=2))
+  first = bnjax.predict(model, v1, x)
+  before = _TinySeg.traces[0]
+  # An equal model, another seed and epoch count: same programs, no new trace.
+  v2, _ = train.fit(_TinySeg(widths=[4, 4]), x, y, config(epochs=3, seed=1))
+  second = bnjax.predict(model, v2, x)
+  assert _TinySeg.traces[0] == before
+  assert first.shape == second.shape == y.shape
+  assert not np.array_equal(jax.tree_util.tree_leaves(v1["params"])[0],
+                            jax.tree_util.tree_leaves(v2["params"])[0])
+  train.fit(model, x, y, config(epochs=1, learning_rate=3e-3))  # other settings: compiled anew
+  assert _TinySeg.traces[0] > before
