@@ -113,6 +113,13 @@ class _Policy:
   stats: str = "both"
 
 
+def _policies(selected, alpha: float, stats: str) -> dict[str, _Policy]:
+  """The policy of each kind of pass for one adaptation."""
+  chosen = frozenset(selected)
+  return {"choose": _Policy("choose", chosen, float(alpha), stats),
+          "record": _Policy("record", chosen), "batch": _Policy("batch", chosen)}
+
+
 def _moments(x, reduction, mask):
   """Mean, biased variance (two-pass, at least float32) and count of the
   values over ``reduction`` axes, only where ``mask`` (broadcast to ``x``)."""
@@ -449,9 +456,10 @@ def _batch_records(target, inputs, n, batch_size, xp):
 def _adapt(target: _Target, inputs, mode, batch_size, momentum, alpha, stats, selected):
   """The adapted ``{name: (mean, var)}`` of the selected layers (leading P axis)."""
   xp = jnp if _m.is_traced((target.state, inputs, target.arrays)) else np
-  if xp is np:
-    target.source = {p: tuple(np.asarray(a, np.float64) for a in s)
-                     for p, s in jax.device_get(target.source).items()}
+  if xp is np:  # combine on the host in float64
+    target = dataclasses.replace(target, source={
+        p: tuple(np.asarray(a, np.float64) for a in s)
+        for p, s in jax.device_get(target.source).items()})
   n = inputs[0].shape[1]
   batch_size = int(batch_size or DEFAULT_BATCH_SIZE[mode])
   mix = lambda p, mean, var: _mix(mean, var, *target.source[p], alpha, stats)
@@ -566,11 +574,7 @@ def _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, la
       source = jax.device_get(source)
     source = {p: (m[None], v[None]) for p, (m, v) in source.items()}
   kw, arrays = _m.Kwargs.split(kwargs)
-  policies = {
-      "choose": _Policy("choose", frozenset(selected), float(alpha), stats),
-      "record": _Policy("record", frozenset(selected)),
-      "batch": _Policy("batch", frozenset(selected)),
-  }
+  policies = _policies(selected, alpha, stats)
 
   def with_stats(v, current):
     return {**v, "batch_stats": _nest_stats(v["batch_stats"], paths, current, index)}
@@ -669,18 +673,18 @@ def _nnx_pass(graphdef, kind, policy, kw: _m.Kwargs):
     def one(state, stats, inputs, arrays):
       # Fresh Variables in this trace (the state's own belong to the caller's).
       module = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a, state))
-      for name, sub in _nnx_layers(module, None).items():
-        if name in stats:
-          sub.mean.set_value(stats[name][0])
-          sub.var.set_value(stats[name][1])
+      adapting = {name: sub for name, sub in _nnx_layers(module, None).items()
+                  if hasattr(sub, "bnjax_name")}
+      for name, sub in adapting.items():
+        sub.mean.set_value(stats[name][0])
+        sub.var.set_value(stats[name][1])
       token = _NNX_POLICY.set((policy, set()))
       try:
         module(*inputs, **kw.join(arrays))
       finally:
         _NNX_POLICY.reset(token)
       return {name: tuple(getattr(sub, r).get_value() for r in _RECORD)
-              for name, sub in _nnx_layers(module, None).items()
-              if hasattr(sub, "bnjax_name")}
+              for name, sub in adapting.items()}
 
     def unstacked(state_stats, inputs, arrays):  # P = 1
       state, stats = state_stats
@@ -742,11 +746,7 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
   source = {p: tuple(jnp.asarray(getattr(found[p], a).get_value())[None] for a in ("mean", "var"))
             for p in found}
   kw, arrays = _m.Kwargs.split(call_kwargs)
-  policies = {
-      "choose": _Policy("choose", frozenset(selected), float(alpha), stats),
-      "record": _Policy("record", frozenset(selected)),
-      "batch": _Policy("batch", frozenset(selected)),
-  }
+  policies = _policies(selected, alpha, stats)
   target = _Target(
       run=lambda kind: _nnx_pass(graphdef, kind, policies[kind], kw),
       with_stats=lambda st, current: (st[0], {**st[1], **current}),
