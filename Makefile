@@ -18,7 +18,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) experiments/adapt_pair.py --out=$(OUT)
+	$(PY) experiments/adapt_pair.py --config=experiments/configs/adapt_pair.py --workdir=$(OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -3,7 +3,7 @@ r"""Vectorised training of K models vs the same K trained one after another.
     python benchmarks/train_many.py                       # CPU: K = 1, 2, 4, 8, width 8, 32x32, batch 32
     python benchmarks/train_many.py --ks=1,32,128,256 --strategies=vmap   # on a GPU
 
-Times the train step ``bnjax.sweep.train_many`` runs (a stack of K models,
+Times the train step ``bnjax.train.train_many`` runs (a stack of K models,
 mapped by a strategy) against K calls of the single-model step ``fit`` runs,
 side by side in one process: model-images per second for each and the ratio
 (vectorised / one at a time; > 1 means the stack is faster per model).

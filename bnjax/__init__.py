@@ -1,16 +1,34 @@
 """bnjax: Batch-Norm adaptation under controlled domain shift, in JAX/Flax.
 
     import bnjax
-    images, masks = bnjax.data.make_dataset(key, bnjax.data.Domain(90, 50, 170, 50), 500)
-    variables, history = bnjax.train.fit(model, images, masks, bnjax.train.TrainConfig())
-    adapted = bnjax.adapt.recompute_batch_stats(model, variables, target_images)
+    images, masks = bnjax.data.make_dataset(key, bnjax.Domain(90, 50, 170, 50), 500)
+    variables, history = bnjax.fit(model, images, masks, bnjax.TrainConfig())
+    adapted = bnjax.recompute_batch_stats(model, variables, target_images)
     bnjax.metrics.iou(bnjax.predict(model, adapted, target_images), target_masks)
+
+The modules, by idea (imports point down this list): ``data`` (domains,
+Perlin masks, rendering), ``models`` (the U-Net), ``stacking`` (stacks of
+models, devices), ``adapt`` (BatchNorm adaptation of any Flax model),
+``metrics``, ``inference`` (predictions, stacked scores), ``train`` (one loop
+for K >= 1 models), ``features`` and ``distances`` (latent spaces and OT),
+``stats``, ``checkpoint``, ``workdir`` (the run-directory contract of the
+experiments), ``plots``, ``compiler``, ``progress``.
 """
 
-from bnjax import (adapt, checkpoint, compiler, data, distances, features, metrics, models, stacking,
-                   stats, sweep, train)
-from bnjax.train import predict
+from bnjax import (adapt, checkpoint, compiler, data, distances, features, inference, metrics,
+                   models, plots, progress, stacking, stats, train, workdir)
+from bnjax.adapt import recompute_batch_stats, recompute_batch_stats_nnx
+from bnjax.data import Domain
+from bnjax.inference import evaluate_grid, predict
+from bnjax.models import UNet
+from bnjax.train import TrainConfig, fit, train_many
 
-__all__ = ["adapt", "checkpoint", "compiler", "data", "distances", "features", "metrics", "models",
-           "stacking", "stats", "sweep", "train", "predict"]
+__all__ = [
+    # modules
+    "adapt", "checkpoint", "compiler", "data", "distances", "features", "inference", "metrics",
+    "models", "plots", "progress", "stacking", "stats", "train", "workdir",
+    # the names most programs need
+    "Domain", "UNet", "TrainConfig", "fit", "train_many", "predict", "evaluate_grid",
+    "recompute_batch_stats", "recompute_batch_stats_nnx",
+]
 __version__ = "0.1.0"

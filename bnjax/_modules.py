@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -140,33 +139,6 @@ class Kwargs:
 
 # --------------------------------------------------------------------------
 # Inputs
-
-
-def is_traced(tree) -> bool:
-  return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
-
-
-def check_inputs(inputs, lead: int = 1, name: str = "inputs") -> tuple:
-  """``inputs`` (an array or a tuple of arrays) as a tuple of arrays sharing
-  their ``lead`` leading axes, none of them empty, without NaN or infinite
-  values (checked only where the values are concrete)."""
-  arrays = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-  if not arrays:
-    raise ValueError(f"{name} must be an array or a non-empty tuple of arrays")
-  arrays = tuple(jnp.asarray(a) for a in arrays)
-  want = "[P, n, ...]" if lead == 2 else "[n, ...]"
-  shapes = [a.shape for a in arrays]
-  if any(a.ndim < lead for a in arrays) or len({s[:lead] for s in shapes}) != 1:
-    raise ValueError(f"{name} must be arrays {want} sharing their leading "
-                     f"ax{'es' if lead > 1 else 'is'}, got shapes {shapes}")
-  if 0 in shapes[0][:lead]:
-    raise ValueError(f"{name} must be a non-empty set {want}, got shapes {shapes}")
-  for i, a in enumerate(arrays):
-    if (not isinstance(a, jax.core.Tracer) and jnp.issubdtype(a.dtype, jnp.inexact)
-        and not bool(jnp.all(jnp.isfinite(a)))):
-      which = name if len(arrays) == 1 else f"{name}[{i}]"
-      raise ValueError(f"{which} contain NaN or infinite values")
-  return arrays
 
 
 # --------------------------------------------------------------------------

@@ -75,6 +75,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bnjax import _batching
+from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import stacking
@@ -263,13 +265,19 @@ def _linen_runner(model, kind: str, policy: _Policy, kw: _m.Kwargs, is_batch_nor
 # Statistics as flat {name: (mean, var)} dicts; arrays carry a leading pair axis
 
 
+def _stats_of(batch_stats) -> dict[str, tuple[Any, Any]]:
+  """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a stats tree
+  (the arrays as stored)."""
+  flat = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
+  return {name: (flat[p + ("mean",)], flat[p + ("var",)])
+          for name, p in _m.stats_paths(batch_stats).items()}
+
+
 def layer_stats(batch_stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a ``batch_stats``
   collection, as float64 NumPy arrays."""
-  flat = traverse_util.flatten_dict(jax.device_get(batch_stats)) if batch_stats else {}
-  return {name: (np.asarray(flat[p + ("mean",)], np.float64),
-                 np.asarray(flat[p + ("var",)], np.float64))
-          for name, p in _m.stats_paths(batch_stats).items()}
+  return {name: (np.asarray(m, np.float64), np.asarray(v, np.float64))
+          for name, (m, v) in _stats_of(jax.device_get(batch_stats)).items()}
 
 
 def _nest_stats(template, paths, flat: dict[str, tuple], index: int | None = None) -> Any:
@@ -383,11 +391,6 @@ class _Target:
   arrays: list
 
 
-def _chunks(n: int, size: int) -> Iterable[slice]:
-  for start in range(0, n, size):
-    yield slice(start, min(start + size, n))
-
-
 def _take(inputs, s: slice):
   return tuple(a[:, s] for a in inputs)
 
@@ -421,7 +424,7 @@ def _exact(target, inputs, n, chunk, selected, mix, xp):
   called = None
   for _ in range(passes):
     state = target.with_stats(target.state, current)
-    parts = [_pass(target, "record", state, _take(inputs, s), xp) for s in _chunks(n, chunk)]
+    parts = [_pass(target, "record", state, _take(inputs, s), xp) for s in _batching.slices(n, chunk)]
     called = called or _check_called(parts[0], selected)
     new = dict(current)
     for p in called:
@@ -442,7 +445,7 @@ def _batch_records(target, inputs, n, batch_size, xp):
   full = n // batch_size
   pieces = []
   group = max(1, 256 // batch_size)  # mini-batches per forward call
-  for s in _chunks(full, group):
+  for s in _batching.slices(full, group):
     x = tuple(a[:, s.start * batch_size:s.stop * batch_size] for a in inputs)
     x = tuple(a.reshape(a.shape[0], s.stop - s.start, batch_size, *a.shape[2:]) for a in x)
     pieces.append(_pass(target, "batch", target.state, x, xp))
@@ -455,7 +458,7 @@ def _batch_records(target, inputs, n, batch_size, xp):
 
 def _adapt(target: _Target, inputs, mode, batch_size, momentum, alpha, stats, selected):
   """The adapted ``{name: (mean, var)}`` of the selected layers (leading P axis)."""
-  xp = jnp if _m.is_traced((target.state, inputs, target.arrays)) else np
+  xp = jnp if _checks.is_traced((target.state, inputs, target.arrays)) else np
   if xp is np:  # combine on the host in float64
     target = dataclasses.replace(target, source={
         p: tuple(np.asarray(a, np.float64) for a in s)
@@ -529,7 +532,7 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
     ``batch_stats`` collection.
   """
   _check_options(mode, batch_size, momentum, alpha, stats)
-  inputs = _m.check_inputs(inputs, lead=1)
+  inputs = _checks.inputs(inputs, lead=1)
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   paths = _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None)
   if not paths:
@@ -549,7 +552,7 @@ def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, 
   leading axis P; pair i adapts model i to input set i. ``strategy`` is how
   the pairs are mapped (:mod:`bnjax.stacking`)."""
   _check_options(mode, batch_size, momentum, alpha, stats)
-  inputs = _m.check_inputs(inputs, lead=2)
+  inputs = _checks.inputs(inputs, lead=2)
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   if not _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None):
     raise _no_layer_error(model, jax.tree_util.tree_map(lambda a: a[0], variables),
@@ -565,12 +568,11 @@ def _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, la
   ``inputs`` carrying a pair axis of 1 either way."""
   paths = _m.stats_paths(variables["batch_stats"])
   selected = _selected(paths, layers)
-  flat = traverse_util.flatten_dict(variables["batch_stats"])
-  source = {p: (flat[paths[p] + ("mean",)], flat[paths[p] + ("var",)]) for p in paths}
+  source = _stats_of(variables["batch_stats"])
   index = None
   if strategy is None:  # the pair axis is added inside the compiled passes
     index = 0
-    if not _m.is_traced(source):
+    if not _checks.is_traced(source):
       source = jax.device_get(source)
     source = {p: (m[None], v[None]) for p, (m, v) in source.items()}
   kw, arrays = _m.Kwargs.split(kwargs)
@@ -723,7 +725,7 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
   if not isinstance(module, nnx.Module):
     raise ValueError(f"module must be an nnx.Module, got {type(module).__name__}")
   _check_options(mode, batch_size, momentum, alpha, stats)
-  inputs = _m.check_inputs(inputs, lead=1)
+  inputs = _checks.inputs(inputs, lead=1)
   if call_kwargs is not None and not isinstance(call_kwargs, Mapping):
     raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
   call_kwargs = dict(call_kwargs or {})

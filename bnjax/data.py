@@ -24,12 +24,17 @@ import functools
 import hashlib
 import math
 import os
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-RENDER_KINDS = ("white_noise", "gradient", "edges")
+from bnjax import _checks
+
+RenderKind = Literal["white_noise", "gradient", "edges"]
+RENDER_KINDS: tuple[str, ...] = get_args(RenderKind)
+Split = Literal["train", "eval", "adapt"]
 LAPLACIAN = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -63,6 +68,25 @@ class Domain:
         raise ValueError(f"Domain.{name} must be >= 0, got {value}")
       object.__setattr__(self, name, value)
 
+  def to_json(self) -> dict[str, float]:
+    """``{"mu1": ..., "sigma1": ..., "mu2": ..., "sigma2": ...}``, as run
+    directories store domains."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, value: Any) -> "Domain":
+    """The inverse of :meth:`to_json`; also takes four numbers in order."""
+    if isinstance(value, dict):
+      names = [f.name for f in dataclasses.fields(cls)]
+      if sorted(value) != sorted(names):
+        raise ValueError(f"a domain needs exactly the keys {names}, got {sorted(value)}")
+      return cls(**value)
+    values = list(value) if isinstance(value, (list, tuple)) else None
+    if values is None or len(values) != 4:
+      raise ValueError(f"a domain is a dict {{mu1, sigma1, mu2, sigma2}} or four numbers, "
+                       f"got {value!r}")
+    return cls(*values)
+
   @classmethod
   def parse(cls, text: str) -> "Domain":
     """Parses ``"mu1,sigma1,mu2,sigma2"`` (as given on a command line)."""
@@ -84,26 +108,9 @@ class Domain:
     return f"({self.mu1:g},{self.sigma1:g},{self.mu2:g},{self.sigma2:g})"
 
 
-def _check_key(key) -> None:
-  if not isinstance(key, jax.Array) or not (
-      jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-      or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
-    raise ValueError(
-        "key must be a JAX PRNG key (jax.random.key(seed) or "
-        f"jax.random.PRNGKey(seed)), got {type(key).__name__}")
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-  return int(value)
-
-
 def _check_lattice(size: int, res: int) -> None:
-  _check_positive_int("size", size)
-  _check_positive_int("res", res)
+  _checks.positive_int("size", size)
+  _checks.positive_int("res", res)
   if size % res:
     raise ValueError(
         f"size ({size}) must be a multiple of res ({res}): the lattice cells "
@@ -171,8 +178,8 @@ def perlin_noise(key: jax.Array, n: int, size: int = 64, res: int = 2) -> jax.Ar
 
 def _perlin_args(key, n, size, res):
   """Checked (key, n, size, res) of the Perlin generators, as static ints."""
-  _check_key(key)
-  _check_positive_int("n", n)
+  _checks.key(key)
+  _checks.positive_int("n", n)
   _check_lattice(size, res)
   return key, int(n), int(size), int(res)
 
@@ -228,11 +235,11 @@ def _check_masks(masks) -> jax.Array:
   if masks.ndim != 3 or masks.shape[0] == 0:
     raise ValueError(
         f"masks must be a non-empty bool[n, H, W] array, got shape {masks.shape}")
-  return masks.astype(bool)
+  return _checks.mask_array(masks)
 
 
 def render(key: jax.Array, masks: jax.Array, domain: Domain | None = None,
-           kind: str = "white_noise", quantize: bool = False,
+           kind: RenderKind = "white_noise", quantize: bool = False,
            texture_res: int = 2) -> jax.Array:
   """Renders masks as images, float32[n, size, size, 1] in [0, 1].
 
@@ -250,7 +257,7 @@ def render(key: jax.Array, masks: jax.Array, domain: Domain | None = None,
     texture_res: lattice cells across the image for the ``"gradient"``
       textures.
   """
-  _check_key(key)
+  _checks.key(key)
   masks = _check_masks(masks)
   if kind == "white_noise":
     if not isinstance(domain, Domain):
@@ -269,10 +276,10 @@ def render(key: jax.Array, masks: jax.Array, domain: Domain | None = None,
   raise ValueError(f"kind must be one of {RENDER_KINDS}, got {kind!r}")
 
 
-SPLITS = ("train", "eval", "adapt")
+SPLITS: tuple[str, ...] = get_args(Split)
 
 
-def split_key(seed: int, domain: Domain, split: str) -> jax.Array:
+def split_key(seed: int, domain: Domain, split: Split) -> jax.Array:
   """The key of one split of one domain in an experiment with this seed.
 
   Depends only on the domain's values (not on its position in a list), so a
@@ -286,10 +293,10 @@ def split_key(seed: int, domain: Domain, split: str) -> jax.Array:
 
 
 def make_dataset(key: jax.Array, domain: Domain, n: int, size: int = 64,
-                 kind: str = "white_noise", res: int = 2,
+                 kind: RenderKind = "white_noise", res: int = 2,
                  threshold: float = 0.4, quantize: bool = False):
   """``n`` images and masks of a domain: (float32[n, size, size, 1], bool[n, size, size])."""
-  _check_key(key)
+  _checks.key(key)
   k_mask, k_render = jax.random.split(key)
   masks = perlin_masks(k_mask, n, size, res, threshold)
   return render(k_render, masks, domain, kind, quantize), masks
@@ -306,7 +313,7 @@ def save_folder(directory: str | os.PathLike, images, masks) -> tuple[str, str]:
   """
   from PIL import Image
 
-  images, masks = check_images_masks(images, masks)
+  images, masks = _checks.images(images, masks)
   images_dir = os.path.join(os.fspath(directory), "images")
   masks_dir = os.path.join(os.fspath(directory), "masks")
   os.makedirs(images_dir, exist_ok=True)
@@ -380,50 +387,3 @@ def load_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike):
     out_masks.append(msk > 0)
   images_arr = (np.stack(out_images).astype(np.float32) / 255.0)[..., None]
   return images_arr, np.stack(out_masks)
-
-
-def check_images_masks(images, masks=None, *, name: str = "images"):
-  """Validates ``float[n, H, W, C]`` images (``[n, H, W]`` gets a channel) and masks.
-
-  Raises ValueError for empty sets, wrong ranks, NaN/inf pixels or masks whose
-  shape does not match. Returns the arrays as jax arrays.
-  """
-  images = jnp.asarray(images)
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.ndim != 4 or images.shape[0] == 0:
-    raise ValueError(
-        f"{name} must be a non-empty float[n, H, W, C] (or [n, H, W]) array, "
-        f"got shape {images.shape}")
-  if not jnp.issubdtype(images.dtype, jnp.floating):
-    images = images.astype(jnp.float32)
-  if not bool(jnp.all(jnp.isfinite(images))):
-    raise ValueError(f"{name} contain NaN or infinite pixels")
-  if masks is None:
-    return images
-  masks = jnp.asarray(masks)
-  if masks.shape != images.shape[:3]:
-    raise ValueError(
-        f"masks must have shape {images.shape[:3]} (n, H, W of {name}), got "
-        f"{masks.shape}")
-  return images, masks.astype(bool)
-
-
-def check_image_stack(images, masks=None, *, name: str = "images"):
-  """:func:`check_images_masks` for a stack: float[K, n, H, W, C] (or
-  [K, n, H, W]) images and optional bool[K, n, H, W] masks, as float32/bool."""
-  images = jnp.asarray(images)
-  if images.ndim == 4:
-    images = images[..., None]
-  if images.ndim != 5 or images.shape[0] == 0 or images.shape[1] == 0:
-    raise ValueError(
-        f"{name} must be a non-empty float[K, n, H, W, C] stack, got {images.shape}")
-  if not bool(jnp.all(jnp.isfinite(images))):
-    raise ValueError(f"{name} contain NaN or infinite pixels")
-  images = images.astype(jnp.float32)
-  if masks is None:
-    return images
-  masks = jnp.asarray(masks)
-  if masks.shape != images.shape[:4]:
-    raise ValueError(f"masks must have shape {images.shape[:4]}, got {masks.shape}")
-  return images, masks.astype(bool)

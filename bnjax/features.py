@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bnjax import _batching
+from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import stacking
@@ -71,7 +73,7 @@ def available_taps(model: nn.Module, variables, image_shape, apply_kwargs=None) 
 def module_paths(model: nn.Module, variables, inputs, apply_kwargs=None) -> list[str]:
   """Paths (``"Block_0/Conv_1"``) of every submodule called in a forward pass
   on ``inputs`` (an array ``[n, ...]`` or a tuple of them), in call order."""
-  inputs = _m.check_inputs(inputs)
+  inputs = _checks.inputs(inputs)
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   return _module_paths(model, variables, _one_example(inputs), kwargs)
 
@@ -202,12 +204,11 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   ``taps`` defaults to every sown level, or ``["bn_inputs"]`` for a model
   that sows none; a regex tap gives one entry per matching module path.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  _checks.positive_int("batch_size", batch_size)
   first = stacking.tree_index(variables, 0) if stacked else variables
   inputs = tuple(images) if isinstance(images, (tuple, list)) else (images,)
   per_model = stacked and len(inputs) == 1 and jnp.ndim(inputs[0]) == 5
-  check = _m.check_inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images")
+  check = _checks.inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images")
   if not per_model:
     inputs = check
   else:
@@ -219,14 +220,13 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   n = check[0].shape[0]
   k = jax.tree_util.tree_leaves(variables)[0].shape[0] if stacked else None
   parts = []
-  for s in range(0, n, batch_size):
+  for s in _batching.slices(n, batch_size):
     if per_model:
-      x = tuple(a[:, s:s + batch_size] for a in inputs)
+      x = tuple(a[:, s] for a in inputs)
     elif stacked:
-      x = tuple(jnp.broadcast_to(a[s:s + batch_size], (k, *a[s:s + batch_size].shape))
-                for a in inputs)
+      x = tuple(jnp.broadcast_to(a[s], (k, *a[s].shape)) for a in inputs)
     else:
-      x = tuple(a[s:s + batch_size] for a in inputs)
+      x = tuple(a[s] for a in inputs)
     parts.append([np.asarray(f) for f in run(variables, x, arrays)])
   axis = 1 if stacked else 0
   return {r.key: np.concatenate([p[i] for p in parts], axis=axis) for i, r in enumerate(reads)}

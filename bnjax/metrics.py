@@ -1,4 +1,5 @@
-"""Segmentation metrics on boolean masks.
+"""Segmentation metrics on boolean masks (or integers in {0, 1}; floats are
+refused: threshold scores first).
 
 ``iou`` is the study's metric: foreground intersection over union computed per
 image and averaged over images. An image whose prediction and mask are both
@@ -13,6 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bnjax import _checks
+
+__all__ = ["iou", "iou_per_image", "dice", "pixel_accuracy", "micro_iou", "foreground_fraction"]
+
 
 def _check(pred, masks):
   pred, masks = jnp.asarray(pred), jnp.asarray(masks)
@@ -21,14 +26,11 @@ def _check(pred, masks):
         f"pred and masks must have the same shape, got {pred.shape} and {masks.shape}")
   if pred.ndim != 3 or pred.shape[0] == 0:
     raise ValueError(f"pred and masks must be non-empty bool[n, H, W], got {pred.shape}")
-  return pred.astype(bool), masks.astype(bool)
+  return _checks.mask_array(pred, "pred"), _checks.mask_array(masks, "masks")
 
 
 def _check_empty(empty):
-  empty = float(empty)
-  if not 0.0 <= empty <= 1.0:
-    raise ValueError(f"empty must be in [0, 1], got {empty}")
-  return empty
+  return _checks.unit_interval("empty", empty)
 
 
 def _counts(pred, masks):
@@ -77,4 +79,4 @@ def micro_iou(pred, masks, empty: float = 1.0) -> float:
 
 def foreground_fraction(masks) -> float:
   """Mean fraction of foreground pixels."""
-  return float(jnp.mean(jnp.asarray(masks).astype(jnp.float32)))
+  return float(jnp.mean(_checks.mask_array(masks).astype(jnp.float32)))

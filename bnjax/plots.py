@@ -143,27 +143,46 @@ def surface(matrix, rows: Sequence[str], cols: Sequence[str], path, zlabel="IoU"
   return path
 
 
-def histories(history: dict, labels: Sequence[str], path) -> str:
-  """Training loss and validation Dice of every model (``history`` arrays are
-  float[epochs, K], as :func:`bnjax.sweep.train_many` returns)."""
+def _colours(n: int):
+  """One colour per model, the same in every panel."""
   plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-  train_loss = np.asarray(history["train_loss"])
-  val_dice = np.asarray(history["val_dice"])
+  if n <= 10:
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"][:n]
+  return [plt.get_cmap("viridis")(i / max(n - 1, 1)) for i in range(n)]
+
+
+def histories(history: dict, labels: Sequence[str], path, title: str = "") -> str:
+  """Training (solid) and validation (dashed, when ``history`` has
+  ``val_loss``) loss and validation Dice of every model, one colour per model
+  in both panels. ``history`` arrays are float[epochs, K] (NaN after a model
+  stopped), as :func:`bnjax.train.train_many` returns."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  train_loss = np.asarray(history["train_loss"], float)
+  val_loss = np.asarray(history["val_loss"], float) if "val_loss" in history else None
+  val_dice = np.asarray(history["val_dice"], float)
   epochs = np.arange(1, train_loss.shape[0] + 1)
-  for i, label in enumerate(labels):
-    axes[0].plot(epochs, train_loss[:, i], label=label, lw=1)
-    axes[1].plot(epochs, val_dice[:, i], label=label, lw=1)
-  axes[0].set(xlabel="epoch", ylabel="train loss")
-  axes[1].set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1))
+  for i, (label, colour) in enumerate(zip(labels, _colours(len(labels)))):
+    axes[0].plot(epochs, train_loss[:, i], color=colour, label=label, lw=1)
+    if val_loss is not None:
+      axes[0].plot(epochs, val_loss[:, i], "--", color=colour, lw=1)
+    axes[1].plot(epochs, val_dice[:, i], color=colour, label=label, lw=1)
+  axes[0].set(xlabel="epoch", ylabel="loss",
+              title="training loss" + (" (solid), validation (dashed)" if val_loss is not None
+                                       else ""))
+  axes[1].set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1), title="validation Dice")
   if len(labels) <= 12:
-    axes[1].legend(fontsize=5)
+    axes[1].legend(fontsize=6)
+  if title:
+    fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  write_json_atomic(f"{_stem(path)}.json", {
-      "labels": list(labels), "train_loss": np.where(np.isnan(train_loss), None, train_loss).tolist(),
-      "val_dice": np.where(np.isnan(val_dice), None, val_dice).tolist()})
+  clean = lambda a: np.where(np.isnan(a), None, a).tolist()
+  numbers = {"labels": list(labels), "train_loss": clean(train_loss), "val_dice": clean(val_dice)}
+  if val_loss is not None:
+    numbers["val_loss"] = clean(val_loss)
+  write_json_atomic(f"{_stem(path)}.json", numbers)
   return path
 
 

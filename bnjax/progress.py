@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+__all__ = ["Progress"]
+
 
 def _clock(seconds: float) -> str:
   seconds = int(round(seconds))
@@ -21,11 +23,13 @@ class Progress:
     self.total, self.label, self.width = max(int(total), 1), label, width
     self.stream = stream or sys.stderr
     self.start = time.perf_counter()
-    self.first = None
+    self.first = (0, self.start)
 
-  def update(self, done: int, note: str = "") -> str:
-    if self.first is None:
-      self.first = (done, time.perf_counter()) if done < self.total else (0, self.start)
+  def update(self, done: int, note: str = "", restored: bool = False) -> str:
+    """Prints the bar at ``done`` of ``total``; ``restored``: that work came
+    from disk, so the ETA restarts from here."""
+    if restored:
+      self.first = (done, time.perf_counter())
     elapsed = time.perf_counter() - self.start
     base, t0 = self.first
     rate_done = done - base

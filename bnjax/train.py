@@ -1,21 +1,28 @@
-"""Supervised training of a segmentation model (any linen model called as
+"""Supervised training of segmentation models (any linen model called as
 ``model.apply(variables, x, train=...)`` that returns logits ``[n, H, W, classes]``).
+
+One loop trains K >= 1 models at once: a stack (every leaf with a leading
+model axis) mapped by a strategy of :mod:`bnjax.stacking` and, past one
+device, sharded over a mesh. :func:`train_many` is that loop; :func:`fit` is
+its K = 1 case. Model i of a stack is what ``fit`` trains on ``images[i]``
+with ``seed = config.seed + i``: same initialisation, split and batch order,
+its own BatchNorm statistics and early stopping (a stopped model is frozen
+with ``where(active, new, old)``).
 
 The training set stays on the device; a step is one jitted function that
 gathers its batch by index (no host-to-device copy per step, no recompilation
-between epochs, the state buffers donated). The pieces (``init_state``,
-``train_epoch``, ``evaluate``) are pure functions of pytrees so that a stack of
-models can be trained by mapping them over a leading axis.
+between epochs or between calls with the same model and settings, the state
+buffers donated). The pieces (:func:`init_state`, :func:`train_step`,
+:func:`evaluate`) are pure functions of pytrees.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import flax.linen as nn
 import jax
@@ -23,12 +30,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bnjax import _batching
+from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
-from bnjax import data as _data
+from bnjax import stacking
+from bnjax.inference import logits_to_masks
+from bnjax.models import init_variables
 
-OPTIMIZERS = ("adam", "rmsprop", "sgd")
-LOSSES = ("ce", "dice", "ce+dice")
+__all__ = ["TrainConfig", "fit", "train_many", "make_optimizer", "segmentation_loss",
+           "soft_dice", "TrainState", "init_state", "train_step", "evaluate", "Optimizer",
+           "OPTIMIZERS", "Loss", "LOSSES"]
+
+Optimizer = Literal["adam", "rmsprop", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+Loss = Literal["ce", "dice", "ce+dice"]
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +75,10 @@ class TrainConfig:
   epochs: int = 10
   batch_size: int = 16
   learning_rate: float = 1e-3
-  optimizer: str = "adam"
+  optimizer: Optimizer = "adam"
   momentum: float = 0.9
   weight_decay: float = 0.0
-  loss: str = "ce+dice"
+  loss: Loss = "ce+dice"
   grad_clip: float | None = 1.0
   val_fraction: float = 0.1
   patience: int | None = 5
@@ -137,7 +154,7 @@ def soft_dice(probs: jax.Array, onehot: jax.Array, eps: float = 1e-6) -> jax.Arr
   return jnp.mean((2 * inter + eps) / (total + eps))
 
 
-def segmentation_loss(logits: jax.Array, masks: jax.Array, loss: str = "ce+dice"):
+def segmentation_loss(logits: jax.Array, masks: jax.Array, loss: Loss = "ce+dice"):
   """Mean loss of ``logits[n, H, W, C]`` (C = 2, or 1 for a sigmoid) against masks."""
   labels = masks.astype(jnp.int32)
   if logits.shape[-1] == 1:
@@ -155,13 +172,6 @@ def segmentation_loss(logits: jax.Array, masks: jax.Array, loss: str = "ce+dice"
   return dice_loss if loss == "dice" else ce + dice_loss
 
 
-def logits_to_masks(logits: jax.Array) -> jax.Array:
-  """bool[n, H, W]: foreground where class 1 wins (or the single logit > 0)."""
-  if logits.shape[-1] == 1:
-    return logits[..., 0] > 0
-  return jnp.argmax(logits, axis=-1) == 1
-
-
 # --------------------------------------------------------------------------
 # Pure training pieces
 
@@ -172,40 +182,23 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def variables_of(state: TrainState) -> dict:
+def _variables_of(state: TrainState) -> dict:
   return {"params": state.params, **state.model_state}
 
 
-def seed_keys(seed: int):
-  """(init, split, shuffle) keys of a seed; shared by ``fit`` and sweeps."""
+def _seed_keys(seed: int):
+  """(init, split, shuffle) keys of a seed."""
   return jax.random.split(jax.random.key(seed), 3)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, key,
                image_shape, variables=None) -> TrainState:
+  """A fresh :class:`TrainState` (initialised from ``key``, or from ``variables``)."""
   if variables is None:
     variables = init_variables(model, key, tuple(image_shape))
   variables = dict(variables)
   params = variables.pop("params")
   return TrainState(params, variables, tx.init(params))
-
-
-def init_variables(model, key, image_shape):
-  """``model.init`` on a zero image of ``image_shape`` (H, W, C), jitted.
-
-  Compiled at XLA's lowest backend optimisation level: an eager ``model.init``
-  dispatches op by op (~20 s for a small U-Net on CPU) and a fully optimised
-  compile of its random initialisers takes ~12 s; this one ~2 s, once per
-  model and shape (the model need not be hashable).
-  """
-  image_shape = tuple(image_shape)
-
-  def build():
-    def init(key):
-      return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})
-
-  return _m.cached(model, ("init_variables", image_shape), build)(key)
 
 
 def train_step(model, tx, loss, state: TrainState, x, y):
@@ -223,50 +216,28 @@ def train_step(model, tx, loss, state: TrainState, x, y):
   return TrainState(params, dict(model_state), opt_state), value
 
 
-def train_batch(model, tx, loss, state: TrainState, images, masks, idx):
+def _train_batch(model, tx, loss, state: TrainState, images, masks, idx):
   """``train_step`` on the images at indices ``idx`` (gathered on the device)."""
   return train_step(model, tx, loss, state, images[idx], masks[idx])
 
 
-def train_epoch(step_fn, state: TrainState, images, masks, batches):
-  """Runs a jitted ``train_batch`` over ``batches`` (int[steps, batch] indices).
-
-  A Python loop over a jitted step rather than one ``lax.scan``: XLA:CPU runs
-  convolutions inside a while loop about 9x slower (measured, BUILD_NOTES.md).
-  """
-  losses = []
-  for idx in batches:
-    state, value = step_fn(state, images, masks, idx)
-    losses.append(value)
-  return state, jnp.mean(jnp.stack(losses))
-
-
 def evaluate(model, loss, variables, images, masks, batch_size: int):
-  """(mean loss, mean per-image foreground Dice) over a set, in chunks."""
-  n = images.shape[0]
-  chunks = -(-n // batch_size)
-  pad = chunks * batch_size - n
-  weight = jnp.concatenate([jnp.ones(n), jnp.zeros(pad)]).reshape(chunks, batch_size)
-  xs = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)).reshape(
-      chunks, batch_size, *images.shape[1:])
-  ys = jnp.pad(masks, ((0, pad), (0, 0), (0, 0))).reshape(chunks, batch_size,
-                                                          *masks.shape[1:])
+  """(mean loss, mean per-image foreground Dice) over a set, in batches."""
 
-  def one(args):
-    x, y, w = args
+  def per_image(batch):
+    x, y = batch
     logits = model.apply(variables, x, train=False)
-    per_image = jax.vmap(lambda l, m: segmentation_loss(l[None], m[None], loss))(logits, y)
+    losses = jax.vmap(lambda l, m: segmentation_loss(l[None], m[None], loss))(logits, y)
     pred = logits_to_masks(logits)
     inter = jnp.sum(pred & y, axis=(1, 2))
     total = jnp.sum(pred, axis=(1, 2)) + jnp.sum(y, axis=(1, 2))
-    dice = jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1), 1.0)
-    return jnp.sum(per_image * w), jnp.sum(dice * w)
+    return losses, jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1), 1.0)
 
-  loss_sum, dice_sum = jax.lax.map(one, (xs, ys, weight))
-  return jnp.sum(loss_sum) / n, jnp.sum(dice_sum) / n
+  losses, dice = _batching.padded_map(per_image, (images, masks), batch_size)
+  return jnp.mean(losses), jnp.mean(dice)
 
 
-def split_sizes(n: int, config: TrainConfig) -> tuple[int, int]:
+def _split_sizes(n: int, config: TrainConfig) -> tuple[int, int]:
   """(n_train, n_val) for a set of n images; ValueError when it is too small."""
   n_val = max(1, round(n * config.val_fraction)) if config.val_fraction > 0 else 0
   n_train = n - n_val
@@ -277,7 +248,7 @@ def split_sizes(n: int, config: TrainConfig) -> tuple[int, int]:
   return n_train, n_val
 
 
-def epoch_batches(key, epoch: int, n_train: int, batch_size: int):
+def _epoch_batches(key, epoch: int, n_train: int, batch_size: int):
   """int[steps, batch_size]: the shuffled batches of one epoch."""
   steps = n_train // batch_size
   perm = jax.random.permutation(jax.random.fold_in(key, epoch), n_train)
@@ -289,27 +260,181 @@ def _log(config, text):
     print(text, file=sys.stderr, flush=True)
 
 
-def _fit_functions(model, config: TrainConfig):
-  """(optimizer, jitted step, jitted evaluation) of ``fit``, built once per
-  model and optimisation settings, so that a second ``fit`` with the same
-  shapes does not compile again."""
+# --------------------------------------------------------------------------
+# The loop: K >= 1 models
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The compiled pieces of one (model, settings, strategy, devices)."""
+
+  tx: optax.GradientTransformation
+  init_opt: Any
+  step: Any
+  run_eval: Any
+  batches_of: Any
+  seen: set = dataclasses.field(default_factory=set)
+
+
+def _loop(model, config: TrainConfig, strategy: str, mesh, k_pad: int, eval_bs: int) -> _Loop:
+  """Built once per model (identity or equality) and settings, so that a
+  second call with the same shapes compiles nothing."""
   settings = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
               config.grad_clip, config.loss)
+  devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
+  per_device = k_pad // (1 if mesh is None else mesh.size)
+  freeze = k_pad > 1  # one model stops by leaving the loop
 
   def build():
     tx = make_optimizer(config)
-    step = compiler.jit(functools.partial(train_batch, model, tx, config.loss),
-                        donate_argnums=(0,))
-    run_eval = compiler.jit(functools.partial(evaluate, model, config.loss),
-                            static_argnums=(3,))
-    return tx, step, run_eval
 
-  return _m.cached(model, ("fit",) + settings, build)
+    def one_step(state, x, y, idx, active):
+      new, loss = _train_batch(model, tx, config.loss, state, x, y, idx)
+      if freeze:
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
+      return new, loss
+
+    def one_eval(state, x, y):
+      return evaluate(model, config.loss, _variables_of(state), x, y, eval_bs)
+
+    step = stacking.sharded_jit(
+        stacking.stacked(one_step, strategy), mesh, donate=(0,),
+        xla_defaults=compiler.unrolled_stack(strategy, per_device))
+    run_eval = stacking.sharded_jit(stacking.stacked(one_eval, strategy), mesh)
+    batches_of = jax.jit(jax.vmap(_epoch_batches, in_axes=(0, None, None, None)),
+                         static_argnums=(2, 3))
+    return _Loop(tx, jax.jit(jax.vmap(tx.init)), step, run_eval, batches_of)
+
+  return _m.cached(model, ("train", settings, strategy, devices, k_pad, eval_bs), build)
+
+
+def _train(model, images, masks, config: TrainConfig, strategy: str, devices, variables):
+  """The loop on checked stacks ``images[K, n, H, W, C]``, ``masks[K, n, H, W]``."""
+  k, n = images.shape[:2]
+  n_train, n_val = _split_sizes(n, config)
+  mesh = stacking.make_mesh(devices)
+  k_pad = stacking.padded_size(k, mesh)
+  strategy = stacking.resolve(strategy)
+  eval_bs = min(config.eval_batch_size, max(n_val, 1))
+  loop = _loop(model, config, strategy, mesh, k_pad, eval_bs)
+
+  keys = [_seed_keys(config.seed + i) for i in range(k)]
+  orders = jax.vmap(lambda key: jax.random.permutation(key, n))(jnp.stack([kk[1] for kk in keys]))
+  k_shuffle = jnp.stack([kk[2] for kk in keys])
+  take = jax.vmap(lambda a, o: a[o])
+  train_x, train_y = take(images, orders[:, :n_train]), take(masks, orders[:, :n_train])
+  val_x, val_y = take(images, orders[:, n_train:]), take(masks, orders[:, n_train:])
+  if variables is None:
+    variables = stacking.tree_stack(
+        [init_variables(model, kk[0], tuple(images.shape[2:])) for kk in keys])
+  variables = dict(variables)
+  params = variables.pop("params")
+  state = TrainState(params, variables, loop.init_opt(params))
+  state, train_x, train_y, val_x, val_y, k_shuffle = stacking.place(
+      stacking.pad((state, train_x, train_y, val_x, val_y, k_shuffle), k_pad), mesh)
+
+  shapes = (train_x.shape, config.batch_size)
+  if shapes not in loop.seen:
+    loop.seen.add(shapes)
+    _log(config, f"compiling the training step ({k} model{'s' * (k > 1)}, batch "
+         f"{config.batch_size}, images {'x'.join(map(str, images.shape[2:]))}); the first "
+         "epoch includes it")
+  active = np.ones(k_pad, bool)
+  best = None
+  best_dice = np.full(k_pad, -1.0)
+  since_best = np.zeros(k_pad, int)
+  best_epoch = np.zeros(k_pad, int)
+  epochs_run = np.zeros(k_pad, int)
+  history = {name: [] for name in ("train_loss", "val_loss", "val_dice", "seconds")}
+  for epoch in range(config.epochs):
+    start = time.perf_counter()
+    batches = loop.batches_of(k_shuffle, epoch, n_train, config.batch_size)
+    mask = stacking.place(jnp.asarray(active), mesh)
+    losses = []
+    for s in range(batches.shape[1]):
+      state, loss = loop.step(state, train_x, train_y, batches[:, s], mask)
+      losses.append(loss)
+    train_loss = np.asarray(jnp.mean(jnp.stack(losses), axis=0))
+    if n_val:
+      val_loss, val_dice = (np.asarray(a) for a in loop.run_eval(state, val_x, val_y))
+    else:
+      val_loss = val_dice = np.full(k_pad, np.nan)
+    epochs_run += active
+    nan = lambda a: np.where(active, a, np.nan)
+    for name, value in (("train_loss", nan(train_loss)), ("val_loss", nan(val_loss)),
+                        ("val_dice", nan(val_dice))):
+      history[name].append(value[:k])
+    history["seconds"].append(time.perf_counter() - start)
+    if not np.all(np.isfinite(train_loss[active])):
+      bad = np.flatnonzero(active & ~np.isfinite(train_loss)).tolist()
+      raise FloatingPointError(
+          f"training diverged at epoch {epoch + 1}" + (f" for models {bad}" if k > 1 else "")
+          + f": loss {train_loss[bad[0]]}; lower the learning_rate or set grad_clip")
+    if k == 1:
+      _log(config, f"epoch {epoch + 1}/{config.epochs}  train_loss {train_loss[0]:.4f}  "
+           f"val_loss {val_loss[0]:.4f}  val_dice {val_dice[0]:.4f}  "
+           f"({history['seconds'][-1]:.1f} s)")
+    else:
+      _log(config, f"epoch {epoch + 1}/{config.epochs}  {int(active[:k].sum())} of {k} models "
+           f"training  train_loss {np.nanmean(history['train_loss'][-1]):.4f}  "
+           f"val_dice {np.nanmean(history['val_dice'][-1]):.4f} (mean)  "
+           f"({history['seconds'][-1]:.1f} s)")
+    if n_val:
+      improved = active & (val_dice > best_dice)
+      best_dice = np.where(improved, val_dice, best_dice)
+      best_epoch = np.where(improved, epoch + 1, best_epoch)
+      since_best = np.where(improved, 0, since_best + active)
+      current = _variables_of(state)
+      where = lambda a, b: jnp.where(
+          jnp.asarray(improved).reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+      best = (jax.tree_util.tree_map(jnp.copy, current) if best is None
+              else jax.tree_util.tree_map(where, current, best))
+      if config.patience is not None:
+        stopped = active & (since_best >= config.patience)
+        if k == 1 and stopped[0]:
+          _log(config, f"early stop: no better val_dice for {since_best[0]} epochs; "
+               f"keeping epoch {best_epoch[0]}")
+        active = active & ~stopped
+    if not active.any():
+      break
+  out = best if n_val else _variables_of(state)
+  out = jax.tree_util.tree_map(lambda a: a[:k], out)
+  hist = {name: np.stack(v) for name, v in history.items() if name != "seconds"}
+  hist["seconds"] = np.asarray(history["seconds"])
+  hist["epochs_run"] = epochs_run[:k]
+  hist["best_epoch"] = best_epoch[:k] if n_val else epochs_run[:k]
+  return out, hist
+
+
+def train_many(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(), *,
+               strategy: stacking.Strategy = "auto", devices=None, variables=None,
+               image_range=_checks.UNIT_RANGE):
+  """Trains K models at once, model i on ``images[i]``, ``masks[i]``.
+
+  Args:
+    model: a linen model, ``apply(variables, x, train=...) -> logits``.
+    images: float32[K, n, H, W, C] in [0, 1]; masks: bool[K, n, H, W].
+    config: shared settings; model i uses ``seed = config.seed + i``.
+    strategy: ``"auto"``, ``"vmap"`` or ``"unroll"`` (:mod:`bnjax.stacking`).
+    devices: devices to shard the model axis over (default: all visible).
+    variables: stacked variables to start from instead of a fresh
+      initialisation.
+    image_range: the range the images must lie in (None: any float values).
+
+  Returns:
+    (variables, history): stacked variables (leading axis K; each model's best
+    validation epoch, or its last without a validation split), and a history
+    whose per-epoch entries are float[epochs_run, K] arrays (NaN after a model
+    stopped early) with ``best_epoch`` and ``epochs_run`` as int[K] and
+    ``seconds`` per epoch.
+  """
+  images, masks = _checks.images(images, masks, image_range=image_range, stacked=True)
+  return _train(model, images, masks, config, strategy, devices, variables)
 
 
 def fit(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(),
-        variables=None):
-  """Trains ``model`` on (images, masks).
+        variables=None, *, image_range=_checks.UNIT_RANGE):
+  """Trains ``model`` on (images, masks): :func:`train_many` with K = 1.
 
   Args:
     model: a linen model, ``apply(variables, x, train=...) -> logits``.
@@ -317,6 +442,8 @@ def fit(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(),
     masks: bool[n, H, W].
     config: a :class:`TrainConfig`.
     variables: start from these instead of a fresh initialisation.
+    image_range: the range the images must lie in (None: any float values;
+      integer images are always refused).
 
   Returns:
     (variables, history): the variables of the epoch with the best validation
@@ -324,69 +451,14 @@ def fit(model: nn.Module, images, masks, config: TrainConfig = TrainConfig(),
     lists ``train_loss``, ``val_loss``, ``val_dice``, ``seconds`` plus
     ``best_epoch`` and ``epochs_run``.
   """
-  images, masks = _data.check_images_masks(images, masks)
-  n = images.shape[0]
-  n_train, n_val = split_sizes(n, config)
-  k_init, k_split, k_shuffle = seed_keys(config.seed)
-  order = jax.random.permutation(k_split, n)
-  train_x, train_y = images[order[:n_train]], masks[order[:n_train]]
-  val_x, val_y = images[order[n_train:]], masks[order[n_train:]]
-
-  tx, step_fn, run_eval = _fit_functions(model, config)
-  state = init_state(model, tx, k_init, images.shape[1:], variables)
-
-  history = {"train_loss": [], "val_loss": [], "val_dice": [], "seconds": []}
-  best, best_dice, best_epoch, since_best = None, -1.0, 0, 0
-  for epoch in range(config.epochs):
-    start = time.perf_counter()
-    batches = epoch_batches(k_shuffle, epoch, n_train, config.batch_size)
-    state, train_loss = train_epoch(step_fn, state, train_x, train_y, batches)
-    if n_val:
-      val_loss, val_dice = run_eval(variables_of(state), val_x, val_y,
-                                    min(config.eval_batch_size, n_val))
-      val_loss, val_dice = float(val_loss), float(val_dice)
-    else:
-      val_loss = val_dice = float("nan")
-    train_loss = float(train_loss)
-    seconds = time.perf_counter() - start
-    for name, value in zip(history, (train_loss, val_loss, val_dice, seconds)):
-      history[name].append(value)
-    if not math.isfinite(train_loss):
-      raise FloatingPointError(
-          f"training diverged at epoch {epoch + 1}: loss {train_loss}; lower the "
-          "learning_rate or set grad_clip")
-    _log(config, f"epoch {epoch + 1}/{config.epochs}  train_loss {train_loss:.4f}  "
-         f"val_loss {val_loss:.4f}  val_dice {val_dice:.4f}  ({seconds:.1f} s)")
-    if n_val and val_dice > best_dice:
-      best_dice, best_epoch, since_best = val_dice, epoch + 1, 0
-      best = jax.tree_util.tree_map(jnp.copy, variables_of(state))
-    else:
-      since_best += 1
-    if n_val and config.patience is not None and since_best >= config.patience:
-      _log(config, f"early stop: no better val_dice for {since_best} epochs; "
-           f"keeping epoch {best_epoch}")
-      break
-  history["epochs_run"] = len(history["train_loss"])
-  history["best_epoch"] = best_epoch if n_val else history["epochs_run"]
-  return (best if n_val else variables_of(state)), history
-
-
-def predict(model: nn.Module, variables, images, batch_size: int = 64) -> np.ndarray:
-  """bool[n, H, W] foreground predictions in eval mode, in batches."""
-  images = _data.check_images_masks(images)
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-  batch_size = min(batch_size, images.shape[0])
-  run = _m.cached(model, ("predict",), lambda: compiler.jit(
-      functools.partial(_predict, model), static_argnums=(2,)))
-  return np.asarray(run(variables, images, batch_size))
-
-
-def _predict(model, variables, images, batch_size):
-  n = images.shape[0]
-  chunks = -(-n // batch_size)
-  pad = chunks * batch_size - n
-  xs = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
-      chunks, batch_size, *images.shape[1:])
-  out = jax.lax.map(lambda x: logits_to_masks(model.apply(variables, x, train=False)), xs)
-  return out.reshape(chunks * batch_size, *out.shape[2:])[:n]
+  images, masks = _checks.images(images, masks, image_range=image_range)
+  if variables is not None:
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], dict(variables))
+  stacked, hist = _train(model, images[None], masks[None], config, "unroll",
+                         jax.devices()[:1], variables)
+  history = {name: [float(v) for v in hist[name][:, 0]]
+             for name in ("train_loss", "val_loss", "val_dice")}
+  history["seconds"] = [float(v) for v in hist["seconds"]]
+  history["epochs_run"] = int(hist["epochs_run"][0])
+  history["best_epoch"] = int(hist["best_epoch"][0])
+  return stacking.tree_index(stacked, 0), history

@@ -1,7 +1,9 @@
 r"""Does a distance between latent distributions predict the gain of BN adaptation?
 
-    python experiments/sweep.py --grid=brightness --out=runs/brightness
-    python experiments/predict_gain.py --sweep_dir=runs/brightness --out=runs/brightness/gain
+    python experiments/predict_gain.py --config=experiments/configs/predict_gain.py --config.sweep_dir=runs/brightness --workdir=runs/brightness/gain
+
+(after a sweep into ``runs/brightness``; the config file gives the expected
+runtime and result).
 
 For every (source, target) pair a sweep scored, this computes distances
 between the source model's features on source data and, at every tap, the
@@ -16,40 +18,31 @@ held-out test: an isotonic (monotone) fit of IoU adapted on log(1 + distance)
 over a random half of the sources, scored (Spearman, mean absolute error) on
 the pairs of the other sources.
 
-Writes ``distances.csv`` (every pair, every predictor), ``ranking.md`` /
-``ranking.json``, ``heldout.json``, ``scatter_*.png``, ``collapse.json`` (per source and tap:
+Writes ``distances.csv`` (every pair, every predictor), ``ranking.md``,
+``results/ranking.json``, ``results/heldout.json``, ``scatter_*.png``,
+``results/collapse.json`` (per source and tap:
 the fraction of per-image feature dimensions constant across images) and
 ``histograms_*.png`` (channels of one tap: source features, target features
 unadapted and adapted, for the pair with the largest gain and the pair with
-the lowest adapted IoU) under --out.
+the lowest adapted IoU) into the workdir (:mod:`bnjax.workdir`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
-
-from absl import app, flags, logging
 
 import jax
 import numpy as np
 
-from bnjax import adapt, checkpoint, compiler, data, distances, features, models, plots
-from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
+from bnjax import adapt, data, distances, features, models, plots
 from bnjax.progress import Progress
+from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
+from bnjax.workdir import Workdir, main
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("sweep_dir", None, "Output folder of experiments/sweep.py (required).")
-flags.DEFINE_string("out", None, "Output folder (default: <sweep_dir>/gain).")
-flags.DEFINE_list("taps", None, "Taps to use (default: all).")
-flags.DEFINE_integer("max_rows", 2000, "Feature rows (positions) kept per set, sampled at random.")
-flags.DEFINE_integer("sinkhorn_points", 500, "Points per set for the Sinkhorn divergence.")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95 % intervals.")
-flags.DEFINE_string("hist_tap", "bottleneck", "Tap of the channel-histogram figures.")
-flags.DEFINE_integer("seed", 0, "Seeds subsampling, projections, bootstrap and the held-out split.")
-flags.mark_flag_as_required("sweep_dir")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "predict_gain.py")
 
 FEATURE_DISTANCES = ("frechet", "sliced_w2", "bhattacharyya", "mmd", "sinkhorn")
 
@@ -59,23 +52,27 @@ FEATURE_DISTANCES = ("frechet", "sliced_w2", "bhattacharyya", "mmd", "sinkhorn")
 
 
 def load_sweep(sweep_dir):
-  with open(os.path.join(sweep_dir, "config.json")) as f:
-    config = json.load(f)
-  index_path = os.path.join(sweep_dir, "models", "index.json")
-  if not os.path.exists(index_path):
-    raise app.UsageError(f"{index_path} is missing: rerun experiments/sweep.py with the same flags")
-  with open(index_path) as f:
-    index = json.load(f)
-  domains = [data.Domain(*d) for d in index["domains"]]
+  """(config, domains, stacked variables, {group: results}) of a sweep workdir,
+  as its ``results/models.json`` lists them."""
+  wd = Workdir.read(sweep_dir, "sweep")
+  index = wd.read_result("models")
+  if index is None:
+    raise ValueError(f"{wd.path}/results/models.json is missing: the sweep did not finish "
+                     "training; rerun it with the same config")
   chunks = []
-  for c in range(-(-len(domains) // index["chunk"])):
-    chunks.append(checkpoint.restore(os.path.join(sweep_dir, "models", f"chunk_{c:04d}")))
+  for name in index["checkpoints"]:
+    found = wd.load_model(name)
+    if found is None:
+      raise ValueError(f"{wd.path}/checkpoints/{name} is missing or incomplete")
+    chunks.append(found[0])
   stacked = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *chunks)
   results = {}
-  for name in sorted(os.listdir(os.path.join(sweep_dir, "results"))):
-    with open(os.path.join(sweep_dir, "results", name)) as f:
-      results[name[:-5]] = json.load(f)
-  return config, domains, stacked, results
+  for name in index["groups"]:
+    results[name] = wd.read_result(name)
+    if results[name] is None:
+      raise ValueError(f"{wd.path}/results/{name}.json is missing: the sweep did not finish "
+                       "scoring; rerun it with the same config")
+  return wd.config, [data.Domain.from_json(d) for d in index["domains"]], stacked, results
 
 
 def subsample(x, n, key):
@@ -88,45 +85,45 @@ def layer_sum(d: dict) -> float:
   return float(sum(d.values()))
 
 
-def main(argv):
-  del argv
-  compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def run(config, workdir: str) -> list[dict]:
+  """Relates every predictor to the gains of the sweep in ``config.sweep_dir``;
+  writes into ``workdir``; returns the ranking."""
+  if not config.sweep_dir:
+    raise ValueError("config.sweep_dir must name the workdir of experiments/sweep.py")
   start = time.perf_counter()
-  out = FLAGS.out or os.path.join(FLAGS.sweep_dir, "gain")
-  os.makedirs(out, exist_ok=True)
-  config, domains, stacked, results = load_sweep(FLAGS.sweep_dir)
-  model = models.UNet(features=config["features"], depth=config["depth"])
-  size = config["size"]
+  sweep, domains, stacked, results = load_sweep(config.sweep_dir)
+  wd = Workdir.open(workdir, "predict_gain", config)
+  out = wd.path
+  model = models.UNet(features=sweep["model"]["features"], depth=sweep["model"]["depth"])
+  size = sweep["data"]["size"]
   position = {d: i for i, d in enumerate(domains)}
-  taps = FLAGS.taps or features.available_taps(
+  taps = list(config.taps) or features.available_taps(
       model, jax.tree_util.tree_map(lambda a: a[0], stacked), (size, size, 1))
-  key = jax.random.key(FLAGS.seed)
+  key = jax.random.key(config.seed)
 
   def dataset(d, split, n):
-    return data.make_dataset(data.split_key(config["seed"], d, split), d, n, size)
+    return data.make_dataset(data.split_key(sweep["seed"], d, split), d, n, size)
 
-  pairs = [(g, data.Domain(*res["sources"][k]), data.Domain(*res["targets"][m]), k, m)
+  pairs = [(g, data.Domain.from_json(res["sources"][k]), data.Domain.from_json(res["targets"][m]),
+            k, m)
            for g, res in results.items()
            for k in range(len(res["sources"])) for m in range(len(res["targets"]))]
   bar = Progress(len(pairs), "pairs")
-  rows, source_cache, collapse = [], {}, {}
-  adapt_options = {"mode": config["adapt_mode"]}
-  if config.get("adapt_batch_size"):
-    adapt_options["batch_size"] = config["adapt_batch_size"]
+  rows, row_domains, source_cache, collapse = [], [], {}, {}
+  adapt_options = {"mode": sweep["adapt"]["mode"], "batch_size": sweep["adapt"]["batch_size"]}
 
   def pair_models(src, tgt):
     v_src = jax.tree_util.tree_map(lambda a: a[position[src]], stacked)
-    x_tgt, _ = dataset(tgt, "eval", config["n_eval"])
-    x_adapt = x_tgt if config["transductive"] else dataset(tgt, "adapt", config["n_adapt"])[0]
+    x_tgt, _ = dataset(tgt, "eval", sweep["data"]["n_eval"])
+    x_adapt = (x_tgt if sweep["adapt"]["transductive"]
+               else dataset(tgt, "adapt", sweep["data"]["n_adapt"])[0])
     return v_src, adapt.recompute_batch_stats(model, v_src, x_adapt, **adapt_options), x_tgt
 
   for i, (group, src, tgt, k, m) in enumerate(pairs):
     res = results[group]
     v_src, v_ad, x_tgt = pair_models(src, tgt)
     if src not in source_cache:
-      x_src, _ = dataset(src, "eval", config["n_eval"])
+      x_src, _ = dataset(src, "eval", sweep["data"]["n_eval"])
       source_cache[src] = features.extract_all(model, v_src, x_src, taps)
       # Rows are (image, position): [n h w, C] reshaped is the per-image [n, h w C].
       collapse[str(src)] = {t: features.collapse_fraction(f.reshape(len(x_src), -1))
@@ -144,18 +141,19 @@ def main(argv):
     for t in taps:
       fs = source_cache[src][t]
       kt = jax.random.fold_in(key, i * 100 + taps.index(t))
-      xs = subsample(fs, FLAGS.max_rows, kt)
+      xs = subsample(fs, config.max_rows, kt)
       for variant in ("unadapted", "adapted"):
         # Shapes stay fixed per tap (one compile each); collapsed channels are
         # handled by the Bhattacharyya ridge and are harmless to the others.
-        a, b = xs, subsample(target_features[variant][t], FLAGS.max_rows, kt)
+        a, b = xs, subsample(target_features[variant][t], config.max_rows, kt)
         prefix = f"{t}/{variant}/"
         row[prefix + "frechet"] = distances.frechet(a, b)
         row[prefix + "sliced_w2"] = distances.sliced_wasserstein(a, b, key=kt, n_proj=100)
         row[prefix + "bhattacharyya"] = distances.bhattacharyya(a, b)
         row[prefix + "mmd"] = distances.mmd(a[:1000], b[:1000])
-        row[prefix + "sinkhorn"] = distances.sinkhorn(a, b, max_points=FLAGS.sinkhorn_points, key=kt)
+        row[prefix + "sinkhorn"] = distances.sinkhorn(a, b, max_points=config.sinkhorn_points, key=kt)
     rows.append(row)
+    row_domains.append((src, tgt))
     bar.update(i + 1)
 
   predictors = [c for c in rows[0] if c not in ("group", "source", "target", "iou_no_adapt",
@@ -165,7 +163,7 @@ def main(argv):
     w.writeheader()
     w.writerows(rows)
 
-  rng = np.random.default_rng(FLAGS.seed)
+  rng = np.random.default_rng(config.seed)
   gain = np.array([r["gain"] for r in rows])
   iou_ad = np.array([r["iou_adapted"] for r in rows])
   log_x = {p: np.log1p(np.maximum(np.array([r[p] for r in rows], float), 0)) for p in predictors}
@@ -175,9 +173,9 @@ def main(argv):
     entry = {"predictor": p}
     for name, y in (("gain", gain), ("iou_adapted", iou_ad)):
       entry[f"spearman_{name}"] = spearman(x, y)
-      entry[f"spearman_{name}_ci"] = bootstrap_ci(spearman, x, y, FLAGS.bootstrap, rng)
+      entry[f"spearman_{name}_ci"] = bootstrap_ci(spearman, x, y, config.bootstrap, rng)
       entry[f"pearson_{name}"] = pearson(x, y)
-      entry[f"pearson_{name}_ci"] = bootstrap_ci(pearson, x, y, FLAGS.bootstrap, rng)
+      entry[f"pearson_{name}_ci"] = bootstrap_ci(pearson, x, y, config.bootstrap, rng)
     ranking.append(entry)
   ranking.sort(key=lambda e: -abs(np.nan_to_num(e["spearman_iou_adapted"])))
 
@@ -198,18 +196,17 @@ def main(argv):
                       "test_mae": float(np.mean(np.abs(pred - iou_ad[~is_train]))),
                       "baseline_mae": float(np.mean(np.abs(iou_ad[is_train].mean() - iou_ad[~is_train])))})
     heldout.sort(key=lambda h: h["test_mae"])
-  checkpoint.write_json_atomic(os.path.join(out, "ranking.json"), ranking)
-  checkpoint.write_json_atomic(os.path.join(out, "heldout.json"),
-                               {"train_sources": sorted(train_src), "results": heldout})
+  wd.write_result("ranking", ranking)
+  wd.write_result("heldout", {"train_sources": sorted(train_src), "results": heldout})
 
   # Collapse per tap (fraction of per-image feature dimensions constant across
   # the source's own images), and channel histograms of two telling pairs.
-  checkpoint.write_json_atomic(os.path.join(out, "collapse.json"), collapse)
-  hist_tap = FLAGS.hist_tap if FLAGS.hist_tap in taps else taps[len(taps) // 2]
-  chosen = {"largest_gain": max(rows, key=lambda r: r["gain"]),
-            "lowest_iou_adapted": min(rows, key=lambda r: r["iou_adapted"])}
-  for label, r in chosen.items():
-    src, tgt = (data.Domain.parse(r[c].strip("()")) for c in ("source", "target"))
+  wd.write_result("collapse", collapse)
+  hist_tap = config.hist_tap if config.hist_tap in taps else taps[len(taps) // 2]
+  chosen = {"largest_gain": max(range(len(rows)), key=lambda i: rows[i]["gain"]),
+            "lowest_iou_adapted": min(range(len(rows)), key=lambda i: rows[i]["iou_adapted"])}
+  for label, i in chosen.items():
+    r, (src, tgt) = rows[i], row_domains[i]
     v_src, v_ad, x_tgt = pair_models(src, tgt)
     plots.channel_histograms(
         {"source": source_cache[src][hist_tap],
@@ -219,7 +216,7 @@ def main(argv):
         title=f"{hist_tap}: {r['source']} -> {r['target']} (gain {r['gain']:+.2f})")
 
   fmt = lambda v, ci: f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
-  lines = [f"# Predictors of BN adaptation ({len(rows)} pairs from {FLAGS.sweep_dir})", "",
+  lines = [f"# Predictors of BN adaptation ({len(rows)} pairs from {config.sweep_dir})", "",
            "x = log(1 + predictor); Spearman (Pearson) with bootstrap 95 % intervals.", "",
            "| predictor | Spearman vs IoU adapted | Spearman vs gain | Pearson vs IoU adapted |",
            "|---|---|---|---|"]
@@ -241,10 +238,10 @@ def main(argv):
     lines.append(f"| {t} | {np.mean(vals):.3f} | {np.max(vals):.3f} |")
   lines.append(f"\n({time.perf_counter() - start:.0f} s)")
   text = "\n".join(lines)
-  with open(os.path.join(out, "ranking.md"), "w") as f:
-    f.write(text + "\n")
+  wd.write_text("ranking.md", text + "\n")
   scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], os.path.join(out, "scatter_top6.png"))
   print(text)
+  return ranking
 
 
 def scatter(rows, log_x, names, path):
@@ -264,9 +261,11 @@ def scatter(rows, log_x, names, path):
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
   fig.colorbar(sc, ax=axes, fraction=0.02, label="target class overlap")
+  fig.suptitle("IoU with BN adaptation against the six best-ranked predictors "
+               "(one point per source/target pair)", fontsize=10)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(run, DEFAULT_CONFIG, "predict_gain")

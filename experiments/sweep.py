@@ -1,155 +1,130 @@
-r"""Run a grid of source/target domains: train every source model as one stack,
+r"""Run a grid of source/target domains: train every source model in stacks,
 score every pair without and with BN adaptation, write the figures.
 
-    python experiments/sweep.py --grid=brightness --out=runs/brightness        # CPU-sized (64x64, width 8), ~11 min on 2 cores
-    python experiments/sweep.py --grid=geometric --out=runs/geometric
-    python experiments/sweep.py --grid=clip_corrected --out=runs/clip
-    python experiments/sweep.py --grid=custom --mu1=10:170:40 --delta=80 --sigma1=50 --out=runs/custom
-    python experiments/sweep.py --grid=brightness --scale=full --size=64 --features=16 --out=runs/b64
+    python experiments/sweep.py --config=experiments/configs/sweep.py:brightness --workdir=runs/brightness
 
-Expected (``--grid=brightness``, CPU scale): without adaptation a target
-brighter than its source scores about the mask fraction (~0.2) and a darker one
-about 0; with ``exact`` adaptation the k=80 cells are within 0.1 of their
-source's own IoU.
+The config file lists the grids, their commands, runtimes and expected
+results. Resumable: models are trained in stacks of ``config.chunk``, each
+stack a checkpoint; each group's scores are written atomically. Run the same
+command again after an interruption and it goes on where it stopped; a workdir
+made with another config is refused, naming the difference.
 
-Resumable: models are trained in chunks of --chunk and each chunk is an orbax
-checkpoint; each group's scores are written atomically. Run the same command
-again after an interruption and it goes on where it stopped. Rerunning into
-the same --out with different flags is refused.
-
-Outputs under --out: ``config.json``; ``models/chunk_NNNN`` (checkpoints) and
-``models/index.json`` (the domain of each model, in order);
-``results/<group>.json``; per group ``<group>_heatmaps.png`` (+ CSV/JSON),
-``<group>_surface.png`` (or ``<group>_panels.png`` for one source, many
-targets); ``histories.png``; ``summary.md``.
+The workdir (:mod:`bnjax.workdir`) receives ``config.json``;
+``checkpoints/chunk_NNNN``; ``results/models.json`` (the domain of each
+trained model in stack order, its checkpoints and the groups),
+``results/<group>.json``; per group
+``<group>_heatmaps.png`` (+ CSV/JSON), ``<group>_surface.png`` (or
+``<group>_panels_*.png`` for one source and many targets); ``histories.png``;
+``summary.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
+import math
 import os
 import time
-
-from absl import app, flags, logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import checkpoint, compiler, data, models, plots, sweep, train
-from bnjax.adapt import MODES
+from bnjax import data, inference, models, plots, train
 from bnjax.progress import Progress
+from bnjax.workdir import Workdir, main
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("grid", "brightness", list(sweep.NAMED_GRIDS) + ["custom"],
-                  "A named grid of the study, or 'custom' (domains from --mu1/--delta/--sigma1/--sigma2).")
-flags.DEFINE_enum("scale", "cpu", ["cpu", "full"], "Named grids: the CPU-sized or the study's full version.")
-flags.DEFINE_string("mu1", "10:170:40", "custom: background means, 'a,b,c' or 'start:stop:step'.")
-flags.DEFINE_string("delta", "80", "custom: mu2 - mu1 values.")
-flags.DEFINE_string("sigma1", "50", "custom: background standard deviations.")
-flags.DEFINE_string("sigma2", None, "custom: foreground standard deviations (default: equal to sigma1).")
-flags.DEFINE_integer("size", 64, "Image side (the study's 64; at 32 the most clipped brightness pair misses by 0.11).")
-flags.DEFINE_integer("n_train", 500, "Training images per domain.")
-flags.DEFINE_integer("n_eval", 100, "Evaluation images per domain.")
-flags.DEFINE_integer("n_adapt", 100, "Adaptation images per target.")
-flags.DEFINE_integer("features", 8, "U-Net base width.")
-flags.DEFINE_integer("depth", 4, "U-Net depth.")
-flags.DEFINE_integer("epochs", 12, "Training epochs.")
-flags.DEFINE_integer("batch_size", 32, "Training batch size.")
-flags.DEFINE_float("learning_rate", 3e-3, "Learning rate.")
-flags.DEFINE_enum("optimizer", "adam", list(train.OPTIMIZERS), "Optimizer.")
-flags.DEFINE_integer("patience", 3, "Early-stopping patience.")
-flags.DEFINE_enum("adapt_mode", "exact", list(MODES), "BN adaptation mode.")
-flags.DEFINE_integer("adapt_batch_size", None, "Adaptation batch size (mode default if unset).")
-flags.DEFINE_bool("transductive", False, "Adapt on the evaluation images (the original protocol).")
-flags.DEFINE_bool("oracle", False, "Also train one model per target domain.")
-flags.DEFINE_integer("chunk", 4, "Models trained per chunk (one checkpoint each).")
-flags.DEFINE_integer("pair_chunk", 8, "Source/target pairs adapted per call.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "vmap", "unroll"], "How a stack of models is mapped.")
-flags.DEFINE_integer("seed", 0, "Seeds data, initialisation and batch order.")
-flags.DEFINE_string("out", None, "Output folder (required).")
-flags.mark_flag_as_required("out")
-
-IDENTITY_FLAGS = ("grid", "scale", "mu1", "delta", "sigma1", "sigma2", "size", "n_train",
-                  "n_eval", "n_adapt", "features", "depth", "epochs", "batch_size",
-                  "learning_rate", "optimizer", "patience", "adapt_mode", "adapt_batch_size",
-                  "transductive", "oracle", "chunk", "seed")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "sweep.py") + ":brightness"
 
 
-def build_grid() -> sweep.Grid:
-  if FLAGS.grid != "custom":
-    return sweep.named_grid(FLAGS.grid, FLAGS.scale)
-  mu1s, deltas = sweep.parse_values(FLAGS.mu1), sweep.parse_values(FLAGS.delta)
-  s1s = sweep.parse_values(FLAGS.sigma1)
-  s2s = sweep.parse_values(FLAGS.sigma2) if FLAGS.sigma2 else None
-  doms = []
-  for m, d, s1 in itertools.product(mu1s, deltas, s1s):
-    for s2 in (s2s or [s1]):
-      if m + d <= 255:
-        doms.append(data.Domain(m, s1, m + d, s2))
-  if not doms:
-    raise app.UsageError("the custom grid is empty: every mu1 + delta exceeds 255")
-  return sweep.Grid("custom", (sweep.many_to_many("custom", doms),))
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One K x M block of a grid: every source against every target."""
+
+  label: str
+  sources: tuple[data.Domain, ...]
+  targets: tuple[data.Domain, ...]
+  layout: str = "matrix"  # or "sigma_panels" (one source, many targets)
 
 
-def check_config(out: str) -> dict:
-  """Writes config.json, or checks that an earlier run in ``out`` used the same flags."""
-  config = {name: FLAGS[name].value for name in IDENTITY_FLAGS}
-  path = os.path.join(out, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != config:
-      diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
-              if old.get(k) != config.get(k)}
-      raise app.UsageError(
-          f"{out} holds a sweep run with other flags ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(diff.items()))}); "
-          "rerun with the same flags to resume, or choose another --out")
-  else:
-    os.makedirs(out, exist_ok=True)
-    checkpoint.write_json_atomic(path, config)
-  return config
+def parse_values(text: str, name: str) -> list[float]:
+  """``"10,30,50"`` or a range ``"10:170:20"`` (inclusive stop) -> floats."""
+  text = str(text).strip()
+  try:
+    if ":" in text:
+      parts = [float(p) for p in text.split(":")]
+      if len(parts) != 3 or parts[2] <= 0:
+        raise ValueError
+      start, stop, step = parts
+      count = int(math.floor((stop - start) / step + 1e-9)) + 1
+      return [start + i * step for i in range(max(count, 0))]
+    return [float(p) for p in text.split(",") if p.strip()]
+  except ValueError:
+    raise ValueError(f"config.custom.{name} must be a list 'a,b,c' or a range "
+                     f"'start:stop:step' (step > 0), got {text!r}") from None
 
 
-def dataset(domains, split, n):
-  pairs = [data.make_dataset(data.split_key(FLAGS.seed, d, split), d, n, FLAGS.size)
+def groups_of(config) -> list[Group]:
+  """The groups of the config (named grids list them; ``custom`` builds one)."""
+  if config.grid == "custom":
+    c = config.custom
+    mu1s, deltas = parse_values(c.mu1, "mu1"), parse_values(c.delta, "delta")
+    s1s = parse_values(c.sigma1, "sigma1")
+    s2s = parse_values(c.sigma2, "sigma2") if c.sigma2 else None
+    doms = [data.Domain(m, s1, m + d, s2)
+            for m, d, s1 in itertools.product(mu1s, deltas, s1s) for s2 in (s2s or [s1])
+            if m + d <= 255]
+    if not doms:
+      raise ValueError("the custom grid is empty: every mu1 + delta exceeds 255")
+    return [Group("custom", tuple(doms), tuple(doms))]
+  if not config.groups:
+    raise ValueError(f"config.groups is empty for grid {config.grid!r}")
+  return [Group(g["label"], tuple(map(data.Domain.from_json, g["sources"])),
+                tuple(map(data.Domain.from_json, g["targets"])), g.get("layout", "matrix"))
+          for g in config.groups]
+
+
+def _unique(domains) -> list[data.Domain]:
+  return list(dict.fromkeys(domains))
+
+
+def _dataset(config, domains, split, n):
+  pairs = [data.make_dataset(data.split_key(config.seed, d, split), d, n, config.data.size)
            for d in domains]
   return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
-def train_all(model, domains, config, out, tag):
-  """Trains one model per domain in checkpointed chunks; returns stacked
+def _train_all(wd: Workdir, config, model, domains, train_config):
+  """Trains one model per domain in checkpointed stacks; returns the stacked
   variables and the stacked history."""
-  chunks = [domains[i:i + FLAGS.chunk] for i in range(0, len(domains), FLAGS.chunk)]
-  bar = Progress(len(domains), "training")
+  chunks = [domains[i:i + config.chunk] for i in range(0, len(domains), config.chunk)]
+  bar = Progress(len(domains), "models")
   done, variables, histories = 0, [], []
   for c, chunk in enumerate(chunks):
-    path = os.path.join(out, "models", f"chunk_{c:04d}")
-    ident = hashlib.sha256(json.dumps([tag, [str(d) for d in chunk]]).encode()).hexdigest()
-    try:
-      meta = checkpoint.metadata(path)
-      if meta.get("identity") == ident:
-        variables.append(checkpoint.restore(path))
-        histories.append({k: np.asarray(v, float) for k, v in meta["history"].items()})
-        done += len(chunk)
-        bar.update(done, f"chunk {c + 1}/{len(chunks)} restored")
-        continue
-    except (FileNotFoundError, ValueError):
-      pass
-    x, y = dataset(chunk, "train", FLAGS.n_train)
-    seed0 = FLAGS.seed + domains.index(chunk[0])
-    v, h = sweep.train_many(model, x, y, dataclasses.replace(config, seed=seed0),
-                            strategy=FLAGS.strategy)
+    name = f"chunk_{c:04d}"
+    domains_json = [d.to_json() for d in chunk]
+    found = wd.load_model(name, domains=domains_json)
+    first, last = done + 1, done + len(chunk)
+    if found is not None:
+      variables.append(found[0])
+      histories.append({k: np.asarray(v, float) for k, v in found[1]["history"].items()})
+      done += len(chunk)
+      bar.update(done, f"models {first}-{last} of {len(domains)} restored", restored=True)
+      continue
+    print(f"[models {first}-{last} of {len(domains)}] training a stack of {len(chunk)}",
+          flush=True)
+    x, y = _dataset(config, chunk, "train", config.data.n_train)
+    seed0 = config.seed + domains.index(chunk[0])
+    v, h = train.train_many(model, x, y, dataclasses.replace(train_config, seed=seed0),
+                            strategy=config.strategy)
     h = {k: np.asarray(val, float) for k, val in h.items() if k != "seconds"}
-    checkpoint.save(path, v, identity=ident, domains=[str(d) for d in chunk],
-                    history={k: np.where(np.isnan(a), None, a).tolist() for k, a in h.items()})
+    wd.save_model(name, v, domains=domains_json,
+                  history={k: np.where(np.isnan(a), None, a).tolist() for k, a in h.items()})
     variables.append(jax.device_get(v))
     histories.append(h)
     done += len(chunk)
-    bar.update(done, f"chunk {c + 1}/{len(chunks)} trained")
+    bar.update(done, f"models {first}-{last} of {len(domains)} trained")
   stacked = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *variables)
   epochs = max(h["train_loss"].shape[0] for h in histories)
   pad = lambda a: np.pad(a, ((0, epochs - a.shape[0]), (0, 0)), constant_values=np.nan)
@@ -162,89 +137,95 @@ def label(d: data.Domain) -> str:
   return f"({d.mu1:g},{d.sigma1:g},{d.mu2:g},{d.sigma2:g})"
 
 
-def main(argv):
-  del argv
-  compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    grid = build_grid()
-  except ValueError as e:
-    raise app.UsageError(str(e))
-  out = FLAGS.out
-  check_config(out)
+def _score_group(wd, config, model, group, take, grid_name) -> dict:
+  res = wd.read_result(group.label)
+  if res is not None:
+    print(f"[{group.label}] scores restored from {wd.path}/results/{group.label}.json",
+          flush=True)
+    return res
+  bar = Progress(len(group.sources) * len(group.targets), f"[{group.label}] pairs")
+  src_eval = _dataset(config, group.sources, "eval", config.data.n_eval)
+  tgt_eval = _dataset(config, group.targets, "eval", config.data.n_eval)
+  tgt_adapt = (tgt_eval[0] if config.adapt.transductive
+               else _dataset(config, group.targets, "adapt", config.data.n_adapt)[0])
+  scores = inference.evaluate_grid(
+      model, take(group.sources), src_eval, tgt_adapt, tgt_eval, mode=config.adapt.mode,
+      oracle=take(group.targets) if config.oracle else None, strategy=config.strategy,
+      pair_chunk=config.pair_chunk, batch_size=config.adapt.batch_size,
+      progress=lambda d, t: bar.update(d))
+  res = {"sources": [d.to_json() for d in group.sources],
+         "targets": [d.to_json() for d in group.targets],
+         "mask_fraction": float(tgt_eval[1].mean()),
+         **{k: np.asarray(v).tolist() for k, v in scores.items()}}
+  wd.write_result(group.label, res)
+  return res
+
+
+def _figures(wd, group, res, grid_name):
+  sources = [data.Domain.from_json(d) for d in res["sources"]]
+  targets = [data.Domain.from_json(d) for d in res["targets"]]
+  rows, cols = [label(d) for d in sources], [label(d) for d in targets]
+  none, adapted = np.asarray(res["iou_no_adapt"]), np.asarray(res["iou_adapted"])
+  if group.layout == "sigma_panels":
+    plots.sigma_panels(targets, adapted[0], wd.file(f"{group.label}_panels_adapted.png"),
+                       f"{grid_name}: IoU with BN adaptation, source {rows[0]}")
+    plots.sigma_panels(targets, none[0], wd.file(f"{group.label}_panels_no_adapt.png"),
+                       f"{grid_name}: IoU without adaptation, source {rows[0]}")
+  else:
+    plots.heatmaps(none, adapted, rows, cols, wd.file(f"{group.label}_heatmaps.png"),
+                   f"{grid_name} {group.label}: IoU of each source model on each target")
+    plots.surface(adapted, rows, cols, wd.file(f"{group.label}_surface.png"),
+                  "IoU adapted", f"{grid_name} {group.label}: IoU with BN adaptation")
+  src_iou = np.asarray(res["source_iou"])[:, 0]
+  return [f"## {group.label}: {len(rows)} sources x {len(cols)} targets, "
+          f"target mask fraction {res['mask_fraction']:.3f}", "",
+          f"- mean IoU without adaptation {none.mean():.3f}, with {adapted.mean():.3f}"
+          f"{', oracle %.3f' % np.mean(res['iou_oracle']) if 'iou_oracle' in res else ''}",
+          f"- source IoU per source: {', '.join(f'{v:.3f}' for v in src_iou)}",
+          f"- largest |adapted - source IoU|: {np.abs(adapted - src_iou[:, None]).max():.3f}",
+          ""]
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the grid of ``config`` into ``workdir``; returns ``{group: results}``."""
+  groups = groups_of(config)
+  for name in ("chunk", "pair_chunk"):
+    if config[name] < 1:
+      raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+  wd = Workdir.open(workdir, "sweep", config)
   start = time.perf_counter()
-  model = models.UNet(features=FLAGS.features, depth=FLAGS.depth)
-  config = train.TrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                             learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer,
-                             patience=FLAGS.patience, seed=FLAGS.seed, verbose=False)
-  trained = grid.domains() if FLAGS.oracle else grid.sources()
-  print(f"grid {grid.name} ({FLAGS.scale}): {len(grid.groups)} group(s), "
-        f"{len(trained)} models to train, "
-        f"{sum(len(g.sources) * len(g.targets) for g in grid.groups)} pairs; "
-        f"{FLAGS.size}x{FLAGS.size}, width {FLAGS.features}, devices {jax.devices()}",
-        flush=True)
-  variables, history = train_all(model, trained, config, out, [FLAGS[n].value for n in IDENTITY_FLAGS])
-  checkpoint.write_json_atomic(os.path.join(out, "models", "index.json"), {
-      "domains": [list(dataclasses.astuple(d)) for d in trained], "chunk": FLAGS.chunk,
-      "model": {"features": FLAGS.features, "depth": FLAGS.depth}})
-  plots.histories(history, [label(d) for d in trained], os.path.join(out, "histories.png"))
+  model = models.UNet(features=config.model.features, depth=config.model.depth)
+  train_config = train.TrainConfig(**dict(config.train), seed=config.seed)
+  sources = _unique(d for g in groups for d in g.sources)
+  trained = _unique(sources + [d for g in groups for d in g.targets]) if config.oracle else sources
+  pairs = sum(len(g.sources) * len(g.targets) for g in groups)
+  print(f"grid {config.grid} ({config.scale}): {len(groups)} group(s), {len(trained)} models "
+        f"to train, {pairs} pairs; {config.data.size}x{config.data.size}, width "
+        f"{config.model.features}, devices {jax.devices()}", flush=True)
+  variables, history = _train_all(wd, config, model, trained, train_config)
+  # What another experiment (predict_gain) reads back: no folder layout to guess.
+  wd.write_result("models", {
+      "domains": [d.to_json() for d in trained],
+      "checkpoints": [f"chunk_{c:04d}" for c in range(-(-len(trained) // config.chunk))],
+      "groups": [g.label for g in groups],
+      "model": {"features": config.model.features, "depth": config.model.depth}})
+  plots.histories(history, [label(d) for d in trained], wd.file("histories.png"),
+                  f"{config.grid}: training of the {len(trained)} models")
   index = {d: i for i, d in enumerate(trained)}
   take = lambda doms: jax.tree_util.tree_map(lambda a: a[np.array([index[d] for d in doms])],
                                              variables)
-
-  os.makedirs(os.path.join(out, "results"), exist_ok=True)
-  summary = [f"# {grid.name} ({FLAGS.scale}), adaptation {FLAGS.adapt_mode}"
-             f"{', transductive' if FLAGS.transductive else ''}", ""]
-  for group in grid.groups:
-    path = os.path.join(out, "results", f"{group.label}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        res = json.load(f)
-      print(f"[{group.label}] scores restored from {path}", flush=True)
-    else:
-      bar = Progress(len(group.sources) * len(group.targets), f"[{group.label}] pairs")
-      src_eval = dataset(group.sources, "eval", FLAGS.n_eval)
-      tgt_eval = dataset(group.targets, "eval", FLAGS.n_eval)
-      tgt_adapt = tgt_eval[0] if FLAGS.transductive else dataset(group.targets, "adapt", FLAGS.n_adapt)[0]
-      scores = sweep.evaluate_grid(
-          model, take(group.sources), src_eval, tgt_adapt, tgt_eval, mode=FLAGS.adapt_mode,
-          oracle=take(group.targets) if FLAGS.oracle else None, strategy=FLAGS.strategy,
-          pair_chunk=FLAGS.pair_chunk, batch_size=FLAGS.adapt_batch_size,
-          progress=lambda d, t: bar.update(d))
-      res = {"sources": [list(dataclasses.astuple(d)) for d in group.sources],
-             "targets": [list(dataclasses.astuple(d)) for d in group.targets],
-             "mask_fraction": float(tgt_eval[1].mean()),
-             **{k: np.asarray(v).tolist() for k, v in scores.items()}}
-      checkpoint.write_json_atomic(path, res)
-    rows = [label(data.Domain(*d)) for d in res["sources"]]
-    cols = [label(data.Domain(*d)) for d in res["targets"]]
-    none, adapted = np.asarray(res["iou_no_adapt"]), np.asarray(res["iou_adapted"])
-    if group.layout == "sigma_panels":
-      targets = [data.Domain(*d) for d in res["targets"]]
-      plots.sigma_panels(targets, adapted[0], os.path.join(out, f"{group.label}_panels_adapted.png"),
-                         f"{grid.name}: IoU with BN adaptation, source {rows[0]}")
-      plots.sigma_panels(targets, none[0], os.path.join(out, f"{group.label}_panels_no_adapt.png"),
-                         f"{grid.name}: IoU without adaptation, source {rows[0]}")
-    else:
-      plots.heatmaps(none, adapted, rows, cols, os.path.join(out, f"{group.label}_heatmaps.png"),
-                     f"{grid.name} {group.label}")
-      plots.surface(adapted, rows, cols, os.path.join(out, f"{group.label}_surface.png"),
-                    "IoU adapted", f"{grid.name} {group.label}: IoU with BN adaptation")
-    src_iou = np.asarray(res["source_iou"])[:, 0]
-    summary += [f"## {group.label}: {len(rows)} sources x {len(cols)} targets, "
-                f"target mask fraction {res['mask_fraction']:.3f}", "",
-                f"- mean IoU without adaptation {none.mean():.3f}, with {adapted.mean():.3f}"
-                f"{', oracle %.3f' % np.mean(res['iou_oracle']) if 'iou_oracle' in res else ''}",
-                f"- source IoU per source: {', '.join(f'{v:.3f}' for v in src_iou)}",
-                f"- largest |adapted - source IoU|: {np.abs(adapted - src_iou[:, None]).max():.3f}",
-                ""]
+  summary = [f"# {config.grid} ({config.scale}), adaptation {config.adapt.mode}"
+             f"{', transductive' if config.adapt.transductive else ''}", ""]
+  out = {}
+  for group in groups:
+    out[group.label] = res = _score_group(wd, config, model, group, take, config.grid)
+    summary += _figures(wd, group, res, config.grid)
   summary.append(f"({time.perf_counter() - start:.0f} s this run)")
   text = "\n".join(summary)
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(text + "\n")
+  wd.write_text("summary.md", text + "\n")
   print("\n" + text)
+  return out
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(run, DEFAULT_CONFIG, "sweep")

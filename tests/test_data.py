@@ -175,10 +175,22 @@ def test_load_folder_errors(tmp_path):
     data.load_folder(tmp_path / "nope", tmp_path / "masks")
 
 
-def test_check_images_masks_errors():
+def test_image_checks():
+  from bnjax import _checks
   with pytest.raises(ValueError, match="non-empty"):
-    data.check_images_masks(np.zeros((0, 8, 8, 1)))
+    _checks.images(np.zeros((0, 8, 8, 1)))
   with pytest.raises(ValueError, match="NaN"):
-    data.check_images_masks(np.full((2, 8, 8, 1), np.nan))
+    _checks.images(np.full((2, 8, 8, 1), np.nan))
   with pytest.raises(ValueError, match="masks must have shape"):
-    data.check_images_masks(np.zeros((2, 8, 8, 1)), np.zeros((2, 8, 7), bool))
+    _checks.images(np.zeros((2, 8, 8, 1)), np.zeros((2, 8, 7), bool))
+  with pytest.raises(ValueError, match="uint8 \\(integers\\); convert them to float in \\[0, 1\\]"):
+    _checks.images(np.zeros((2, 8, 8, 1), np.uint8))
+  x = np.linspace(0, 255, 2 * 64).reshape(2, 8, 8, 1)
+  with pytest.raises(ValueError, match=r"\[0, 1\] \(image_range\), got values in \[0, 255\].*divide by 255"):
+    _checks.images(x)
+  assert _checks.images(x, image_range=None).dtype == np.float32  # the opt-out
+  assert _checks.images(x / 255 + 0.005).shape == (2, 8, 8, 1)     # within the tolerance
+  with pytest.raises(ValueError, match="got values in \\[-0.5"):
+    _checks.images(x / 255 - 0.5)
+  with pytest.raises(ValueError, match="masks must be boolean"):
+    _checks.images(x / 255, np.zeros((2, 8, 8), np.float32))

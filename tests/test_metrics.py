@@ -48,4 +48,16 @@ def test_errors():
   with pytest.raises(ValueError, match="same shape"):
     metrics.iou(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
   with pytest.raises(ValueError, match="empty must be in"):
-    metrics.iou(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), empty=2)
+    metrics.iou(np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4), bool), empty=2)
+
+
+def test_masks_must_be_boolean_or_0_1_integers(pair):
+  pred, masks = pair
+  assert metrics.iou(pred.astype(np.int32), masks.astype(np.uint8)) == metrics.iou(pred, masks)
+  for fn in (metrics.iou, metrics.dice, metrics.pixel_accuracy, metrics.micro_iou):
+    with pytest.raises(ValueError, match="pred must be boolean .*threshold scores first"):
+      fn(pred.astype(np.float32) * 0.7, masks)
+    with pytest.raises(ValueError, match="masks are integers but not all in \\{0, 1\\}"):
+      fn(pred, masks.astype(np.int32) * 255)
+  with pytest.raises(ValueError, match="masks must be boolean"):
+    metrics.foreground_fraction(masks.astype(np.float64))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax import adapt, data, metrics, models, plots, sweep, train
+from bnjax import adapt, data, inference, metrics, models, plots, train
 
 TINY = models.UNet(features=4, depth=2)
 DOMAINS = [data.Domain(60, 30, 200, 30), data.Domain(100, 30, 180, 30), data.Domain(20, 30, 220, 30)]
@@ -28,7 +28,7 @@ def stack():
 
 @pytest.fixture(scope="module")
 def trained(stack):
-  return sweep.train_many(TINY, *stack, CONFIG)
+  return train.train_many(TINY, *stack, CONFIG)
 
 
 def test_train_many_equals_fit(stack, trained):
@@ -57,8 +57,8 @@ def test_train_many_equals_fit(stack, trained):
 def test_vmap_strategy_matches_unroll(stack):
   x, y = stack
   cfg = dataclasses.replace(CONFIG, epochs=1)
-  a, _ = sweep.train_many(TINY, x[:2], y[:2], cfg, strategy="unroll")
-  b, _ = sweep.train_many(TINY, x[:2], y[:2], cfg, strategy="vmap")
+  a, _ = train.train_many(TINY, x[:2], y[:2], cfg, strategy="unroll")
+  b, _ = train.train_many(TINY, x[:2], y[:2], cfg, strategy="vmap")
   for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(p, q, atol=1e-4)
 
@@ -66,7 +66,7 @@ def test_vmap_strategy_matches_unroll(stack):
 def test_evaluate_grid_matches_pairwise_loop(stack, trained):
   x, y = stack
   variables, _ = trained
-  out = sweep.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), mode="train_pass",
+  out = inference.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), mode="train_pass",
                             pair_chunk=3, batch_size=16)
   assert set(out) == {"source_iou", "iou_no_adapt", "iou_adapted"}
   for k in range(3):
@@ -80,39 +80,47 @@ def test_evaluate_grid_matches_pairwise_loop(stack, trained):
       assert out["iou_adapted"][k, m] == pytest.approx(
           metrics.iou(bnjax.predict(TINY, ad, x[m]), y[m]), abs=2e-3)
   oracle = jax.tree_util.tree_map(lambda a: a[:2], variables)
-  with_oracle = sweep.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), oracle=oracle)
+  with_oracle = inference.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), oracle=oracle)
   np.testing.assert_allclose(with_oracle["iou_oracle"][0], out["source_iou"][:2, 0], atol=1e-6)
 
 
 def test_input_errors(stack):
   x, y = stack
   with pytest.raises(ValueError, match="masks must have shape"):
-    sweep.train_many(TINY, x, y[:2], CONFIG)
+    train.train_many(TINY, x, y[:2], CONFIG)
   with pytest.raises(ValueError, match="strategy must be one of"):
-    sweep.train_many(TINY, x, y, CONFIG, strategy="pmap")
+    train.train_many(TINY, x, y, CONFIG, strategy="pmap")
   with pytest.raises(ValueError, match="float\\[K, n, H, W, C\\]"):
-    sweep.train_many(TINY, x[0, 0], y[0, 0], CONFIG)
+    train.train_many(TINY, x[0, 0], y[0, 0], CONFIG)
 
 
-def test_named_grids():
-  b = sweep.named_grid("brightness", "full")
-  assert [g.label for g in b.groups] == ["k20", "k40", "k80"]
-  assert [d.mu1 for d in b.groups[0].sources] == list(range(10, 171, 20))
-  assert all(d.mu2 - d.mu1 == 80 and d.sigma1 == d.sigma2 == 50 for d in b.groups[2].sources)
-  c = sweep.named_grid("clip_corrected", "full")
-  targets = c.groups[0].targets
-  assert c.groups[0].sources == (data.Domain(96, 18, 138, 18),)
-  assert all(t.mu2 <= 192 for t in targets)
+def test_sweep_configs_hold_the_study_grids():
+  from experiments.configs import sweep as configs
+  from experiments import sweep as experiment
+  groups = experiment.groups_of(configs.get_config("brightness,full"))
+  assert [g.label for g in groups] == ["k20", "k40", "k80"]
+  assert [d.mu1 for d in groups[0].sources] == list(range(10, 171, 20))
+  assert all(d.mu2 - d.mu1 == 80 and d.sigma1 == d.sigma2 == 50 for d in groups[2].sources)
+  (c,) = experiment.groups_of(configs.get_config("clip_corrected,full"))
+  assert c.sources == (data.Domain(96, 18, 138, 18),) and c.layout == "sigma_panels"
+  assert all(t.mu2 <= 192 for t in c.targets)
   # 7 mu1 x 7 deltas, filtered by mu2 <= 192, times 5 x 5 sigmas.
   valid = sum(1 for m in range(64, 161, 16) for d in (24, 32, 42, 55, 73, 97, 128) if m + d <= 192)
-  assert len(targets) == 25 * valid
-  assert len(sweep.named_grid("geometric", "full").groups[0].sources) == 5
-  assert sweep.parse_values("10:170:20") == [float(v) for v in range(10, 171, 20)]
-  assert sweep.parse_values("1,2.5") == [1.0, 2.5]
-  with pytest.raises(ValueError, match="range"):
-    sweep.parse_values("1:2:0")
-  with pytest.raises(ValueError, match="unknown grid"):
-    sweep.named_grid("contrast")
+  assert len(c.targets) == 25 * valid
+  assert len(experiment.groups_of(configs.get_config("geometric,full"))[0].sources) == 5
+  assert len(experiment.groups_of(configs.get_config("geometric"))[0].sources) == 4
+  assert experiment.parse_values("10:170:20", "mu1") == [float(v) for v in range(10, 171, 20)]
+  assert experiment.parse_values("1,2.5", "mu1") == [1.0, 2.5]
+  with pytest.raises(ValueError, match="config.custom.delta must be a list"):
+    experiment.parse_values("1:2:0", "delta")
+  custom = configs.get_config("custom")
+  custom.custom.mu1, custom.custom.delta, custom.custom.sigma2 = "40,90", "90,200", "20,30"
+  (g,) = experiment.groups_of(custom)
+  assert set(g.sources) == {data.Domain(m, 50, m + d, s2) for m in (40, 90) for d in (90, 200)
+                            for s2 in (20, 30) if m + d <= 255}
+  assert len(g.sources) == 6
+  with pytest.raises(ValueError, match="'<grid>\\[,full\\]'"):
+    configs.get_config("contrast")
 
 
 def test_plots_write_numbers(tmp_path):
@@ -123,7 +131,8 @@ def test_plots_write_numbers(tmp_path):
   assert rows[0].split(",")[1:] == ["t1", "t2"]
   np.testing.assert_allclose([float(v) for v in rows[2].split(",")[1:]], b[1] - a[1])
   plots.surface(b, ["s1", "s2"], ["t1", "t2"], tmp_path / "s.png")
-  targets = sweep.sigma_panel_targets([64, 112], [24, 128], [6], [6, 30])
+  targets = [data.Domain(m, 6, m + d, s2) for s2 in (6, 30) for m in (64, 112)
+             for d in (24, 128) if m + d <= 192]
   plots.sigma_panels(targets, np.linspace(0, 1, len(targets)), tmp_path / "p.png")
   table = json.loads((tmp_path / "p.json").read_text())
   assert len(table) == len(targets) and all(t["mu2"] <= 192 for t in table)
@@ -157,7 +166,7 @@ def test_channel_histograms_drop_constant_channels(tmp_path):
 
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from bnjax import data, models, sweep, train
+    from bnjax import data, models, train
     assert jax.device_count() == 4, jax.devices()
     model = models.UNet(features=2, depth=1)
     doms = [data.Domain(60, 30, 200, 30), data.Domain(100, 30, 180, 30), data.Domain(20, 30, 220, 30)]
@@ -165,8 +174,8 @@ SHARDED = textwrap.dedent("""
     x, y = jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
     cfg = train.TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, verbose=False)
     for strategy in ("unroll", "vmap"):
-      a, ha = sweep.train_many(model, x, y, cfg, strategy=strategy)
-      b, hb = sweep.train_many(model, x, y, cfg, strategy=strategy, devices=jax.devices()[:1])
+      a, ha = train.train_many(model, x, y, cfg, strategy=strategy)
+      b, hb = train.train_many(model, x, y, cfg, strategy=strategy, devices=jax.devices()[:1])
       assert all(l.shape[0] == 3 for l in jax.tree_util.tree_leaves(a))
       for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(p), np.asarray(q), atol=1e-5)
@@ -184,14 +193,17 @@ def test_four_device_sharding_equals_one_device(root):
   assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]
 
 
-SWEEP_FLAGS = ["--grid=custom", "--mu1=40,90,140", "--delta=90", "--sigma1=30", "--size=16",
-               "--n_train=24", "--n_eval=8", "--n_adapt=8", "--features=2", "--depth=2",
-               "--epochs=2", "--batch_size=8", "--chunk=1", "--pair_chunk=4"]
+SWEEP_CONFIG = ["--config.custom.mu1=40,90,140", "--config.custom.delta=90",
+                "--config.custom.sigma1=30", "--config.data.size=16", "--config.data.n_train=24",
+                "--config.data.n_eval=8", "--config.data.n_adapt=8", "--config.model.features=2",
+                "--config.model.depth=2", "--config.train.epochs=2", "--config.train.batch_size=8",
+                "--config.chunk=1", "--config.pair_chunk=4"]
 
 
 def sweep_cmd(root, out, *extra):
-  return [sys.executable, os.path.join(root, "experiments", "sweep.py"), f"--out={out}",
-          *SWEEP_FLAGS, *extra]
+  return [sys.executable, os.path.join(root, "experiments", "sweep.py"),
+          f"--config={os.path.join(root, 'experiments', 'configs', 'sweep.py')}:custom",
+          f"--workdir={out}", *SWEEP_CONFIG, *extra]
 
 
 @pytest.mark.slow
@@ -200,7 +212,7 @@ def test_sweep_killed_then_resumed(root, tmp_path):
   out = tmp_path / "run"
   proc = subprocess.Popen(sweep_cmd(root, out), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  first = out / "models" / "chunk_0000" / "bnjax.json"
+  first = out / "checkpoints" / "chunk_0000" / "bnjax.json"
   deadline = time.time() + 300
   while not first.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.2)
@@ -211,7 +223,7 @@ def test_sweep_killed_then_resumed(root, tmp_path):
   resumed = subprocess.run(sweep_cmd(root, out), env=env, capture_output=True, text=True,
                            timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "chunk 1/3 restored" in resumed.stderr
+  assert "models 1-1 of 3 restored" in resumed.stderr
   fresh = subprocess.run(sweep_cmd(root, tmp_path / "fresh"), env=env, capture_output=True,
                          text=True, timeout=600)
   assert fresh.returncode == 0, fresh.stderr[-3000:]
@@ -222,24 +234,9 @@ def test_sweep_killed_then_resumed(root, tmp_path):
   for name in ("custom_heatmaps.png", "custom_surface.png", "histories.png", "summary.md",
                "custom_heatmaps_adapted.csv"):
     assert (out / name).exists()
-  # Everything done is reused; other flags into the same folder are refused.
+  # Everything done is reused; another config into the same workdir is refused.
   again = subprocess.run(sweep_cmd(root, out), env=env, capture_output=True, text=True, timeout=600)
   assert "scores restored" in again.stdout and again.stderr.count("restored") >= 3
-  other = subprocess.run(sweep_cmd(root, out, "--seed=1"), env=env, capture_output=True,
+  other = subprocess.run(sweep_cmd(root, out, "--config.seed=1"), env=env, capture_output=True,
                          text=True, timeout=600)
-  assert other.returncode != 0 and "seed: 0 -> 1" in other.stderr
-  # The latent-distance study runs on the sweep's output.
-  gain = subprocess.run([sys.executable, os.path.join(root, "experiments", "predict_gain.py"),
-                         f"--sweep_dir={out}", "--taps=bottleneck,dec0", "--bootstrap=20",
-                         "--max_rows=200", "--sinkhorn_points=100"],
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert gain.returncode == 0, gain.stderr[-3000:]
-  ranking = json.loads((out / "gain" / "ranking.json").read_text())
-  names = {e["predictor"] for e in ranking}
-  assert {"bn_diag_w2", "bottleneck/adapted/frechet", "dec0/unadapted/sliced_w2"} <= names
-  assert (out / "gain" / "scatter_top6.png").exists() and (out / "gain" / "distances.csv").exists()
-  collapse = json.loads((out / "gain" / "collapse.json").read_text())
-  assert all(set(c) == {"bottleneck", "dec0"} and all(0 <= v <= 1 for v in c.values())
-             for c in collapse.values())
-  hist = json.loads((out / "gain" / "histograms_largest_gain.json").read_text())
-  assert hist["histograms"] and (out / "gain" / "histograms_lowest_iou_adapted.png").exists()
+  assert other.returncode == 2 and "seed: 0 -> 1" in other.stderr

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax import data, metrics, models, train
+from bnjax import adapt, data, metrics, models, train
 
 TINY = models.UNet(features=4, depth=2)
 
@@ -45,10 +45,10 @@ def test_early_stopping_keeps_best(tiny_data):
 
 def test_fit_updates_batch_stats_and_split(tiny_data):
   x, y = tiny_data
-  v0 = models.init(TINY, train.seed_keys(0)[0], (16, 16, 1))
+  v0 = models.init(TINY, train._seed_keys(0)[0], (16, 16, 1))
   v, _ = train.fit(TINY, x, y, config(epochs=1, val_fraction=0.0))
   assert not np.allclose(v["batch_stats"]["enc0"]["bn0"]["mean"], v0["batch_stats"]["enc0"]["bn0"]["mean"])
-  assert train.split_sizes(72, config()) == (65, 7)
+  assert train._split_sizes(72, config()) == (65, 7)
   with pytest.raises(ValueError, match="fewer than batch_size=80"):
     train.fit(TINY, x, y, config(batch_size=80))
 
@@ -115,6 +115,38 @@ def test_predict_errors(tiny_data):
     bnjax.predict(TINY, v, x.at[0, 0, 0, 0].set(jnp.nan))
   with pytest.raises(ValueError, match="batch_size"):
     bnjax.predict(TINY, v, x, batch_size=0)
+
+
+def test_integer_and_0_255_images_are_refused(tiny_data):
+  x, y = tiny_data
+  v = models.init(TINY, jax.random.key(0), (16, 16, 1))
+  as_uint8 = np.asarray(np.rint(np.asarray(x) * 255), np.uint8)
+  for call in (lambda imgs: train.fit(TINY, imgs, y, config(epochs=1)),
+               lambda imgs: bnjax.predict(TINY, v, imgs),
+               lambda imgs: train.train_many(TINY, imgs[None], y[None], config(epochs=1))):
+    with pytest.raises(ValueError, match="convert them to float in \\[0, 1\\]"):
+      call(as_uint8)
+    with pytest.raises(ValueError, match="got values in \\[0, 255\\]"):
+      call(as_uint8.astype(np.float32))
+  # The U-Net itself refuses integers, so adaptation of it does too.
+  with pytest.raises(ValueError, match="float images in \\[0, 1\\], got uint8"):
+    adapt.recompute_batch_stats(TINY, v, as_uint8)
+  # The explicit opt-out for another scale.
+  pred = bnjax.predict(TINY, v, as_uint8.astype(np.float32), image_range=None)
+  assert pred.shape == y.shape
+  _, history = train.fit(TINY, as_uint8.astype(np.float32) / 255 * 2 - 1, y, config(epochs=1),
+                         image_range=(-1, 1))
+  assert history["epochs_run"] == 1
+
+
+def test_fit_announces_compilation_once(tiny_data, capsys):
+  x, y = tiny_data
+  model = models.UNet(features=3, depth=1)  # used by no other test: not compiled yet
+  train.fit(model, x, y, config(epochs=1, verbose=True))
+  train.fit(model, x, y, config(epochs=1, verbose=True, seed=3))
+  err = capsys.readouterr().err
+  assert err.count("compiling the training step (1 model, batch 8, images 16x16x1)") == 1
+  assert err.count("epoch 1/1") == 2
 
 
 class _TinySeg(flax_nn.Module):

@@ -1,0 +1,147 @@
+"""Checks of arguments and inputs, in one place (private).
+
+Every public function validates what it is given here, so that bad input is a
+``ValueError`` naming the argument and what is allowed, raised where the
+mistake was made and not as a NaN or a shape error three functions later.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Float images on the U-Net path must lie in [0, 1] up to this much.
+RANGE_TOLERANCE = 1e-2
+UNIT_RANGE = (0.0, 1.0)
+
+
+def is_traced(tree) -> bool:
+  return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
+
+
+def key(value) -> None:
+  if not isinstance(value, jax.Array) or not (
+      jnp.issubdtype(value.dtype, jax.dtypes.prng_key)
+      or (value.dtype == jnp.uint32 and value.shape[-1:] == (2,))):
+    raise ValueError(
+        "key must be a JAX PRNG key (jax.random.key(seed) or "
+        f"jax.random.PRNGKey(seed)), got {type(value).__name__}")
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+  return int(value)
+
+
+def unit_interval(name: str, value) -> float:
+  value = float(value)
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value}")
+  return value
+
+
+def choice(name: str, value, allowed: Sequence[Any]):
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+  return value
+
+
+# --------------------------------------------------------------------------
+# Images and masks of the U-Net path
+
+
+def _image_values(images, name: str, image_range) -> None:
+  """Integer images are refused; float images outside ``image_range`` (with a
+  small tolerance) too, unless ``image_range`` is None. Only concrete values
+  are checked."""
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    if jnp.issubdtype(images.dtype, jnp.integer) or images.dtype == jnp.bool_:
+      raise ValueError(
+          f"{name} are {images.dtype} (integers); convert them to float in [0, 1] "
+          f"first, e.g. {name}.astype(np.float32) / 255 for 8-bit images")
+    raise ValueError(f"{name} must be a float array, got dtype {images.dtype}")
+  if is_traced(images):
+    return
+  if not bool(jnp.all(jnp.isfinite(images))):
+    raise ValueError(f"{name} contain NaN or infinite pixels")
+  if image_range is None:
+    return
+  lo, hi = (float(v) for v in image_range)
+  seen_lo, seen_hi = float(jnp.min(images)), float(jnp.max(images))
+  if seen_lo < lo - RANGE_TOLERANCE or seen_hi > hi + RANGE_TOLERANCE:
+    hint = (" (they look like 0-255 values: divide by 255)" if seen_hi > 2.0 and seen_lo >= 0
+            else "")
+    raise ValueError(
+        f"{name} must lie in [{lo:g}, {hi:g}] (image_range), got values in "
+        f"[{seen_lo:.4g}, {seen_hi:.4g}]{hint}; pass image_range=None to use "
+        "another scale")
+
+
+def images(images, masks=None, *, name: str = "images", image_range=UNIT_RANGE,
+           stacked: bool = False):
+  """Validates ``float[n, H, W, C]`` images (``[n, H, W]`` gets a channel),
+  or with ``stacked`` a ``float[K, n, H, W, C]`` stack, and optional masks of
+  the same ``n, H, W``. Returns float32 images and bool masks (jax arrays)."""
+  images = jnp.asarray(images)
+  rank = 5 if stacked else 4
+  if images.ndim == rank - 1:
+    images = images[..., None]
+  want = "float[K, n, H, W, C] stack" if stacked else "float[n, H, W, C] (or [n, H, W]) array"
+  if images.ndim != rank or 0 in images.shape[:rank - 3]:
+    raise ValueError(f"{name} must be a non-empty {want}, got shape {images.shape}")
+  _image_values(images, name, image_range)
+  images = images.astype(jnp.float32)
+  if masks is None:
+    return images
+  masks = jnp.asarray(masks)
+  if masks.shape != images.shape[:rank - 1]:
+    raise ValueError(
+        f"masks must have shape {images.shape[:rank - 1]} (the leading axes of {name}), "
+        f"got {masks.shape}")
+  return images, mask_array(masks, "masks")
+
+
+def mask_array(masks, name: str = "masks") -> jax.Array:
+  """Boolean masks, or integers in {0, 1}, as bool; floats are refused (a
+  probability map would count every nonzero pixel as foreground)."""
+  masks = jnp.asarray(masks)
+  if masks.dtype == jnp.bool_:
+    return masks
+  if not jnp.issubdtype(masks.dtype, jnp.integer):
+    raise ValueError(
+        f"{name} must be boolean (or integers in {{0, 1}}), got {masks.dtype}; "
+        f"threshold scores first, e.g. {name} > 0.5")
+  if not is_traced(masks) and masks.size and not bool(jnp.all((masks == 0) | (masks == 1))):
+    raise ValueError(f"{name} are integers but not all in {{0, 1}}: got values in "
+                     f"[{int(jnp.min(masks))}, {int(jnp.max(masks))}]")
+  return masks.astype(bool)
+
+
+def inputs(values, lead: int = 1, name: str = "inputs") -> tuple:
+  """``values`` (an array or a tuple of arrays) as a tuple of arrays sharing
+  their ``lead`` leading axes, none of them empty, without NaN or infinite
+  values (checked only where the values are concrete). For models of any
+  kind: integer inputs (token ids) are allowed."""
+  arrays = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+  if not arrays:
+    raise ValueError(f"{name} must be an array or a non-empty tuple of arrays")
+  arrays = tuple(jnp.asarray(a) for a in arrays)
+  want = "[P, n, ...]" if lead == 2 else "[n, ...]"
+  shapes = [a.shape for a in arrays]
+  if any(a.ndim < lead for a in arrays) or len({s[:lead] for s in shapes}) != 1:
+    raise ValueError(f"{name} must be arrays {want} sharing their leading "
+                     f"ax{'es' if lead > 1 else 'is'}, got shapes {shapes}")
+  if 0 in shapes[0][:lead]:
+    raise ValueError(f"{name} must be a non-empty set {want}, got shapes {shapes}")
+  for i, a in enumerate(arrays):
+    if (not isinstance(a, jax.core.Tracer) and jnp.issubdtype(a.dtype, jnp.inexact)
+        and not bool(jnp.all(jnp.isfinite(a)))):
+      which = name if len(arrays) == 1 else f"{name}[{i}]"
+      raise ValueError(f"{which} contain NaN or infinite values")
+  return arrays

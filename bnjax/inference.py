@@ -1,0 +1,135 @@
+"""Inference: predictions of one model, and scores of stacks of models.
+
+:func:`predict` runs one model in eval mode over a set in batches (one
+compiled shape per set size). :func:`stacked_iou` scores P (model, set) pairs
+in one compiled call, and :func:`evaluate_grid` scores K source models on M
+target sets without and with BN adaptation (stacks mapped as in
+:mod:`bnjax.stacking`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import _batching
+from bnjax import _checks
+from bnjax import _modules as _m
+from bnjax import adapt as _adapt
+from bnjax import compiler
+from bnjax import metrics as _metrics
+from bnjax import stacking
+
+__all__ = ["logits_to_masks", "predict", "stacked_iou", "evaluate_grid"]
+
+
+def logits_to_masks(logits: jax.Array) -> jax.Array:
+  """bool[n, H, W]: foreground where class 1 wins (or the single logit > 0)."""
+  if logits.shape[-1] == 1:
+    return logits[..., 0] > 0
+  return jnp.argmax(logits, axis=-1) == 1
+
+
+def _masks_of(model, variables, images, batch_size):
+  return _batching.padded_map(
+      lambda x: logits_to_masks(model.apply(variables, x, train=False)), images, batch_size)
+
+
+def predict(model: nn.Module, variables, images, batch_size: int = 64, *,
+            image_range=_checks.UNIT_RANGE) -> np.ndarray:
+  """bool[n, H, W] foreground predictions in eval mode, in batches.
+
+  ``images``: float[n, H, W, C] (or [n, H, W]) in ``image_range`` (None: any
+  float values; integer images are refused).
+  """
+  images = _checks.images(images, image_range=image_range)
+  batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[0])
+  run = _m.cached(model, ("predict",), lambda: compiler.jit(
+      functools.partial(_masks_of, model), static_argnums=(2,)))
+  return np.asarray(run(variables, images, batch_size))
+
+
+def stacked_iou(model: nn.Module, variables, images, masks, *,
+                strategy: stacking.Strategy = "auto", empty: float = 1.0,
+                batch_size: int = 64, image_range=_checks.UNIT_RANGE) -> np.ndarray:
+  """float[P]: the per-image mean IoU of model p on set p, for stacked
+  ``variables`` (leading axis P), ``images`` float[P, n, H, W, C] and ``masks``
+  bool[P, n, H, W]; one compiled call."""
+  images, masks = _checks.images(images, masks, image_range=image_range, stacked=True)
+  batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[1])
+  empty = _checks.unit_interval("empty", empty)
+  strategy = stacking.resolve(strategy)
+
+  def build():
+    def one(v, x, y, batch_size, empty):
+      pred = _masks_of(model, v, x, batch_size)
+      return jnp.mean(_metrics.iou_per_image(pred, y, empty))
+    return compiler.jit(
+        lambda v, x, y, b, e: stacking.stacked(
+            functools.partial(one, batch_size=b, empty=e), strategy)(v, x, y),
+        static_argnums=(3, 4))
+
+  run = _m.cached(model, ("stacked_iou", strategy), build)
+  return np.asarray(run(variables, images, masks, batch_size, empty))
+
+
+def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targets_eval,
+                  mode: _adapt.Mode = "exact", oracle=None, *,
+                  strategy: stacking.Strategy = "auto", pair_chunk: int = 8,
+                  empty: float = 1.0, eval_batch_size: int = 64, progress=None,
+                  image_range=_checks.UNIT_RANGE, **adapt_options) -> dict:
+  """Scores K stacked source models on M target sets, without and with BN adaptation.
+
+  Args:
+    model: the linen model.
+    variables: stacked source variables (leading axis K).
+    source_eval: (images float[K, n, H, W, C], masks bool[K, n, H, W]): each
+      source model's own held-out data.
+    targets_adapt: float[M, n_a, H, W, C]: the unlabelled images each target's
+      adaptation uses (pass the evaluation images for the transductive protocol).
+    targets_eval: (images float[M, n_e, H, W, C], masks bool[M, n_e, H, W]).
+    mode, **adapt_options: as :func:`bnjax.adapt.recompute_batch_stats`.
+    oracle: optional stacked variables of M target-trained models.
+    pair_chunk: (source, target) pairs adapted per call.
+    eval_batch_size: images per forward pass when scoring.
+    progress: optional callable(done_pairs, total_pairs).
+    image_range: the range every image must lie in (None: any float values).
+
+  Returns:
+    float[K, M] arrays ``source_iou`` (model k on its own source, repeated
+    along M), ``iou_no_adapt``, ``iou_adapted`` and, with ``oracle``,
+    ``iou_oracle`` (oracle m on target m, repeated along K).
+  """
+  checked = functools.partial(_checks.images, image_range=image_range, stacked=True)
+  src_x, src_y = checked(*source_eval)
+  tgt_x, tgt_y = checked(*targets_eval)
+  tgt_a = checked(targets_adapt, name="targets_adapt")
+  k, m = src_x.shape[0], tgt_x.shape[0]
+  if tgt_a.shape[0] != m:
+    raise ValueError(f"targets_adapt must be float[{m}, n, H, W, C], got {tgt_a.shape}")
+  pair_chunk = _checks.positive_int("pair_chunk", pair_chunk)
+  iou = functools.partial(stacked_iou, model, strategy=strategy, empty=empty,
+                          batch_size=eval_batch_size, image_range=None)
+  source_iou = iou(variables, src_x, src_y)
+  pairs = [(a, b) for a in range(k) for b in range(m)]
+  none, adapted = np.zeros((k, m)), np.zeros((k, m))
+  for start in range(0, len(pairs), pair_chunk):
+    chunk = pairs[start:start + pair_chunk]
+    ks = np.array([a for a, _ in chunk])
+    ms = np.array([b for _, b in chunk])
+    v = jax.tree_util.tree_map(lambda a: a[ks], variables)
+    none[ks, ms] = iou(v, tgt_x[ms], tgt_y[ms])
+    v_ad = _adapt.recompute_batch_stats_stacked(model, v, tgt_a[ms], mode=mode,
+                                                strategy=strategy, **adapt_options)
+    adapted[ks, ms] = iou(v_ad, tgt_x[ms], tgt_y[ms])
+    if progress is not None:
+      progress(start + len(chunk), len(pairs))
+  out = {"source_iou": np.repeat(source_iou[:, None], m, 1),
+         "iou_no_adapt": none, "iou_adapted": adapted}
+  if oracle is not None:
+    out["iou_oracle"] = np.repeat(iou(oracle, tgt_x, tgt_y)[None], k, 0)
+  return out

@@ -1,0 +1,64 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from bnjax import data, models, workdir
+from bnjax.workdir import ConfigMismatch, Workdir
+
+
+def config(**train):
+  c = config_dict.ConfigDict()
+  c.source = (90.0, 50.0, 170.0, 50.0)
+  c.train = config_dict.ConfigDict({"epochs": 3, "optimizer": "adam", **train})
+  c.adapt = config_dict.ConfigDict({"batch_size": config_dict.placeholder(int)})
+  return c
+
+
+def test_config_is_written_as_plain_json_and_compared(tmp_path):
+  quiet = lambda *a: None
+  wd = Workdir.open(tmp_path / "run", "study", config(), log=quiet)
+  assert not wd.resumed
+  stored = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert stored["experiment"] == "study"
+  assert stored["config"] == {"source": [90.0, 50.0, 170.0, 50.0],
+                              "train": {"epochs": 3, "optimizer": "adam"},
+                              "adapt": {"batch_size": None}}
+  assert Workdir.open(tmp_path / "run", "study", config(), log=quiet).resumed
+  with pytest.raises(ConfigMismatch) as e:
+    Workdir.open(tmp_path / "run", "study", config(epochs=5, momentum=0.9), log=quiet)
+  assert "train.epochs: 3 -> 5" in str(e.value) and "train.momentum: '<absent>' -> 0.9" in str(e.value)
+  with pytest.raises(ConfigMismatch, match="experiment 'study', not 'other'"):
+    Workdir.open(tmp_path / "run", "other", config(), log=quiet)
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "notes.txt").write_text("mine")
+  with pytest.raises(ConfigMismatch, match="not empty and has no config.json"):
+    Workdir.open(tmp_path / "full", "study", config(), log=quiet)
+  with pytest.raises(FileNotFoundError, match="not a bnjax workdir"):
+    Workdir.read(tmp_path / "full")
+
+
+def test_config_diff_names_nested_keys():
+  assert workdir.config_diff({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 1, "c": 3}, "d": [2]}) \
+      == ["a.c: 2 -> 3", "d: [1] -> [2]"]
+
+
+def test_results_and_checkpoints_round_trip(tmp_path):
+  wd = Workdir.open(tmp_path, "study", config(), log=lambda *a: None)
+  domain = data.Domain(90, 50, 170, 50)
+  wd.write_result("scores", {"domain": domain.to_json(), "iou": [0.5, 0.25]})
+  back = wd.read_result("scores")
+  assert data.Domain.from_json(back["domain"]) == domain and back["iou"] == [0.5, 0.25]
+  assert wd.read_result("missing") is None and wd.results() == ["scores"]
+  v = models.init(models.UNet(features=2, depth=1), jax.random.key(0), (4, 4, 1))
+  wd.save_model("m", v, seed=3, domains=[domain.to_json()])
+  assert wd.load_model("m", seed=4) is None  # another identity: train again
+  got, meta = wd.load_model("m", seed=3, domains=[domain.to_json()])
+  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  assert wd.checkpoints() == ["m"]
+  assert wd.kept() == "1 trained model checkpoint and 1 result file"
+  with pytest.raises(ValueError, match="exactly the keys"):
+    data.Domain.from_json({"mu1": 1, "sigma1": 2, "mu2": 3})
