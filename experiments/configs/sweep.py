@@ -8,7 +8,7 @@ every pair scored without and with BN adaptation.
     python experiments/sweep.py --config=experiments/configs/sweep.py:brightness,full --config.model.features=16 --workdir=runs/b64
 
 Expected on 2 CPU cores (64x64, width 8, 500 images, 12 epochs):
-``brightness`` ~11 min: without adaptation a target brighter than its source
+``brightness`` ~10 min: without adaptation a target brighter than its source
 scores about the mask fraction (0.20-0.22) and a darker one about 0; mean IoU
 without / with exact adaptation k20 0.217 / 0.656, k40 0.253 / 0.834, k80
 0.367 / 0.925, every k = 80 cell within 0.1 of its source's own IoU.
