@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+__all__ = ["save", "restore", "metadata", "write_json_atomic", "MANIFEST"]
+
 MANIFEST = "bnjax.json"
 FORMAT = 1
 

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+__all__ = ["jit", "options", "unrolled_stack", "enable_persistent_cache", "CPU_OPTIONS"]
+
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 

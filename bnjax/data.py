@@ -32,6 +32,8 @@ import numpy as np
 
 from bnjax import _checks
 
+__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
+
 RenderKind = Literal["white_noise", "gradient", "edges"]
 RENDER_KINDS: tuple[str, ...] = get_args(RenderKind)
 Split = Literal["train", "eval", "adapt"]

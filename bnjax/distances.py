@@ -16,6 +16,8 @@ import numpy as np
 
 from bnjax.adapt import layer_stats
 
+__all__ = ["frechet", "frechet_from_moments", "gaussian_moments", "source_normalized_frechet", "sliced_wasserstein", "sort_floats", "bhattacharyya", "histogram_bhattacharyya", "mmd", "sinkhorn", "overlap_coefficient", "diag_w2", "diag_bhattacharyya"]
+
 
 def _pair(x, y, name="x, y"):
   x, y = np.asarray(x), np.asarray(y)

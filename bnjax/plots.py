@@ -12,6 +12,8 @@ import numpy as np
 from bnjax.checkpoint import write_json_atomic
 from bnjax.features import constant_dims
 
+__all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms"]
+
 
 def _plt():
   import matplotlib

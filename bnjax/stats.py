@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["pearson", "spearman", "ranks", "bootstrap_ci", "isotonic_fit"]
+
 
 def ranks(a) -> np.ndarray:
   """Ranks from 0 along the last axis; tied values share their mean rank."""

@@ -1,0 +1,50 @@
+"""The edges of the public API and the direction of imports."""
+
+import ast
+import os
+
+import bnjax
+
+MODULES = ["adapt", "checkpoint", "compiler", "data", "distances", "features", "inference",
+           "metrics", "models", "plots", "progress", "stacking", "stats", "train", "workdir"]
+# Each module may import only modules above it in this order (and private ones).
+ORDER = ["compiler", "data", "models", "stacking", "adapt", "metrics", "inference", "train",
+         "features", "distances", "stats", "checkpoint", "workdir", "plots", "progress"]
+
+
+def _bnjax_imports(path):
+  tree = ast.parse(open(path).read())
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnjax"):
+      parts = node.module.split(".")
+      found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+    elif isinstance(node, ast.Import):
+      found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bnjax.")}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("experiments"):
+      found.add("experiments")
+  return found
+
+
+def test_every_module_lists_its_public_names():
+  assert set(MODULES) <= set(bnjax.__all__)
+  for name in MODULES:
+    module = getattr(bnjax, name)
+    assert module.__all__, name
+    for public in module.__all__:
+      assert hasattr(module, public), f"bnjax.{name}.__all__ names a missing {public!r}"
+      assert not public.startswith("_"), public
+  for name in bnjax.__all__:
+    assert hasattr(bnjax, name)
+  assert bnjax.predict is bnjax.inference.predict and bnjax.fit is bnjax.train.fit
+  assert os.path.isfile(os.path.join(os.path.dirname(bnjax.__file__), "py.typed"))
+
+
+def test_imports_point_one_way(root):
+  folder = os.path.join(root, "bnjax")
+  for name in ORDER:
+    imported = _bnjax_imports(os.path.join(folder, f"{name}.py"))
+    assert "experiments" not in imported, name
+    later = set(ORDER[ORDER.index(name) + 1:])
+    assert not (imported & later), f"bnjax.{name} imports {imported & later}"
+  assert "train" not in _bnjax_imports(os.path.join(folder, "models.py"))
