@@ -60,8 +60,13 @@ def stacked_iou(model: nn.Module, variables, images, masks, *,
   ``variables`` (leading axis P), ``images`` float[P, n, H, W, C] and ``masks``
   bool[P, n, H, W]; one compiled call."""
   images, masks = _checks.images(images, masks, image_range=image_range, stacked=True)
-  batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[1])
-  empty = _checks.unit_interval("empty", empty)
+  return _stacked_iou(model, variables, images, masks, strategy,
+                      _checks.unit_interval("empty", empty),
+                      _checks.positive_int("batch_size", batch_size))
+
+
+def _stacked_iou(model, variables, images, masks, strategy, empty: float, batch_size: int):
+  """:func:`stacked_iou` on checked arguments."""
   strategy = stacking.resolve(strategy)
 
   def build():
@@ -74,7 +79,7 @@ def stacked_iou(model: nn.Module, variables, images, masks, *,
         static_argnums=(3, 4))
 
   run = _m.cached(model, ("stacked_iou", strategy), build)
-  return np.asarray(run(variables, images, masks, batch_size, empty))
+  return np.asarray(run(variables, images, masks, min(batch_size, images.shape[1]), empty))
 
 
 def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targets_eval,
@@ -112,8 +117,10 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   if tgt_a.shape[0] != m:
     raise ValueError(f"targets_adapt must be float[{m}, n, H, W, C], got {tgt_a.shape}")
   pair_chunk = _checks.positive_int("pair_chunk", pair_chunk)
-  iou = functools.partial(stacked_iou, model, strategy=strategy, empty=empty,
-                          batch_size=eval_batch_size, image_range=None)
+  # Checked once here, not again for every chunk of pairs.
+  iou = functools.partial(_stacked_iou, model, strategy=strategy,
+                          empty=_checks.unit_interval("empty", empty),
+                          batch_size=_checks.positive_int("eval_batch_size", eval_batch_size))
   source_iou = iou(variables, src_x, src_y)
   pairs = [(a, b) for a in range(k) for b in range(m)]
   none, adapted = np.zeros((k, m)), np.zeros((k, m))

@@ -268,7 +268,6 @@ def _log(config, text):
 class _Loop:
   """The compiled pieces of one (model, settings, strategy, devices)."""
 
-  tx: optax.GradientTransformation
   init_opt: Any
   step: Any
   run_eval: Any
@@ -303,7 +302,7 @@ def _loop(model, config: TrainConfig, strategy: str, mesh, k_pad: int, eval_bs: 
     run_eval = stacking.sharded_jit(stacking.stacked(one_eval, strategy), mesh)
     batches_of = jax.jit(jax.vmap(_epoch_batches, in_axes=(0, None, None, None)),
                          static_argnums=(2, 3))
-    return _Loop(tx, jax.jit(jax.vmap(tx.init)), step, run_eval, batches_of)
+    return _Loop(jax.jit(jax.vmap(tx.init)), step, run_eval, batches_of)
 
   return _m.cached(model, ("train", settings, strategy, devices, k_pad, eval_bs), build)
 

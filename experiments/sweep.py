@@ -137,7 +137,7 @@ def label(d: data.Domain) -> str:
   return f"({d.mu1:g},{d.sigma1:g},{d.mu2:g},{d.sigma2:g})"
 
 
-def _score_group(wd, config, model, group, take, grid_name) -> dict:
+def _score_group(wd, config, model, group, take) -> dict:
   res = wd.read_result(group.label)
   if res is not None:
     print(f"[{group.label}] scores restored from {wd.path}/results/{group.label}.json",
@@ -218,7 +218,7 @@ def run(config, workdir: str) -> dict:
              f"{', transductive' if config.adapt.transductive else ''}", ""]
   out = {}
   for group in groups:
-    out[group.label] = res = _score_group(wd, config, model, group, take, config.grid)
+    out[group.label] = res = _score_group(wd, config, model, group, take)
     summary += _figures(wd, group, res, config.grid)
   summary.append(f"({time.perf_counter() - start:.0f} s this run)")
   text = "\n".join(summary)
