@@ -7,16 +7,17 @@
     bnjax.metrics.iou(bnjax.predict(model, adapted, target_images), target_masks)
 
 The modules, by idea (imports point down this list): ``data`` (domains,
-Perlin masks, rendering), ``models`` (the U-Net), ``stacking`` (stacks of
-models, devices), ``adapt`` (BatchNorm adaptation of any Flax model),
-``metrics``, ``inference`` (predictions, stacked scores), ``train`` (one loop
+Perlin masks, rendering), ``shifts`` (controlled shifts of a set, severity
+0..5), ``models`` (the U-Net), ``stacking`` (stacks of models, devices),
+``adapt`` (BatchNorm adaptation of any Flax model), ``methods`` (TENT,
+histogram matching), ``metrics``, ``inference`` (predictions, stacked scores), ``train`` (one loop
 for K >= 1 models), ``features`` and ``distances`` (latent spaces and OT),
 ``stats``, ``checkpoint``, ``workdir`` (the run-directory contract of the
 experiments), ``plots``, ``compiler``, ``progress``.
 """
 
-from bnjax import (adapt, checkpoint, compiler, data, distances, features, inference, metrics,
-                   models, plots, progress, stacking, stats, train, workdir)
+from bnjax import (adapt, checkpoint, compiler, data, distances, features, inference, methods,
+                   metrics, models, plots, progress, shifts, stacking, stats, train, workdir)
 from bnjax.adapt import recompute_batch_stats, recompute_batch_stats_nnx
 from bnjax.data import Domain
 from bnjax.inference import evaluate_grid, predict
@@ -25,8 +26,8 @@ from bnjax.train import TrainConfig, fit, train_many
 
 __all__ = [
     # modules
-    "adapt", "checkpoint", "compiler", "data", "distances", "features", "inference", "metrics",
-    "models", "plots", "progress", "stacking", "stats", "train", "workdir",
+    "adapt", "checkpoint", "compiler", "data", "distances", "features", "inference", "methods",
+    "metrics", "models", "plots", "progress", "shifts", "stacking", "stats", "train", "workdir",
     # the names most programs need
     "Domain", "UNet", "TrainConfig", "fit", "train_many", "predict", "evaluate_grid",
     "recompute_batch_stats", "recompute_batch_stats_nnx",

@@ -47,6 +47,10 @@ Modes (``n`` target examples):
   ``nn.BatchNorm(momentum=0.9)``).
 
 Options: ``alpha`` mixes ``alpha * target + (1 - alpha) * source``;
+``prior=N`` sets ``alpha = n / (n + N)`` for ``n`` target examples, the source
+statistics acting as ``N`` prior examples (Schneider et al., NeurIPS 2020,
+"Improving robustness against common corruptions by covariate shift
+adaptation", eq. 2: ``N = 0`` is full adaptation, large ``N`` keeps the source);
 ``layers`` restricts adaptation to the BatchNorm layers whose path
 (``"enc0/bn1"``) matches; ``stats`` replaces the ``"mean"``, the ``"var"`` or
 ``"both"``. In ``"exact"`` mode the mixed statistics are the ones used
@@ -261,6 +265,19 @@ def _linen_runner(model, kind: str, policy: _Policy, kw: _m.Kwargs, is_batch_nor
   return _m.cached(model, ("linen", kind, policy, kw.key(), is_batch_norm, strategy), build)
 
 
+def _batch_normalised_apply(model, variables, inputs, kwargs, is_batch_norm=None):
+  """``model.apply(variables, *inputs, **kwargs)`` with every BatchNorm layer
+  normalising with the moments of its input (as in train mode, gradients
+  flowing through them) while the model runs as ``kwargs`` say (eval mode:
+  no dropout); the stored statistics are not changed. For methods that
+  optimise through batch statistics (TENT)."""
+  names = _m.stats_paths(variables["batch_stats"])
+  policy = _Policy("batch", frozenset(names))
+  with nn.intercept_methods(_linen_interceptor(policy, is_batch_norm)):
+    out, _ = model.apply(variables, *inputs, mutable=["batch_stats"], **kwargs)
+  return out
+
+
 # --------------------------------------------------------------------------
 # Statistics as flat {name: (mean, var)} dicts; arrays carry a leading pair axis
 
@@ -333,6 +350,19 @@ def _selector(layers) -> Callable[[str], bool]:
         f"layers must be a regex, a list of regexes or a callable, got {layers!r}")
   compiled = [re.compile(p) for p in patterns]
   return lambda name: any(c.search(name) for c in compiled)
+
+
+def _prior_alpha(alpha, prior, n: int) -> float:
+  """``alpha``, or ``n / (n + prior)`` when a prior strength is given."""
+  if prior is None:
+    return alpha
+  if isinstance(prior, bool) or not isinstance(prior, (int, float, np.integer, np.floating)) or (
+      not math.isfinite(prior) or prior < 0):
+    raise ValueError(f"prior must be a number >= 0 (the source statistics' weight in "
+                     f"examples) or None, got {prior!r}")
+  if float(alpha) != 1.0:
+    raise ValueError(f"pass alpha or prior, not both (got alpha={alpha}, prior={prior})")
+  return n / (n + float(prior))
 
 
 def _check_options(mode, batch_size, momentum, alpha, stats):
@@ -502,7 +532,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
                           alpha: float = 1.0,
                           layers: str | Iterable[str] | Callable | None = None,
                           stats: Stats = "both", apply_kwargs: Mapping | None = None,
-                          is_batch_norm: Callable[[nn.Module], bool] | None = None) -> dict:
+                          is_batch_norm: Callable[[nn.Module], bool] | None = None,
+                          prior: float | None = None) -> dict:
   """Adapts the BatchNorm statistics of ``variables`` to ``inputs``.
 
   Args:
@@ -518,6 +549,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
       (default 1) it is the mini-batch size and changes the result.
     momentum: ``"ema"`` only: weight of the new batch (PyTorch convention).
     alpha: weight of the target statistics, in [0, 1].
+    prior: the source statistics' weight in examples ``N`` (Schneider et al.
+      2020): ``alpha = n / (n + N)`` for ``n`` target examples; excludes ``alpha``.
     layers: regex (or list of regexes, or predicate on the path string such as
       ``"enc0/bn1"``) selecting the layers to adapt; default all.
     stats: ``"mean"``, ``"var"`` or ``"both"``.
@@ -533,6 +566,7 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
   """
   _check_options(mode, batch_size, momentum, alpha, stats)
   inputs = _checks.inputs(inputs, lead=1)
+  alpha = _prior_alpha(alpha, prior, inputs[0].shape[0])
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   paths = _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None)
   if not paths:
@@ -546,13 +580,15 @@ def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, 
                                   momentum: float = 0.1, alpha: float = 1.0,
                                   layers=None, stats: Stats = "both",
                                   apply_kwargs: Mapping | None = None,
-                                  is_batch_norm=None, strategy: str = "auto") -> dict:
+                                  is_batch_norm=None, strategy: str = "auto",
+                                  prior: float | None = None) -> dict:
   """:func:`recompute_batch_stats` for P pairs at once: every leaf of
   ``variables`` and of ``inputs`` (``[P, n, ...]``, or a tuple of such) has a
   leading axis P; pair i adapts model i to input set i. ``strategy`` is how
   the pairs are mapped (:mod:`bnjax.stacking`)."""
   _check_options(mode, batch_size, momentum, alpha, stats)
   inputs = _checks.inputs(inputs, lead=2)
+  alpha = _prior_alpha(alpha, prior, inputs[0].shape[1])
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   if not _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None):
     raise _no_layer_error(model, jax.tree_util.tree_map(lambda a: a[0], variables),
@@ -708,7 +744,8 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
                               alpha: float = 1.0,
                               layers: str | Iterable[str] | Callable | None = None,
                               stats: Stats = "both", call_kwargs: Mapping | None = None,
-                              is_batch_norm: Callable | None = None):
+                              is_batch_norm: Callable | None = None,
+                              prior: float | None = None):
   """:func:`recompute_batch_stats` for a Flax NNX module.
 
   Returns a new module whose ``nnx.BatchStat`` ``mean``/``var`` are adapted and
@@ -726,6 +763,7 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
     raise ValueError(f"module must be an nnx.Module, got {type(module).__name__}")
   _check_options(mode, batch_size, momentum, alpha, stats)
   inputs = _checks.inputs(inputs, lead=1)
+  alpha = _prior_alpha(alpha, prior, inputs[0].shape[0])
   if call_kwargs is not None and not isinstance(call_kwargs, Mapping):
     raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
   call_kwargs = dict(call_kwargs or {})

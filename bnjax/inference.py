@@ -24,7 +24,7 @@ from bnjax import compiler
 from bnjax import metrics as _metrics
 from bnjax import stacking
 
-__all__ = ["logits_to_masks", "predict", "stacked_iou", "evaluate_grid"]
+__all__ = ["logits_to_masks", "predict", "stacked_predict", "stacked_iou", "evaluate_grid"]
 
 
 def logits_to_masks(logits: jax.Array) -> jax.Array:
@@ -50,6 +50,26 @@ def predict(model: nn.Module, variables, images, batch_size: int = 64, *,
   batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[0])
   run = _m.cached(model, ("predict",), lambda: compiler.jit(
       functools.partial(_masks_of, model), static_argnums=(2,)))
+  return np.asarray(run(variables, images, batch_size))
+
+
+def stacked_predict(model: nn.Module, variables, images, *,
+                    strategy: stacking.Strategy = "auto", batch_size: int = 64,
+                    image_range=_checks.UNIT_RANGE) -> np.ndarray:
+  """bool[P, n, H, W]: the predictions of model p on set p, for stacked
+  ``variables`` (leading axis P) and ``images`` float[P, n, H, W, C]; one
+  compiled call."""
+  images = _checks.images(images, image_range=image_range, stacked=True)
+  batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[1])
+  strategy = stacking.resolve(strategy)
+
+  def build():
+    return compiler.jit(
+        lambda v, x, b: stacking.stacked(
+            functools.partial(_masks_of, model, batch_size=b), strategy)(v, x),
+        static_argnums=(2,))
+
+  run = _m.cached(model, ("stacked_predict", strategy), build)
   return np.asarray(run(variables, images, batch_size))
 
 

@@ -17,6 +17,7 @@ levels named ``enc0 .. enc{depth-1}``, ``bottleneck``, ``dec{depth-1} .. dec0``
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal, get_args
 
 import flax.linen as nn
@@ -26,10 +27,10 @@ import jax.numpy as jnp
 from bnjax import _modules as _m
 
 __all__ = ["UNet", "DoubleConv", "Conv", "UpConv", "batch_norm_relu", "max_pool2",
-           "level_names", "count_params", "init", "init_variables", "Norm", "NORMS", "Down",
+           "level_names", "standardize", "count_params", "init", "init_variables", "Norm", "NORMS", "Down",
            "DOWNS", "Up", "UPS", "ConvImpl", "CONV_IMPLS", "BnImpl", "BN_IMPLS"]
 
-Norm = Literal["batch", "none"]
+Norm = Literal["batch", "instance", "group", "layer", "none"]
 NORMS: tuple[str, ...] = get_args(Norm)
 ConvImpl = Literal["auto", "xla", "matmul"]
 CONV_IMPLS: tuple[str, ...] = get_args(ConvImpl)
@@ -47,6 +48,8 @@ UPS: tuple[str, ...] = get_args(Up)
 # PyTorch's BatchNorm2d defaults, in Flax's convention (ra = m ra + (1-m) batch).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+# Groups of ``norm="group"`` (Wu & He 2018 use 32; the CPU widths start at 8).
+GROUPS = 8
 
 
 def level_names(depth: int) -> list[str]:
@@ -270,6 +273,20 @@ class BatchNormReLU(nn.Module):
     return y
 
 
+def _norm_layer(norm: str, channels: int, name: str) -> nn.Module:
+  """The per-sample normalisation layer of ``norm`` (every one with a learned
+  scale and bias, epsilon 1e-5): ``"instance"`` normalises each channel of
+  each image over its pixels (Ulyanov et al. 2016), ``"group"`` groups of
+  channels of each image (Wu & He 2018; ``gcd(channels, GROUPS)`` groups),
+  ``"layer"`` all pixels and channels of each image (Ba et al. 2016)."""
+  if norm == "instance":
+    return nn.InstanceNorm(epsilon=BN_EPSILON, name=name)
+  if norm == "group":
+    return nn.GroupNorm(num_groups=math.gcd(channels, GROUPS), epsilon=BN_EPSILON, name=name)
+  return nn.LayerNorm(epsilon=BN_EPSILON, reduction_axes=(-3, -2, -1),
+                      feature_axes=-1, name=name)
+
+
 class DoubleConv(nn.Module):
   """(3x3 conv -> norm -> ReLU) x 2; sows the last pre-activation."""
 
@@ -287,7 +304,7 @@ class DoubleConv(nn.Module):
     fused = (use_bn and train and self.bn_impl == "fused"
              and not (self.tap and self.is_mutable_collection("intermediates")))
     for i in range(2):
-      x = Conv(self.features, 3, use_bias=not use_bn, impl=self.impl,
+      x = Conv(self.features, 3, use_bias=self.norm == "none", impl=self.impl,
                name=f"conv{i}")(x)
       if fused:
         x = BatchNormReLU(BN_MOMENTUM, BN_EPSILON, name=f"bn{i}")(x)
@@ -295,6 +312,8 @@ class DoubleConv(nn.Module):
       if use_bn:
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                          epsilon=BN_EPSILON, name=f"bn{i}")(x)
+      elif self.norm != "none":
+        x = _norm_layer(self.norm, self.features, f"norm{i}")(x)
       if i == 1 and self.tap:
         self.sow("intermediates", f"{self.tap}_pre", x)
       x = nn.relu(x)
@@ -303,14 +322,27 @@ class DoubleConv(nn.Module):
     return x
 
 
+def standardize(x, epsilon: float = 1e-5):
+  """Per-image standardisation: each image (over its pixels and channels) to
+  mean 0 and standard deviation 1, ``(x - mean) / sqrt(var + epsilon)``."""
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  var = jnp.var(x, axis=(1, 2, 3), keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + epsilon)
+
+
 class UNet(nn.Module):
   """U-Net; ``model.apply(variables, x, train=...)`` maps float[n, H, W, C] to logits.
 
   Attributes:
     features: width of the first level; level i has ``features * 2**i``.
     depth: number of down-sampling steps (4 in the reference network).
-    norm: ``"batch"`` (BatchNorm after every 3x3 conv) or ``"none"`` (convs
-      get a bias instead).
+    norm: the layer after every 3x3 conv: ``"batch"`` (BatchNorm),
+      ``"instance"``, ``"group"`` or ``"layer"`` (per-image normalisations, no
+      ``batch_stats``: nothing for BN adaptation to change), or ``"none"``
+      (the convs get a bias instead).
+    standardize: standardise each input image to mean 0 and standard
+      deviation 1 before the first layer (:func:`standardize`): a property of
+      the trained model, so training, prediction and adaptation all apply it.
     down: ``"maxpool"`` (2x2 max-pool) or ``"strided"`` (2x2 stride-2 conv).
     up: ``"transpose"`` (2x2 stride-2 transposed conv) or ``"resize_conv"``
       (nearest-neighbour x2 then 3x3 conv).
@@ -336,6 +368,7 @@ class UNet(nn.Module):
   up: Up = "transpose"
   skip: bool = True
   num_classes: int = 2
+  standardize: bool = False
   conv_impl: ConvImpl = "auto"
   up_impl: ConvImpl = "matmul"
   bn_impl: BnImpl = "fused"
@@ -373,6 +406,8 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     self._check(x)
+    if self.standardize:
+      x = standardize(x)
     names = level_names(self.depth)
     impl = self.conv_impl
     skips = []

@@ -6,9 +6,11 @@ import os
 import bnjax
 
 MODULES = ["adapt", "checkpoint", "compiler", "data", "distances", "features", "inference",
-           "metrics", "models", "plots", "progress", "stacking", "stats", "train", "workdir"]
+           "methods", "metrics", "models", "plots", "progress", "shifts", "stacking", "stats",
+           "train", "workdir"]
 # Each module may import only modules above it in this order (and private ones).
-ORDER = ["compiler", "data", "models", "stacking", "adapt", "metrics", "inference", "train",
+ORDER = ["compiler", "data", "shifts", "models", "stacking", "adapt", "methods", "metrics",
+         "inference", "train",
          "features", "distances", "stats", "checkpoint", "workdir", "plots", "progress"]
 
 

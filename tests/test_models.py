@@ -200,3 +200,51 @@ def test_fused_bn_train_step_equals_flax_bn_train_step():
   assert "enc0_pre" in state["intermediates"]["enc0"]
   with pytest.raises(ValueError, match="UNet.bn_impl"):
     models.init(model.clone(bn_impl="nope"), jax.random.key(0), (16, 16, 1))
+
+
+@pytest.mark.parametrize("norm", ["instance", "group", "layer"])
+def test_per_image_norms_have_no_batch_stats_and_ignore_the_batch(norm):
+  model = models.UNet(features=4, depth=2, norm=norm)
+  v = models.init(model, jax.random.key(0), (16, 16, 1))
+  assert sorted(v) == ["params"]
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
+  # Each image's output depends on that image alone.
+  np.testing.assert_allclose(model.apply(v, x)[1:], model.apply(v, x[1:]), atol=1e-5)
+
+
+def test_instance_norm_unet_is_invariant_to_a_per_image_intensity_scale():
+  # Convs without bias before every InstanceNorm: a.x gives the same output up
+  # to float error and the epsilon (1e-5, small against these variances; a
+  # darker a.x, whose variances are smaller, moves further). A model
+  # without normalisation is not invariant (the control).
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
+  a = jnp.asarray([0.7, 1.5, 2.0, 3.0]).reshape(4, 1, 1, 1)
+  outs = {}
+  for norm in ("instance", "none"):
+    model = models.UNet(features=8, depth=2, norm=norm)
+    v = models.init(model, jax.random.key(0), (32, 32, 1))
+    y, ya = model.apply(v, x), model.apply(v, a * x)
+    outs[norm] = float(jnp.abs(y - ya).max() / jnp.abs(y).max())
+  assert outs["instance"] < 2e-3
+  assert outs["none"] > 0.1
+
+
+def test_standardize_makes_the_model_invariant_to_affine_intensity_changes():
+  model = models.UNet(features=4, depth=2, standardize=True)
+  v = models.init(model, jax.random.key(0), (16, 16, 1))
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
+  np.testing.assert_allclose(model.apply(v, 0.5 * x + 0.2), model.apply(v, x), atol=1e-3)
+  z = models.standardize(x)
+  np.testing.assert_allclose(np.asarray(z).mean(axis=(1, 2, 3)), 0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(z).std(axis=(1, 2, 3)), 1, atol=1e-3)
+
+
+def test_stacked_predict_equals_predict_per_model():
+  from bnjax import inference
+  model = models.UNet(features=4, depth=2)
+  vs = [models.init(model, jax.random.key(i), (16, 16, 1)) for i in range(2)]
+  x = jax.random.uniform(jax.random.key(5), (2, 5, 16, 16, 1))
+  stack = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vs)
+  got = inference.stacked_predict(model, stack, x, batch_size=2)
+  for i in range(2):
+    np.testing.assert_array_equal(got[i], inference.predict(model, vs[i], x[i]))

@@ -1,0 +1,239 @@
+"""Unsupervised fixes for a shifted target besides BN adaptation, each a pure function.
+
+* :func:`tent` (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy
+  Minimization", ICLR 2021): minimise the mean per-pixel softmax entropy of
+  the predictions on the unlabelled target inputs with respect to the
+  BatchNorm scale and bias only, the BatchNorm layers normalising with the
+  statistics of each batch.
+* :func:`histogram_match`: every target image's intensities mapped onto the
+  pooled source distribution (the cumulative-distribution matching of
+  ``skimage.exposure.match_histograms``); changes no weight.
+* AdaBN with a prior (Schneider et al., NeurIPS 2020) is the ``prior=`` option
+  of :func:`bnjax.adapt.recompute_batch_stats`; per-image normalisations and
+  input standardisation are options of :class:`bnjax.models.UNet`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from bnjax import _checks
+from bnjax import _modules as _m
+from bnjax import adapt as _adapt
+from bnjax import compiler
+
+__all__ = ["tent", "mean_entropy", "histogram_match", "bn_affine_paths"]
+
+
+def mean_entropy(logits: jax.Array) -> jax.Array:
+  """Mean over all positions of the prediction entropy (nats) of
+  ``logits[..., classes]``: softmax entropy, or the binary entropy of a
+  sigmoid when there is one class."""
+  logits = jnp.asarray(logits, jnp.float32)
+  if logits.shape[-1] == 1:
+    z = logits[..., 0]
+    p = jax.nn.sigmoid(z)
+    # -p log p - (1 - p) log (1 - p), with log sigmoid for stability.
+    return jnp.mean(-p * jax.nn.log_sigmoid(z) - (1 - p) * jax.nn.log_sigmoid(-z))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+
+def bn_affine_paths(variables: Mapping) -> list[tuple]:
+  """The ``params`` paths (tuples) of the scale and bias of every BatchNorm
+  layer: the ``scale``/``bias`` leaves beside each layer's ``batch_stats``."""
+  layers = _m.stats_paths(variables.get("batch_stats"))
+  flat = traverse_util.flatten_dict(variables.get("params") or {})
+  return [p + (leaf,) for p in layers.values() for leaf in ("scale", "bias") if p + (leaf,) in flat]
+
+
+def _check_number(name, value, lo=0.0):
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+      not math.isfinite(value) or value < lo):
+    raise ValueError(f"{name} must be a finite number >= {lo:g}, got {value!r}")
+  return float(value)
+
+
+def _tent_run(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths, episodic: bool):
+  """The jitted optimisation: ``(variables, inputs, arrays, idx, lr) ->
+  adapted affine leaves`` (``idx`` int[steps, batch]; with ``episodic`` a
+  leading episode axis on ``idx`` and on the result)."""
+
+  def build():
+    def run(variables, inputs, arrays, idx, lr):
+      flat = traverse_util.flatten_dict(variables["params"])
+      theta0 = {p: flat[p] for p in paths}
+      tx = optimizer if optimizer is not None else optax.adam(lr)
+
+      def loss(theta, batch):
+        params = traverse_util.unflatten_dict({**flat, **theta})
+        out = _adapt._batch_normalised_apply(model, {**variables, "params": params}, batch,
+                                             kw.join(arrays), is_batch_norm)
+        return mean_entropy(out)
+
+      def step(carry, index):
+        theta, opt = carry
+        value, grads = jax.value_and_grad(loss)(theta, tuple(a[index] for a in inputs))
+        updates, opt = tx.update(grads, opt, theta)
+        return (optax.apply_updates(theta, updates), opt), value
+
+      def episode(order):
+        (theta, _), _ = jax.lax.scan(step, (theta0, tx.init(theta0)), order)
+        return theta
+
+      return jax.vmap(episode)(idx) if episodic else episode(idx)
+
+    return compiler.jit(run)
+
+  return _m.cached(model, ("tent", kw.key(), is_batch_norm, optimizer, tuple(paths), episodic),
+                   build)
+
+
+def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
+         learning_rate: float = 1e-3, batch_size: int | None = None, episodic: bool = False,
+         key: jax.Array, optimizer: optax.GradientTransformation | None = None,
+         apply_kwargs: Mapping | None = None, is_batch_norm: Callable | None = None,
+         stats_batch_size: int | None = None) -> dict:
+  """TENT: entropy minimisation on unlabelled inputs over the BatchNorm scale and bias.
+
+  Every step takes a batch of ``batch_size`` inputs, runs the model with each
+  BatchNorm layer normalising with that batch's moments (the model itself in
+  eval mode, as :func:`bnjax.adapt.recompute_batch_stats` runs it: no
+  dropout), and takes one ``optimizer`` step (default ``optax.adam
+  (learning_rate)``) on the mean per-pixel prediction entropy
+  (:func:`mean_entropy`) with respect to the scale and bias of the BatchNorm
+  layers only (:func:`bn_affine_paths`).
+
+  * ``episodic=False`` (TENT's online setting): ``steps`` steps in one
+    trajectory, the batches drawn from ``key`` (a new permutation of the
+    inputs every pass over them; the last incomplete batch of a pass is
+    dropped).
+  * ``episodic=True``: the inputs are cut in order into ``n / batch_size``
+    batches (``batch_size`` must divide ``n``) and each batch is an episode
+    that starts from the source weights and a fresh optimizer state and takes
+    ``steps`` steps on that batch. The result has a leading episode axis:
+    entry ``b`` is the model for ``inputs[b * batch_size:(b + 1) * batch_size]``.
+
+  Then the ``batch_stats`` are recomputed on the inputs (each episode's own
+  batch) under the adapted scale and bias (:func:`bnjax.adapt.recompute_batch_stats`,
+  ``"exact"``), so that the returned variables predict in eval mode without
+  depending on the evaluation batch. Every other leaf is returned bit for bit.
+
+  Args:
+    model: a linen model with BatchNorm layers, called as
+      ``model.apply(variables, *inputs, **apply_kwargs)``; its output is
+      logits ``[..., classes]`` (one class: a sigmoid).
+    variables: ``{"params": ..., "batch_stats": ...}``.
+    inputs: the unlabelled target inputs, an array ``[n, ...]`` or a tuple of them.
+    steps: optimizer steps (per episode with ``episodic``), >= 1.
+    learning_rate: Adam's step size (ignored with ``optimizer``), >= 0.
+    batch_size: inputs per step, in 1..n (default ``min(64, n)``).
+    key: PRNG key of the batch order.
+    optimizer: an optax transformation instead of Adam.
+    apply_kwargs, is_batch_norm: as in :func:`bnjax.adapt.recompute_batch_stats`.
+    stats_batch_size: inputs per forward pass of the final statistics.
+  """
+  _checks.key(key)
+  steps = _checks.positive_int("steps", steps)
+  lr = _check_number("learning_rate", learning_rate)
+  inputs = _checks.inputs(inputs, lead=1)
+  n = inputs[0].shape[0]
+  batch_size = min(64, n) if batch_size is None else _checks.positive_int("batch_size",
+                                                                          batch_size)
+  if batch_size > n:
+    raise ValueError(f"batch_size must be in 1..{n} (the number of inputs), got {batch_size}")
+  if episodic and n % batch_size:
+    raise ValueError(f"episodic=True cuts the {n} inputs into episodes of batch_size; "
+                     f"batch_size={batch_size} does not divide {n}")
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  if not isinstance(variables, Mapping) or not _m.stats_paths(variables.get("batch_stats")):
+    raise ValueError("tent needs a model with BatchNorm layers: variables have no "
+                     "'batch_stats' mean/var")
+  paths = bn_affine_paths(variables)
+  if not paths:
+    raise ValueError("tent optimises the BatchNorm scale and bias, and no BatchNorm layer "
+                     "of this model has either (use_scale=False, use_bias=False)")
+  kw, arrays = _m.Kwargs.split(kwargs)
+  run = _tent_run(model, kw, is_batch_norm, optimizer, paths, bool(episodic))
+  if episodic:
+    episodes = np.arange(n).reshape(n // batch_size, 1, batch_size)
+    idx = jnp.asarray(np.broadcast_to(episodes, (n // batch_size, steps, batch_size)))
+  else:
+    per_pass = n // batch_size
+    orders = [jax.random.permutation(jax.random.fold_in(key, e), n)[:per_pass * batch_size]
+              for e in range(-(-steps // per_pass))]
+    idx = jnp.concatenate(orders).reshape(-1, batch_size)[:steps]
+  theta = run(dict(variables), inputs, arrays, idx, jnp.float32(lr))
+  flat = traverse_util.flatten_dict(variables["params"])
+  options = dict(mode="exact", batch_size=stats_batch_size, apply_kwargs=apply_kwargs,
+                 is_batch_norm=is_batch_norm)
+  if not episodic:
+    params = traverse_util.unflatten_dict({**flat, **theta})
+    return _adapt.recompute_batch_stats(model, {**variables, "params": params}, inputs,
+                                        **options)
+  b = n // batch_size
+  stacked = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (b, *jnp.shape(a))),
+                                   {k: v for k, v in variables.items() if k != "params"})
+  params = traverse_util.unflatten_dict(
+      {p: (theta[p] if p in theta else jnp.broadcast_to(v, (b, *jnp.shape(v))))
+       for p, v in flat.items()})
+  chunks = tuple(a.reshape(b, batch_size, *a.shape[1:]) for a in inputs)
+  return _adapt.recompute_batch_stats_stacked(model, {**stacked, "params": params}, chunks,
+                                              **options)
+
+
+@jax.jit
+def _match(images, reference):
+  """Per channel: each image's values through its own empirical CDF and the
+  inverse CDF of the pooled reference (linear between reference values)."""
+  c = images.shape[-1]
+  ref = reference.reshape(-1, c).T  # [C, M]
+  ref_sorted = jnp.sort(ref, axis=-1)
+  m = ref_sorted.shape[-1]
+  # The quantile of each reference value: the fraction of values <= it (ties
+  # share the quantile of their last occurrence, as np.unique's counts give).
+  ref_q = jax.vmap(lambda r: jnp.searchsorted(r, r, side="right"))(ref_sorted) / m
+
+  def one(image):
+    x = image.reshape(-1, c).T  # [C, P]
+    q = jax.vmap(lambda v: jnp.searchsorted(jnp.sort(v), v, side="right"))(x) / x.shape[-1]
+    out = jax.vmap(jnp.interp)(q, ref_q, ref_sorted)
+    return out.T.reshape(image.shape)
+
+  return jax.lax.map(one, images).astype(jnp.float32)
+
+
+def histogram_match(images, reference_images) -> jax.Array:
+  """Each image's intensities mapped onto the distribution of the pooled
+  ``reference_images`` (per channel), e.g. target images onto source ones.
+
+  A pixel with value ``v`` in an image of ``P`` pixels gets the reference
+  value at quantile ``#{pixels <= v} / P`` of the image, by linear
+  interpolation of the reference's empirical quantile function (each
+  reference value at the fraction of reference pixels ``<=`` it): the
+  matching of ``skimage.exposure.match_histograms`` (Gonzalez & Woods,
+  "Digital Image Processing", histogram specification), applied to every
+  image against the same pooled reference.
+
+  Args:
+    images: float[n, H, W, C] (or [n, H, W]).
+    reference_images: float[m, H', W', C] (or [m, H', W']), the same channels.
+
+  Returns:
+    float32 images of the shape of ``images``, values within the reference's range.
+  """
+  images = _checks.images(images, image_range=None)
+  reference = _checks.images(reference_images, name="reference_images", image_range=None)
+  if reference.shape[-1] != images.shape[-1]:
+    raise ValueError(f"reference_images must have the channels of images "
+                     f"({images.shape[-1]}), got {reference.shape[-1]}")
+  return _match(images, reference)

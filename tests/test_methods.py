@@ -1,0 +1,155 @@
+"""TENT, histogram matching and the AdaBN prior, against independent computations."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from skimage.exposure import match_histograms
+
+from bnjax import adapt, methods
+
+KEY = jax.random.key(0)
+
+
+class Tiny(nn.Module):
+  """Written the way other projects write a small conv net (nn.Conv, auto names)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+    x = nn.Conv(4, (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5)(x))
+    return nn.Conv(2, (1, 1))(x)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = Tiny()
+  x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1)) * 0.7 + 0.3
+  return model, model.init(jax.random.key(2), x), x
+
+
+def _entropy(logits):
+  logp = jax.nn.log_softmax(logits)
+  return float(jnp.mean(-jnp.sum(jnp.exp(logp) * logp, -1)))
+
+
+def test_tent_equals_a_hand_written_optax_loop(tiny):
+  model, v, x = tiny
+  out = methods.tent(model, v, x, steps=3, learning_rate=1e-2, batch_size=8, key=KEY)
+  # Three Adam steps on the train-mode entropy of the whole batch, by hand.
+  flat = traverse_util.flatten_dict(v["params"])
+  theta = {k: a for k, a in flat.items() if k[0].startswith("BatchNorm")}
+  tx = optax.adam(1e-2)
+  opt = tx.init(theta)
+
+  def loss(theta):
+    params = traverse_util.unflatten_dict({**flat, **theta})
+    logits, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])
+    logp = jax.nn.log_softmax(logits)
+    return jnp.mean(-jnp.sum(jnp.exp(logp) * logp, -1))
+
+  for _ in range(3):
+    updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+  got = traverse_util.flatten_dict(out["params"])
+  assert len(theta) == 4
+  for k, a in flat.items():
+    if k in theta:
+      np.testing.assert_allclose(got[k], theta[k], atol=2e-6)
+      assert not np.array_equal(np.asarray(got[k]), np.asarray(a))
+    else:  # every other leaf bit for bit
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(a))
+  # batch_stats: the exact target statistics under the adapted scale and bias.
+  want = adapt.recompute_batch_stats(model, {**v, "params": out["params"]}, x)
+  for a, b in zip(jax.tree_util.tree_leaves(out["batch_stats"]),
+                  jax.tree_util.tree_leaves(want["batch_stats"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tent_lowers_the_entropy_on_its_adaptation_set(tiny):
+  model, v, x = tiny
+  before = _entropy(model.apply(adapt.recompute_batch_stats(model, v, x), x))
+  out = methods.tent(model, v, x, steps=10, learning_rate=1e-2, batch_size=4, key=KEY)
+  after = _entropy(model.apply(out, x))
+  assert after < before - 1e-3
+  assert methods.mean_entropy(model.apply(out, x)) == pytest.approx(after, rel=1e-5)
+
+
+def test_tent_is_reproducible_and_keyed(tiny):
+  model, v, x = tiny
+  a = methods.tent(model, v, x, steps=3, batch_size=4, key=KEY)
+  b = methods.tent(model, v, x, steps=3, batch_size=4, key=KEY)
+  c = methods.tent(model, v, x, steps=3, batch_size=4, key=jax.random.key(9))
+  leaves = lambda t: [np.asarray(l) for l in jax.tree_util.tree_leaves(t)]
+  assert all(np.array_equal(p, q) for p, q in zip(leaves(a), leaves(b)))
+  assert not all(np.array_equal(p, q) for p, q in zip(leaves(a), leaves(c)))
+
+
+def test_episodic_tent_adapts_each_batch_from_the_source(tiny):
+  model, v, x = tiny
+  out = methods.tent(model, v, x, steps=2, learning_rate=1e-2, batch_size=4, episodic=True,
+                     key=KEY)
+  for b in range(2):
+    alone = methods.tent(model, v, x[4 * b:4 * b + 4], steps=2, learning_rate=1e-2,
+                         batch_size=4, key=KEY)
+    for p, q in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(alone)):
+      np.testing.assert_allclose(np.asarray(p)[b], np.asarray(q), atol=1e-6)
+
+
+def test_tent_bad_arguments(tiny):
+  model, v, x = tiny
+  with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.8"):
+    methods.tent(model, v, x, batch_size=9, key=KEY)
+  with pytest.raises(ValueError, match="does not divide"):
+    methods.tent(model, v, x, batch_size=3, episodic=True, key=KEY)
+  with pytest.raises(ValueError, match="steps"):
+    methods.tent(model, v, x, steps=0, key=KEY)
+  with pytest.raises(ValueError, match="learning_rate"):
+    methods.tent(model, v, x, learning_rate=float("nan"), key=KEY)
+  with pytest.raises(ValueError, match="BatchNorm"):
+    methods.tent(model, {"params": v["params"]}, x, key=KEY)
+
+
+def test_histogram_match_agrees_with_skimage():
+  rng = np.random.default_rng(0)
+  images = (rng.uniform(size=(3, 16, 16, 1)) ** 2).astype(np.float32)
+  reference = np.clip(rng.normal(0.5, 0.1, (5, 16, 16, 1)), 0, 1)
+  reference = (np.round(reference * 255) / 255).astype(np.float32)  # ties, as 8-bit data
+  for imgs in (images, np.round(images * 255).astype(np.float32) / 255):
+    got = np.asarray(methods.histogram_match(imgs, reference))
+    want = np.stack([match_histograms(im, reference.reshape(-1, 16, 1), channel_axis=-1)
+                     for im in imgs])
+    np.testing.assert_allclose(got, want, atol=1 / 255)
+    assert np.abs(got - want).max() < 1e-5
+  with pytest.raises(ValueError, match="channels"):
+    methods.histogram_match(images, np.concatenate([reference] * 2, -1))
+
+
+class FirstBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(2)(nn.BatchNorm(use_running_average=not train)(x))
+
+
+def test_adabn_prior_on_a_worked_example():
+  # n = 6 target examples, prior N = 18: alpha = 6 / 24 = 0.25, so the stored
+  # statistics are 0.25 target + 0.75 source (source mean 0, var 1 at init).
+  x = jnp.asarray(np.arange(12, dtype=np.float32).reshape(6, 2))
+  model = FirstBN()
+  v = model.init(KEY, x)
+  out = adapt.recompute_batch_stats(model, v, x, prior=18)
+  mean, var = x.mean(0), x.var(0)  # 2.5/3.5 and 35/3 per feature
+  np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["mean"], 0.25 * mean, rtol=1e-6)
+  np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["var"], 0.25 * var + 0.75,
+                             rtol=1e-6)
+  zero = adapt.recompute_batch_stats(model, v, x, prior=0)
+  np.testing.assert_allclose(zero["batch_stats"]["BatchNorm_0"]["mean"], mean, rtol=1e-6)
+  with pytest.raises(ValueError, match="not both"):
+    adapt.recompute_batch_stats(model, v, x, prior=4, alpha=0.5)
+  with pytest.raises(ValueError, match="prior must be a number >= 0"):
+    adapt.recompute_batch_stats(model, v, x, prior=-1)
