@@ -12,7 +12,8 @@ import numpy as np
 from bnjax.checkpoint import write_json_atomic
 from bnjax.features import constant_dims
 
-__all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms"]
+__all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms",
+           "severity_curves", "labelled_heatmap", "winner_grid"]
 
 
 def _plt():
@@ -241,4 +242,109 @@ def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constan
   fig.savefig(path, dpi=110)
   plt.close(fig)
   write_json_atomic(f"{_stem(path)}.json", {"dropped_constant": dropped, "histograms": record})
+  return path
+
+
+def _fixed_colours(names: Sequence[str]) -> dict:
+  """One colour per name, the same in every panel and figure of a run."""
+  return dict(zip(names, _colours(len(names))))
+
+
+def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
+                    ylabel: str = "IoU") -> str:
+  """One panel per shift, IoU against severity, one line per method (mean
+  with its 95 % interval as a band), as the corruption benchmarks plot.
+
+  ``curves[panel][method] = (severities, mean, half_width)``; ``methods``
+  fixes the colours (and the legend's order) across panels.
+  """
+  plt = _plt()
+  panels = list(curves)
+  cols = min(4, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+  colour = _fixed_colours(methods)
+  for ax, panel in zip(axes.flat, panels):
+    for method in methods:
+      if method not in curves[panel]:
+        continue
+      sev, mean, half = (np.asarray(a, float) for a in curves[panel][method])
+      ax.plot(sev, mean, "o-", color=colour[method], label=method, lw=1.2, ms=3)
+      if np.isfinite(half).any():
+        ax.fill_between(sev, mean - half, mean + half, color=colour[method], alpha=0.15, lw=0)
+    ax.set(title=panel, xlabel="severity", ylabel=ylabel, ylim=(0, 1))
+    ax.title.set_fontsize(9)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.05, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", {
+      panel: {m: [np.asarray(a, float).tolist() for a in v] for m, v in c.items()}
+      for panel, c in curves.items()})
+  return path
+
+
+def labelled_heatmap(matrix, rows: Sequence[str], cols: Sequence[str], path, title: str = "",
+                     label: str = "IoU", corner: str = "row \\ column", lo: float = 0.0,
+                     hi: float = 1.0, cmap: str = "viridis") -> str:
+  """One heatmap with every value written in its cell (NaN cells blank),
+  labelled rows and columns; the numbers beside it as CSV."""
+  plt = _plt()
+  matrix = np.asarray(matrix, float)
+  fig, ax = plt.subplots(figsize=(0.7 * len(cols) + 2.5, 0.45 * len(rows) + 1.8))
+  im = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+  ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+  ax.set_yticks(range(len(rows)), rows, fontsize=7)
+  for i in range(matrix.shape[0]):
+    for j in range(matrix.shape[1]):
+      if np.isfinite(matrix[i, j]):
+        frac = (matrix[i, j] - lo) / (hi - lo)
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                color="w" if (frac < 0.5 if cmap == "viridis" else abs(frac - 0.5) > 0.3)
+                else "k")
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  _write_matrix_csv(f"{_stem(path)}.csv", matrix, rows, cols, corner)
+  return path
+
+
+def winner_grid(winners: Sequence[Sequence[str]], margins, rows: Sequence[str],
+                cols: Sequence[str], methods: Sequence[str], path, title: str = "") -> str:
+  """Which method wins each cell: cells coloured by the winning method
+  (colours as :func:`severity_curves`), its margin over the runner-up written in."""
+  plt = _plt()
+  from matplotlib.colors import ListedColormap
+  from matplotlib.patches import Patch
+
+  colour = _fixed_colours(methods)
+  index = {m: i for i, m in enumerate(methods)}
+  codes = np.array([[index.get(w, np.nan) if w else np.nan for w in r] for r in winners], float)
+  fig, ax = plt.subplots(figsize=(0.8 * len(cols) + 3.5, 0.45 * len(rows) + 1.8))
+  ax.imshow(np.ma.masked_invalid(codes), cmap=ListedColormap([colour[m] for m in methods]),
+            vmin=-0.5, vmax=len(methods) - 0.5, aspect="auto")
+  margins = np.asarray(margins, float)
+  for i in range(len(rows)):
+    for j in range(len(cols)):
+      if winners[i][j]:
+        ax.text(j, i, f"+{margins[i, j]:.2f}", ha="center", va="center", fontsize=6)
+  ax.set_xticks(range(len(cols)), cols, fontsize=7)
+  ax.set_yticks(range(len(rows)), rows, fontsize=7)
+  ax.legend(handles=[Patch(color=colour[m], label=m) for m in methods], fontsize=7,
+            bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", {"rows": list(rows), "cols": list(cols),
+                                            "winners": [list(r) for r in winners],
+                                            "margins": np.where(np.isnan(margins), None,
+                                                                margins).tolist()})
   return path

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pearson", "spearman", "ranks", "bootstrap_ci", "isotonic_fit"]
+__all__ = ["pearson", "spearman", "ranks", "bootstrap_ci", "isotonic_fit", "t_interval"]
+
+# Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30
+# (standard tables, e.g. NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.2);
+# beyond 30 the expansion of Abramowitz & Stegun 26.7.5 in 1/df (error < 1e-4).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def ranks(a) -> np.ndarray:
@@ -85,3 +92,19 @@ def isotonic_fit(x, y, increasing: bool = True):
     return values[idx]
 
   return predict
+
+
+def t_interval(values, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, half-width) of the 95 % Student-t interval of the mean along
+  ``axis``: ``t_{0.975, n-1} * s / sqrt(n)`` with ``s`` the sample standard
+  deviation; the half-width is NaN for fewer than 2 values."""
+  values = np.asarray(values, float)
+  n = values.shape[axis]
+  mean = values.mean(axis)
+  if n < 2:
+    return mean, np.full_like(mean, np.nan)
+  df = n - 1
+  z = 1.959964
+  t = (_T975[df - 1] if df <= len(_T975) else
+       z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2))
+  return mean, t * values.std(axis, ddof=1) / np.sqrt(n)

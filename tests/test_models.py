@@ -82,7 +82,7 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
     models.init(model, jax.random.key(0), (12, 12, 1))
   with pytest.raises(ValueError, match="UNet.norm"):
-    models.init(models.UNet(features=4, depth=1, norm="layer"), jax.random.key(0), (8, 8, 1))
+    models.init(models.UNet(features=4, depth=1, norm="weight"), jax.random.key(0), (8, 8, 1))
   with pytest.raises(ValueError, match="UNet.features"):
     models.init(models.UNet(features=0, depth=1), jax.random.key(0), (8, 8, 1))
 

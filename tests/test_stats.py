@@ -41,3 +41,15 @@ def test_isotonic_fit_matches_scipy(increasing):
   order = np.argsort(x)
   ref = scipy.optimize.isotonic_regression(y[order], increasing=increasing).x
   np.testing.assert_allclose(fit(x[order]), ref, atol=1e-12)
+
+
+def test_t_interval_matches_scipy():
+  from scipy import stats as sps
+  rng = np.random.default_rng(0)
+  for n in (2, 3, 5, 12, 40):
+    x = rng.normal(size=(4, n))
+    mean, half = stats.t_interval(x)
+    lo, hi = sps.t.interval(0.95, n - 1, loc=x.mean(-1), scale=sps.sem(x, axis=-1))
+    np.testing.assert_allclose(mean, x.mean(-1))
+    np.testing.assert_allclose(half, (hi - lo) / 2, rtol=1e-3)
+  assert np.isnan(stats.t_interval(np.ones((2, 1)))[1]).all()

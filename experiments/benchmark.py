@@ -1,0 +1,398 @@
+r"""Which unsupervised fix works when: a segmentation shift benchmark.
+
+    python experiments/benchmark.py --config=experiments/configs/benchmark.py --workdir=runs/benchmark
+
+For each U-Net variant (a config list of :data:`VARIANTS`), ``config.seeds``
+source models are trained on the source domain as one stack (model ``i``
+with seed ``config.seed + i`` on its own draw of the data). Every shift of
+:mod:`bnjax.shifts` at every configured severity is applied to each seed's
+held-out source images (the evaluation split, and a distinct unlabelled
+adaptation split), and every method of :data:`METHODS` is scored on the
+shifted evaluation images: IoU and Dice (per-image means), severity 0 being
+the source itself. Methods that need BatchNorm are skipped for variants
+without it.
+
+Methods: ``none`` (the source model), ``adabn`` (BN statistics recomputed
+on the target adaptation images, ``"exact"``), ``adabn_prior`` (the same
+with the source statistics as ``config.adapt.prior`` prior images, Schneider
+et al. 2020), ``tent`` (:func:`bnjax.methods.tent` on the adaptation
+images), ``histogram_match`` (each target image matched to the pooled
+unlabelled source images), ``oracle`` (models of the variant trained on the
+shifted training images, one stack per shift and severity).
+
+Resumable: each variant's stack is a checkpoint, each (variant, shift) a
+result file. The workdir (:mod:`bnjax.workdir`) receives ``config.json``,
+``checkpoints/``, ``results/<variant>__<shift>.json``, ``benchmark.csv`` and
+``benchmark.json`` (every number: one row per variant, shift, severity,
+method, seed), ``benchmark.md`` (means with 95 % t-intervals over seeds, the
+winner of each cell, every cell where a method lowers IoU below no
+adaptation), and per variant ``<variant>_severity.png`` (IoU against severity,
+one panel per shift, one line per method), ``<variant>_methods.png`` (method x
+shift heatmap of the mean IoU over severities >= 1) and
+``<variant>_winners.png`` (the winning method of each shift and severity),
+each with its numbers beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import adapt, data, inference, methods, metrics, models, plots, shifts, stats, train
+from bnjax.progress import Progress
+from bnjax.workdir import Workdir, main
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "benchmark.py")
+
+# name -> (UNet options, loss). "reference" is the study's network.
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "reference": ({}, "ce+dice"),
+    "strided": ({"down": "strided"}, "ce+dice"),
+    "resize_conv": ({"up": "resize_conv"}, "ce+dice"),
+    "no_skip": ({"skip": False}, "ce+dice"),
+    "ce": ({}, "ce"),
+    "dice": ({}, "dice"),
+    "instance": ({"norm": "instance"}, "ce+dice"),
+    "group": ({"norm": "group"}, "ce+dice"),
+    "layer": ({"norm": "layer"}, "ce+dice"),
+    "no_norm": ({"norm": "none"}, "ce+dice"),
+    "standardize": ({"standardize": True}, "ce+dice"),
+}
+METHODS = ("none", "adabn", "adabn_prior", "tent", "histogram_match", "oracle")
+BN_METHODS = ("adabn", "adabn_prior", "tent")
+FIELDS = ("variant", "shift", "family", "severity", "method", "seed", "iou", "dice")
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+  names = [t.strip() for t in str(text).split(",") if t.strip()]
+  bad = [n for n in names if n not in allowed]
+  if not names or bad:
+    raise ValueError(f"config.{what} must be a comma-separated list of {tuple(allowed)}, "
+                     f"got {text!r}")
+  return list(dict.fromkeys(names))
+
+
+def _severities(text: str) -> list[int]:
+  try:
+    values = sorted({int(t) for t in str(text).split(",") if t.strip()})
+  except ValueError:
+    values = []
+  if not values or not all(1 <= v <= 5 for v in values):
+    raise ValueError(f"config.severities must be a comma-separated list of integers in 1..5 "
+                     f"(severity 0, the source, is always scored), got {text!r}")
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  variants: list
+  shifts: list
+  severities: list
+  methods: list
+
+
+def plan_of(config) -> Plan:
+  """The checked lists of a config."""
+  if config.seeds < 1:
+    raise ValueError(f"config.seeds must be >= 1 (3 or more for intervals), got {config.seeds}")
+  methods_ = _names(config.methods, METHODS, "methods")
+  if "none" not in methods_:
+    methods_.insert(0, "none")  # the baseline every finding is measured against
+  return Plan(_names(config.variants, VARIANTS, "variants"),
+              _names(config.shifts, shifts.SHIFTS, "shifts"), _severities(config.severities),
+              methods_)
+
+
+def _key(config, seed: int, *parts) -> jax.Array:
+  """A key of (seed, names...): stable across runs and lists."""
+  key = jax.random.key(seed)
+  for p in parts:
+    key = jax.random.fold_in(key, zlib.crc32(str(p).encode()) >> 1)
+  return key
+
+
+def _source_sets(config, source: data.Domain, split: str, n: int):
+  """Stacked (images[S], masks[S]): seed i's own draw of the split."""
+  sets = [data.make_dataset(data.split_key(config.seed + i, source, split), source, n,
+                            config.data.size) for i in range(config.seeds)]
+  return jnp.stack([s[0] for s in sets]), jnp.stack([s[1] for s in sets])
+
+
+def _shifted(config, shift: str, severity: int, split: str, images, masks):
+  """Every seed's set under (shift, severity), stacked."""
+  pairs = [shifts.apply(_key(config, config.seed + i, shift, severity, split), images[i],
+                        masks[i], shift, severity) for i in range(images.shape[0])]
+  return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+
+
+def _scores(model, variables, images, masks, strategy):
+  """(iou[P], dice[P]): per-image means of model p on set p."""
+  pred = inference.stacked_predict(model, variables, images, strategy=strategy)
+  masks = np.asarray(masks)
+  iou = [metrics.iou(pred[p], masks[p]) for p in range(len(pred))]
+  dice = [metrics.dice(pred[p], masks[p]) for p in range(len(pred))]
+  return np.asarray(iou), np.asarray(dice)
+
+
+def _train_config(config, loss: str, seed: int) -> train.TrainConfig:
+  return train.TrainConfig(**dict(config.train), loss=loss, seed=seed)
+
+
+def _train_stack(wd, config, model, loss, name, images, masks):
+  """The stack of ``config.seeds`` models trained on ``images[S]``, restored
+  from ``checkpoints/<name>`` when it is there."""
+  found = wd.load_model(name, seeds=config.seeds)
+  if found is not None:
+    print(f"[{name}] restored from {wd.path}/checkpoints/{name}", flush=True)
+    return found[0]
+  print(f"[{name}] training {images.shape[0]} models on {images.shape[1]} images each",
+        flush=True)
+  variables, _ = train.train_many(model, images, masks, _train_config(config, loss, config.seed),
+                                  strategy=config.strategy)
+  variables = jax.device_get(variables)
+  wd.save_model(name, variables, seeds=config.seeds)
+  return variables
+
+
+def _cell_methods(wd, config, plan, variant, model, loss, sources, shift, severities):
+  """Rows of every method on (shift, each severity) for every seed: the P =
+  severities x seeds pairs of each method are one stacked call."""
+  src_v, src_eval, src_adapt, src_train = sources
+  s = config.seeds
+  if shift is None:  # the source itself, severity 0
+    eval_x, eval_y, adapt_x = src_eval[0], src_eval[1], src_adapt[0]
+    severities = [0]
+  else:
+    parts = [_shifted(config, shift, sev, "eval", *src_eval) for sev in severities]
+    eval_x = jnp.concatenate([p[0] for p in parts])
+    eval_y = jnp.concatenate([p[1] for p in parts])
+    adapt_x = jnp.concatenate([_shifted(config, shift, sev, "adapt", *src_adapt)[0]
+                               for sev in severities])
+  reps = len(severities)
+  seed_of = np.tile(np.arange(s), reps)
+  v = jax.tree_util.tree_map(lambda a: a[seed_of], src_v)
+  has_bn = "batch_stats" in src_v
+  out = {}
+  for method in plan.methods:
+    if method in BN_METHODS and not has_bn:
+      continue
+    if method == "none":
+      out[method] = _scores(model, v, eval_x, eval_y, config.strategy)
+    elif method in ("adabn", "adabn_prior"):
+      prior = config.adapt.prior if method == "adabn_prior" else None
+      v_ad = adapt.recompute_batch_stats_stacked(model, v, adapt_x, mode="exact",
+                                                 batch_size=config.adapt.batch_size,
+                                                 prior=prior, strategy=config.strategy)
+      out[method] = _scores(model, v_ad, eval_x, eval_y, config.strategy)
+    elif method == "tent":
+      adapted = [methods.tent(model, jax.tree_util.tree_map(lambda a: a[p], v), adapt_x[p],
+                              steps=config.tent.steps, learning_rate=config.tent.learning_rate,
+                              batch_size=min(config.tent.batch_size, adapt_x.shape[1]),
+                              key=_key(config, config.seed + int(seed_of[p]), "tent", shift,
+                                       severities[p // s]))
+                 for p in range(len(seed_of))]
+      out[method] = _scores(model, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *adapted),
+                            eval_x, eval_y, config.strategy)
+    elif method == "histogram_match":
+      matched = jnp.stack([methods.histogram_match(eval_x[p], src_adapt[0][seed_of[p]])
+                           for p in range(len(seed_of))])
+      out[method] = _scores(model, v, matched, eval_y, config.strategy)
+    elif method == "oracle":
+      if shift is None:
+        oracle = jax.tree_util.tree_map(lambda a: a[seed_of], src_v)
+      else:
+        stacks = []
+        for sev in severities:
+          tx, ty = _shifted(config, shift, sev, "train", *src_train)
+          stacks.append(_train_stack(wd, config, model, loss, f"oracle_{variant}_{shift}_{sev}",
+                                     tx, ty))
+        oracle = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *stacks)
+      out[method] = _scores(model, oracle, eval_x, eval_y, config.strategy)
+  family = "source" if shift is None else shifts.family_of(shift)
+  return [dict(variant=variant, shift=shift or "source", family=family,
+               severity=int(severities[p // s]), method=m, seed=int(seed_of[p]),
+               iou=float(iou[p]), dice=float(dice[p]))
+          for m, (iou, dice) in out.items() for p in range(len(seed_of))]
+
+
+def _run_variant(wd, config, plan, variant, source, bar, done):
+  options, loss = VARIANTS[variant]
+  model = models.UNet(features=config.model.features, depth=config.model.depth, **options)
+  src_train = _source_sets(config, source, "train", config.data.n_train)
+  src_v = _train_stack(wd, config, model, loss, variant, *src_train)
+  sources = (src_v, _source_sets(config, source, "eval", config.data.n_eval),
+             _source_sets(config, source, "adapt", config.data.n_adapt), src_train)
+  rows = []
+  for shift in [None] + plan.shifts:
+    name = f"{variant}__{shift or 'source'}"
+    found = wd.read_result(name)
+    if found is not None:
+      rows += found["rows"]
+      done += 1
+      bar.update(done, f"{name} restored", restored=True)
+      continue
+    cell = _cell_methods(wd, config, plan, variant, model, loss, sources, shift,
+                         plan.severities)
+    wd.write_result(name, {"rows": cell})
+    rows += cell
+    done += 1
+    bar.update(done, f"{name} scored")
+  return rows, done
+
+
+# --------------------------------------------------------------------------
+# Tables, figures, findings
+
+
+def _table(rows):
+  """{(variant, shift, severity, method): float[seeds] of IoU} and of Dice."""
+  iou, dice = {}, {}
+  for r in rows:
+    k = (r["variant"], r["shift"], r["severity"], r["method"])
+    iou.setdefault(k, {})[r["seed"]] = r["iou"]
+    dice.setdefault(k, {})[r["seed"]] = r["dice"]
+  order = lambda d: {k: np.asarray([v[s] for s in sorted(v)]) for k, v in d.items()}
+  return order(iou), order(dice)
+
+
+def _fmt(values) -> str:
+  mean, half = stats.t_interval(values)
+  return f"{mean:.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
+
+
+def _write_csv(path, rows):
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=FIELDS)
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
+  with open(path, "w") as f:
+    f.write(buf.getvalue())
+
+
+def _methods_of(iou, variant, plan):
+  return [m for m in plan.methods if (variant, "source", 0, m) in iou]
+
+
+def report(wd, config, plan, rows) -> str:
+  """Writes the tables and figures of ``rows``; returns the Markdown."""
+  iou, dice = _table(rows)
+  source = data.Domain.from_json(config.source)
+  lines = [f"# Shift benchmark ({config.preset}): source {source}, {config.seeds} seeds, "
+           f"{config.data.size}x{config.data.size}, width {config.model.features}", "",
+           "IoU, mean ± half-width of the 95 % t-interval over seeds (per-image mean IoU on "
+           f"{config.data.n_eval} held-out images per seed). Severity 0 is the source.", ""]
+  lowered, winners_all = [], {}
+  for variant in plan.variants:
+    ms = _methods_of(iou, variant, plan)
+    if not ms:
+      continue
+    lines += [f"## {variant}", "", "| shift | severity | " + " | ".join(ms) + " | winner |",
+              "|---|---|" + "---|" * (len(ms) + 1)]
+    cells = [("source", 0)] + [(s, v) for s in plan.shifts for v in plan.severities]
+    curves, winners, margins = {}, [], []
+    for shift, sev in cells:
+      if (variant, shift, sev, "none") not in iou:
+        continue
+      means = {m: float(iou[(variant, shift, sev, m)].mean()) for m in ms}
+      # The winner among the label-free methods (the oracle is a reference).
+      free = {m: means[m] for m in ms if m != "oracle"}
+      best = max(free, key=free.get)
+      second = max([v for m, v in free.items() if m != best], default=np.nan)
+      lines.append(f"| {shift} | {sev} | " + " | ".join(
+          _fmt(iou[(variant, shift, sev, m)]) for m in ms) + f" | {best} |")
+      for m in free:
+        if m != "none" and means[m] < means["none"]:
+          diff = iou[(variant, shift, sev, m)] - iou[(variant, shift, sev, "none")]
+          mean, half = stats.t_interval(diff)
+          lowered.append((variant, shift, sev, m, mean, half))
+      if shift != "source":
+        winners_all[(variant, shift, sev)] = best
+    for shift in plan.shifts:
+      curves[shift] = {}
+      for m in ms:
+        sev = [0] + plan.severities
+        vals = [stats.t_interval(iou[(variant, "source" if v == 0 else shift, v, m)])
+                for v in sev]
+        curves[shift][m] = (sev, [a for a, _ in vals], [b for _, b in vals])
+      row_w, row_m = [], []
+      for v in plan.severities:
+        free = {m: float(iou[(variant, shift, v, m)].mean()) for m in ms if m != "oracle"}
+        best = max(free, key=free.get)
+        row_w.append(best)
+        row_m.append(free[best] - max([x for m, x in free.items() if m != best], default=np.nan))
+      winners.append(row_w)
+      margins.append(row_m)
+    lines.append("")
+    plots.severity_curves(curves, ms, wd.file(f"{variant}_severity.png"),
+                          f"{variant} U-Net: IoU against severity (band: 95 % interval, "
+                          f"{config.seeds} seeds)")
+    heat = np.array([[np.mean([iou[(variant, s, v, m)].mean() for v in plan.severities])
+                      for s in plan.shifts] for m in ms])
+    plots.labelled_heatmap(heat, ms, plan.shifts, wd.file(f"{variant}_methods.png"),
+                           f"{variant} U-Net: mean IoU over severities "
+                           f"{','.join(map(str, plan.severities))}", corner="method \\ shift")
+    plots.winner_grid(winners, np.asarray(margins), plan.shifts,
+                      [f"severity {v}" for v in plan.severities],
+                      [m for m in METHODS if m in ms and m != "oracle"],
+                      wd.file(f"{variant}_winners.png"),
+                      f"{variant} U-Net: best label-free method\n(+ margin over the runner-up)")
+  lines += ["## Where a method lowers IoU below no adaptation", "",
+            "Every cell whose mean IoU is below the unadapted model's; the paired "
+            "difference (method - none) over seeds with its 95 % half-width "
+            "(**bold**: the interval lies below 0).", ""]
+  if not lowered:
+    lines.append("None.")
+  for variant, shift, sev, m, mean, half in lowered:
+    sure = np.isfinite(half) and mean + half < 0
+    text = f"{mean:+.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
+    lines.append(f"- {variant}, {shift} {sev}, {m}: " + (f"**{text}**" if sure else text))
+  lines.append("")
+  counts = {}
+  for (variant, _, _), best in winners_all.items():
+    counts.setdefault(variant, {}).setdefault(best, 0)
+    counts[variant][best] += 1
+  lines += ["## Wins per method (shift x severity cells)", ""]
+  lines += [f"- {v}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items(), key=lambda t: -t[1]))
+            for v, c in counts.items()]
+  _write_csv(wd.file("benchmark.csv"), rows)
+  from bnjax.checkpoint import write_json_atomic
+  write_json_atomic(wd.file("benchmark.json"), {"fields": list(FIELDS), "rows": rows,
+                                                "dice_mean": {"|".join(map(str, k)): float(v.mean())
+                                                              for k, v in dice.items()}})
+  text = "\n".join(lines) + "\n"
+  wd.write_text("benchmark.md", text)
+  return text
+
+
+def run(config, workdir: str) -> list[dict]:
+  """Runs the benchmark of ``config`` into ``workdir``; returns every row."""
+  plan = plan_of(config)
+  source = data.Domain.from_json(config.source)
+  wd = Workdir.open(workdir, "benchmark", config)
+  start = time.perf_counter()
+  cells = len(plan.variants) * (1 + len(plan.shifts))
+  print(f"benchmark ({config.preset}): {len(plan.variants)} variant(s) x {len(plan.shifts)} "
+        f"shifts x severities {plan.severities} x methods {plan.methods} x {config.seeds} "
+        f"seeds; devices {jax.devices()}", flush=True)
+  bar = Progress(cells, "(variant, shift) cells")
+  rows, done = [], 0
+  for variant in plan.variants:
+    variant_rows, done = _run_variant(wd, config, plan, variant, source, bar, done)
+    rows += variant_rows
+  text = report(wd, config, plan, rows)
+  print("\n" + text + f"\n({time.perf_counter() - start:.0f} s this run)", flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main(run, DEFAULT_CONFIG, "benchmark")
