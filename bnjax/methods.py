@@ -49,11 +49,13 @@ def mean_entropy(logits: jax.Array) -> jax.Array:
 
 
 def bn_affine_paths(variables: Mapping) -> list[tuple]:
-  """The ``params`` paths (tuples) of the scale and bias of every BatchNorm
-  layer: the ``scale``/``bias`` leaves beside each layer's ``batch_stats``."""
-  layers = _m.stats_paths(variables.get("batch_stats"))
+  """The ``params`` paths (tuples) of the affine parameters of every
+  BatchNorm layer: the ``params`` leaves owned by a module that owns
+  ``batch_stats`` mean and var (``scale`` and ``bias`` of ``nn.BatchNorm``;
+  whatever a fork names them, e.g. ``gamma``/``beta``)."""
+  layers = set(_m.stats_paths(variables.get("batch_stats")).values())
   flat = traverse_util.flatten_dict(variables.get("params") or {})
-  return [p + (leaf,) for p in layers.values() for leaf in ("scale", "bias") if p + (leaf,) in flat]
+  return [p for p in flat if p[:-1] in layers]
 
 
 def _check_number(name, value, lo=0.0):
@@ -111,7 +113,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   dropout), and takes one ``optimizer`` step (default ``optax.adam
   (learning_rate)``) on the mean per-pixel prediction entropy
   (:func:`mean_entropy`) with respect to the scale and bias of the BatchNorm
-  layers only (:func:`bn_affine_paths`).
+  layers only (:func:`bn_affine_paths`: the parameters the layers own).
 
   * ``episodic=False`` (TENT's online setting): ``steps`` steps in one
     trajectory, the batches drawn from ``key`` (a new permutation of the

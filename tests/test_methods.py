@@ -71,6 +71,58 @@ def test_tent_equals_a_hand_written_optax_loop(tiny):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _hand_tent(model, v, x, train_kwargs, steps=3, lr=1e-2):
+  """Adam on the train-mode entropy over the parameters of every module with
+  batch_stats, written out (no dropout in the models it is used on)."""
+  flat = traverse_util.flatten_dict(v["params"])
+  stats_layers = {k[:-1] for k in traverse_util.flatten_dict(v["batch_stats"])}
+  theta = {k: a for k, a in flat.items() if k[:-1] in stats_layers}
+  tx = optax.adam(lr)
+  opt = tx.init(theta)
+
+  def loss(theta):
+    params = traverse_util.unflatten_dict({**flat, **theta})
+    logits, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                            mutable=["batch_stats"], **train_kwargs)
+    logp = jax.nn.log_softmax(logits)
+    return jnp.mean(-jnp.sum(jnp.exp(logp) * logp, -1))
+
+  for _ in range(steps):
+    updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+  return theta
+
+
+def test_tent_on_models_written_elsewhere():
+  import foreign_models as fm
+
+  # A ResNet with a list attribute and train=True by default, forked BatchNorm
+  # layers (bnjax reads them by their batch_stats), and a net with dropout
+  # and a 'training' flag: only BatchNorm scale and bias move, dropout stays off.
+  x4 = jax.random.normal(jax.random.key(3), (6, 8, 8, 2))
+  cases = [(fm.ResNet(stage_sizes=[1, 1]), x4, {"train": False}, {"train": True}),
+           (fm.SubclassAndFork(), x4, None, {"train": True}),
+           (fm.TrainingFlagNet(), jax.random.normal(jax.random.key(4), (6, 7)),
+            {"training": False}, None)]
+  for model, x, kwargs, train_kwargs in cases:
+    v = model.init(jax.random.key(0), x, **(kwargs or {"train": False}))
+    out = methods.tent(model, v, x, steps=3, learning_rate=1e-2, batch_size=6, key=KEY,
+                       apply_kwargs=kwargs)
+    flat, got = (traverse_util.flatten_dict(t["params"]) for t in (v, out))
+    moved = {k for k in flat if not np.array_equal(np.asarray(flat[k]), np.asarray(got[k]))}
+    layers = {k[:-1] for k in traverse_util.flatten_dict(v["batch_stats"])}
+    assert moved == {k for k in flat if k[:-1] in layers}, (type(model), moved)
+    if train_kwargs is not None:
+      want = _hand_tent(model, v, x, train_kwargs)
+      assert set(want) == moved
+      for k, a in want.items():
+        np.testing.assert_allclose(got[k], a, atol=5e-6)
+    before = methods.mean_entropy(model.apply(adapt.recompute_batch_stats(
+        model, v, x, apply_kwargs=kwargs), x, **(kwargs or {"train": False})))
+    after = methods.mean_entropy(model.apply(out, x, **(kwargs or {"train": False})))
+    assert after < before
+
+
 def test_tent_lowers_the_entropy_on_its_adaptation_set(tiny):
   model, v, x = tiny
   before = _entropy(model.apply(adapt.recompute_batch_stats(model, v, x), x))
