@@ -13,11 +13,14 @@ Perlin masks, rendering), ``shifts`` (controlled shifts of a set, severity
 histogram matching), ``metrics``, ``inference`` (predictions, stacked scores), ``train`` (one loop
 for K >= 1 models), ``features`` and ``distances`` (latent spaces and OT),
 ``stats``, ``checkpoint``, ``workdir`` (the run-directory contract of the
-experiments), ``plots``, ``compiler``, ``progress``.
+experiments), ``plots``, ``compiler``, ``progress``, ``distributed`` (several
+processes: start-up, global arrays, gathering) and ``launch`` (``python -m
+bnjax.launch``: several processes on one machine).
 """
 
-from bnjax import (adapt, checkpoint, compiler, data, distances, features, inference, methods,
-                   metrics, models, plots, progress, shifts, stacking, stats, train, workdir)
+from bnjax import (adapt, checkpoint, compiler, data, distances, distributed, features, inference,
+                   launch, methods, metrics, models, plots, progress, shifts, stacking, stats,
+                   train, workdir)
 from bnjax.adapt import recompute_batch_stats, recompute_batch_stats_nnx
 from bnjax.data import Domain
 from bnjax.inference import evaluate_grid, predict
@@ -26,8 +29,9 @@ from bnjax.train import TrainConfig, fit, train_many
 
 __all__ = [
     # modules
-    "adapt", "checkpoint", "compiler", "data", "distances", "features", "inference", "methods",
-    "metrics", "models", "plots", "progress", "shifts", "stacking", "stats", "train", "workdir",
+    "adapt", "checkpoint", "compiler", "data", "distances", "distributed", "features",
+    "inference", "launch", "methods", "metrics", "models", "plots", "progress", "shifts",
+    "stacking", "stats", "train", "workdir",
     # the names most programs need
     "Domain", "UNet", "TrainConfig", "fit", "train_many", "predict", "evaluate_grid",
     "recompute_batch_stats", "recompute_batch_stats_nnx",

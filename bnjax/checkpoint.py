@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from bnjax import distributed
+
 __all__ = ["save", "restore", "metadata", "write_json_atomic", "MANIFEST"]
 
 MANIFEST = "bnjax.json"
@@ -63,16 +65,23 @@ def save(path: str | os.PathLike, variables: dict, **metadata: Any) -> str:
     json.dumps(metadata)
   except TypeError as e:
     raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
-  os.makedirs(path, exist_ok=True)
   manifest = os.path.join(path, MANIFEST)
-  if os.path.exists(manifest):
-    os.remove(manifest)  # the old checkpoint is invalid from here on
   target = os.path.join(path, "variables")
-  if os.path.exists(target):
-    shutil.rmtree(target)
+  # With several processes every one takes part in orbax's save (it writes
+  # each array once and its metadata from process 0); the folder and the
+  # manifest are process 0's.
+  if distributed.is_primary():
+    os.makedirs(path, exist_ok=True)
+    if os.path.exists(manifest):
+      os.remove(manifest)  # the old checkpoint is invalid from here on
+    if os.path.exists(target):
+      shutil.rmtree(target)
+  distributed.barrier(f"checkpoint cleared {path}")
   ocp.PyTreeCheckpointer().save(target, jax.device_get(variables))
-  write_json_atomic(manifest, {"format": FORMAT, "metadata": metadata,
-                               "leaves": _describe(leaves)})
+  if distributed.is_primary():
+    write_json_atomic(manifest, {"format": FORMAT, "metadata": metadata,
+                                 "leaves": _describe(leaves)})
+  distributed.barrier(f"checkpoint written {path}")
   return path
 
 

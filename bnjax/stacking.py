@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnjax import compiler
+from bnjax import distributed
 
 __all__ = ["Strategy", "STRATEGIES", "AXIS", "resolve", "stacked", "tree_index", "tree_stack",
            "make_mesh", "padded_size", "pad", "place", "sharded_jit"]
@@ -104,10 +105,14 @@ def pad(tree, k_pad: int):
 
 
 def place(tree, mesh: Mesh | None):
-  """Every leaf sharded along its leading axis over ``mesh`` (None: as is)."""
+  """Every leaf sharded along its leading axis over ``mesh`` (None: as is).
+  With several processes each builds its own shards from its full copy of
+  the leaf (:func:`bnjax.distributed.global_array`)."""
   if mesh is None:
     return tree
   sharding = NamedSharding(mesh, P(AXIS))
+  if jax.process_count() > 1:
+    return jax.tree_util.tree_map(lambda a: distributed.global_array(a, sharding), tree)
   return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
 
 

@@ -34,6 +34,7 @@ from bnjax import _batching
 from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
+from bnjax import distributed
 from bnjax import stacking
 from bnjax.inference import logits_to_masks
 from bnjax.models import init_variables
@@ -311,6 +312,9 @@ def _train(model, images, masks, config: TrainConfig, strategy: str, devices, va
   """The loop on checked stacks ``images[K, n, H, W, C]``, ``masks[K, n, H, W]``."""
   k, n = images.shape[:2]
   n_train, n_val = _split_sizes(n, config)
+  # Several processes shard one stack: each must hold the same data.
+  distributed.check_same("the training images and masks given to train_many",
+                         (images, masks))
   mesh = stacking.make_mesh(devices)
   k_pad = stacking.padded_size(k, mesh)
   strategy = stacking.resolve(strategy)
@@ -353,9 +357,9 @@ def _train(model, images, masks, config: TrainConfig, strategy: str, devices, va
     for s in range(batches.shape[1]):
       state, loss = loop.step(state, train_x, train_y, batches[:, s], mask)
       losses.append(loss)
-    train_loss = np.asarray(jnp.mean(jnp.stack(losses), axis=0))
+    train_loss = distributed.gather(jnp.mean(jnp.stack(losses), axis=0))
     if n_val:
-      val_loss, val_dice = (np.asarray(a) for a in loop.run_eval(state, val_x, val_y))
+      val_loss, val_dice = distributed.gather(loop.run_eval(state, val_x, val_y))
     else:
       val_loss = val_dice = np.full(k_pad, np.nan)
     epochs_run += active
@@ -397,6 +401,8 @@ def _train(model, images, masks, config: TrainConfig, strategy: str, devices, va
     if not active.any():
       break
   out = best if n_val else _variables_of(state)
+  if jax.process_count() > 1:  # every process gets every model, as host arrays
+    out = distributed.gather(out)
   out = jax.tree_util.tree_map(lambda a: a[:k], out)
   hist = {name: np.stack(v) for name, v in history.items() if name != "seconds"}
   hist["seconds"] = np.asarray(history["seconds"])

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from bnjax import checkpoint
+from bnjax import distributed
 
 __all__ = ["Workdir", "ConfigMismatch", "config_diff", "interruptible", "main", "CONFIG"]
 
@@ -78,12 +79,33 @@ class Workdir:
   @classmethod
   def open(cls, path: str | os.PathLike, experiment: str, config, log=print) -> "Workdir":
     """Creates ``path`` for ``config``, or reopens it if it holds a run of the
-    same experiment and config; raises :class:`ConfigMismatch` otherwise."""
+    same experiment and config; raises :class:`ConfigMismatch` otherwise.
+
+    With several processes (:mod:`bnjax.distributed`) every process checks
+    the folder (which must be on a filesystem they share) before any writes,
+    so all of them resume, start or refuse alike, and process 0 writes."""
     from bnjax import __version__
 
     path = os.path.abspath(os.fspath(path))
     plain = _plain(config)
     file = os.path.join(path, CONFIG)
+    distributed.barrier(f"workdir check {path}")
+    try:
+      resumed = cls._check(path, file, experiment, plain)
+    finally:
+      distributed.barrier(f"workdir checked {path}")
+    if resumed:
+      log(f"resuming the run in {path} (same config): finished models and results are reused")
+    elif distributed.is_primary():
+      os.makedirs(path, exist_ok=True)
+      checkpoint.write_json_atomic(file, {"experiment": experiment, "config": plain,
+                                          "bnjax": __version__})
+    distributed.barrier(f"workdir open {path}")
+    return cls(path, experiment, plain, resumed)
+
+  @classmethod
+  def _check(cls, path, file, experiment, plain) -> bool:
+    """True: the folder holds this run (resume); False: it is new or empty."""
     if os.path.exists(file):
       old = cls.read(path)
       if old.experiment != experiment:
@@ -95,14 +117,10 @@ class Workdir:
         raise ConfigMismatch(
             f"{path} holds a run made with another config ({'; '.join(diff)}); rerun with "
             "the same config to resume it, or choose another workdir")
-      log(f"resuming the run in {path} (same config): finished models and results are reused")
-      return cls(path, experiment, plain, True)
+      return True
     if os.path.isdir(path) and os.listdir(path):
       raise ConfigMismatch(f"{path} is not empty and has no {CONFIG}: choose another workdir")
-    os.makedirs(path, exist_ok=True)
-    checkpoint.write_json_atomic(file, {"experiment": experiment, "config": plain,
-                                        "bnjax": __version__})
-    return cls(path, experiment, plain, False)
+    return False
 
   @classmethod
   def read(cls, path: str | os.PathLike, experiment: str | None = None) -> "Workdir":
@@ -122,10 +140,23 @@ class Workdir:
   # Files ----------------------------------------------------------------
 
   def file(self, name: str) -> str:
-    """The path of ``name`` inside the workdir (its folder created)."""
-    out = os.path.join(self.path, name)
+    """The path of ``name`` inside the workdir (its folder created). In a
+    process other than process 0 it points into that process's private
+    scratch folder instead, so that every file of the workdir is written
+    once, by process 0, and code that writes figures needs no guard."""
+    root = self.path if distributed.is_primary() else self._scratch()
+    out = os.path.join(root, name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     return out
+
+  def _scratch(self) -> str:
+    if getattr(self, "_scratch_dir", None) is None:
+      import atexit
+      import shutil
+      import tempfile
+      self._scratch_dir = tempfile.mkdtemp(prefix="bnjax-process-")
+      atexit.register(shutil.rmtree, self._scratch_dir, True)
+    return self._scratch_dir
 
   def write_text(self, name: str, text: str) -> str:
     path = self.file(name)
@@ -139,6 +170,7 @@ class Workdir:
     """``results/<name>.json``, written atomically."""
     path = self.file(os.path.join("results", f"{name}.json"))
     checkpoint.write_json_atomic(path, value)
+    distributed.barrier(f"result {name}")  # readable by every process from here on
     return path
 
   def read_result(self, name: str) -> Any:
@@ -232,6 +264,9 @@ def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
     flags.mark_flag_as_required("workdir")
 
   def _main(argv):
+    # Under `python -m bnjax.launch` (or with BNJAX_COORDINATOR set): join the
+    # other processes before anything uses a device.
+    distributed.initialize()
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are --config.* flags")
     compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk

@@ -307,7 +307,6 @@ def report(wd, config, plan, rows) -> str:
       # The winner among the label-free methods (the oracle is a reference).
       free = {m: means[m] for m in ms if m != "oracle"}
       best = max(free, key=free.get)
-      second = max([v for m, v in free.items() if m != best], default=np.nan)
       lines.append(f"| {shift} | {sev} | " + " | ".join(
           _fmt(iou[(variant, shift, sev, m)]) for m in ms) + f" | {best} |")
       for m in free:

@@ -5,13 +5,12 @@ import os
 
 import bnjax
 
-MODULES = ["adapt", "checkpoint", "compiler", "data", "distances", "features", "inference",
-           "methods", "metrics", "models", "plots", "progress", "shifts", "stacking", "stats",
+MODULES = ["adapt", "checkpoint", "compiler", "data", "distances", "distributed", "features",
+           "inference", "launch", "methods", "metrics", "models", "plots", "progress", "shifts", "stacking", "stats",
            "train", "workdir"]
 # Each module may import only modules above it in this order (and private ones).
-ORDER = ["compiler", "data", "shifts", "models", "stacking", "adapt", "methods", "metrics",
-         "inference", "train",
-         "features", "distances", "stats", "checkpoint", "workdir", "plots", "progress"]
+ORDER = ["launch", "distributed", "compiler", "data", "shifts", "models", "stacking", "adapt",
+         "methods", "metrics", "inference", "train", "features", "distances", "stats", "checkpoint", "workdir", "plots", "progress"]
 
 
 def _bnjax_imports(path):

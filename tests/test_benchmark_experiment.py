@@ -4,7 +4,6 @@ resume without retraining, and one number recomputed by hand."""
 import csv
 
 import jax
-import numpy as np
 import pytest
 
 from bnjax import data, inference, metrics, models, train, workdir

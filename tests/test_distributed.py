@@ -1,0 +1,152 @@
+"""Several processes on this machine: the launcher, and multi-process runs
+(2 processes x 2 CPU devices) against 1 process x 4 devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bnjax import checkpoint, launch
+
+PY = sys.executable
+
+
+def _script(tmp_path, text):
+  path = tmp_path / "script.py"
+  path.write_text(text)
+  return str(path)
+
+
+def test_launcher_prefixes_output_and_sets_each_process_environment(tmp_path, capsys):
+  script = _script(tmp_path, "import os\nprint(os.environ['BNJAX_PROCESS_ID'], "
+                   "os.environ['BNJAX_NUM_PROCESSES'], os.environ['BNJAX_COORDINATOR'][:10], "
+                   "os.environ['XLA_FLAGS'])\n")
+  assert launch.launch([PY, script], 3, devices_per_process=2) == 0
+  lines = sorted(capsys.readouterr().out.splitlines())
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert line.startswith(f"[p{i}] {i} 3 127.0.0.1:")
+    assert line.endswith("--xla_force_host_platform_device_count=2")
+
+
+def test_launcher_fails_as_a_whole_when_one_process_fails(tmp_path, capsys):
+  script = _script(tmp_path, "import os, sys, time\n"
+                   "if os.environ['BNJAX_PROCESS_ID'] == '1':\n  sys.exit(3)\n"
+                   "time.sleep(120)\n")
+  start = time.perf_counter()
+  assert launch.launch([PY, script], 2) == 3
+  assert time.perf_counter() - start < 60  # process 0 was stopped, not waited for
+  assert "failed processes [1] (exit 3)" in capsys.readouterr().out
+
+
+def test_launcher_bad_arguments():
+  for kwargs, match in ((dict(processes=0), "processes"), (dict(processes=2, devices_per_process=0),
+                                                           "devices_per_process")):
+    with pytest.raises(ValueError, match=match):
+      launch.launch([PY, "-c", "pass"], **kwargs)
+  with pytest.raises(ValueError, match="command is empty"):
+    launch.launch([], 2)
+
+
+def _run(args, env_extra=None, devices=None, timeout=600):
+  env = dict(os.environ, **(env_extra or {}))
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+
+
+@pytest.mark.slow
+def test_train_many_across_two_processes_equals_one_process(root, tmp_path):
+  script = os.path.join(root, "tests", "multiprocess_train.py")
+  two, one = tmp_path / "two.npz", tmp_path / "one.npz"
+  r = _run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2", script,
+            str(two)])
+  assert r.returncode == 0, r.stdout[-3000:]
+  assert r.stdout.count("process 0 of 2, devices 4") == 1
+  assert r.stdout.count("process 1 of 2, devices 4") == 1
+  r = _run([PY, script, str(one)], devices=4)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  a, b = np.load(two), np.load(one)
+  assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
+  for k in a.files:
+    assert _rel(a[k], b[k]) <= 1e-5, k
+  # Data that differ between processes are refused at the start, by both.
+  r = _run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2", script,
+            str(tmp_path / "bad.npz")], env_extra={"PERTURB_PROCESS": "1"})
+  assert r.returncode != 0
+  assert "the training images and masks given to train_many differ between processes" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_process_count_that_does_not_match_is_an_error_not_a_hang(tmp_path):
+  code = ("from bnjax import distributed\n"
+          "distributed.initialize('127.0.0.1:%d', 2, 1, timeout_s=5)\n" % launch.free_port())
+  start = time.perf_counter()
+  r = _run([PY, "-c", code], timeout=120)
+  assert r.returncode != 0 and time.perf_counter() - start < 100
+  # JAX's client ends the process (DEADLINE_EXCEEDED) after the line saying
+  # what it waited for.
+  assert "process 1 of 2: joining the coordinator at 127.0.0.1:" in r.stderr
+  assert "waits up to 5 s for all 2 processes" in r.stderr
+  assert "DEADLINE_EXCEEDED" in r.stderr
+
+
+SWEEP = ["experiments/sweep.py", "--config=experiments/configs/sweep.py:custom",
+         "--config.custom.mu1=30,60,90,120", "--config.custom.delta=80",
+         "--config.data.size=16", "--config.data.n_train=24", "--config.data.n_eval=8",
+         "--config.data.n_adapt=8", "--config.model.features=4", "--config.model.depth=2",
+         "--config.train.epochs=2", "--config.train.batch_size=8", "--config.chunk=2"]
+
+
+def _files(folder):
+  return sorted(os.path.relpath(os.path.join(d, f), folder)
+                for d, _, fs in os.walk(folder) for f in fs)
+
+
+@pytest.mark.slow
+def test_sweep_across_two_processes_equals_one_and_resumes_after_a_kill(root, tmp_path):
+  os.chdir(root)
+  one, two, again = (str(tmp_path / n) for n in ("one", "two", "again"))
+  r = _run([PY, *SWEEP, f"--workdir={one}"], devices=4)
+  assert r.returncode == 0, r.stderr[-3000:]
+  launcher = [PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2"]
+  r = _run([*launcher, *SWEEP, f"--workdir={two}"])
+  assert r.returncode == 0, r.stdout[-3000:]
+  # Every file once, as one process writes them: the same files as the
+  # 1-process run outside orbax's own layout, and no per-process copies in it.
+  outside = lambda d: [f for f in _files(d) if "/variables/" not in f]
+  assert outside(two) == outside(one) and "results/custom.json" in outside(two)
+  assert not [f for f in _files(two) if "process_1" in f]
+  read = lambda d: json.load(open(os.path.join(d, "results", "custom.json")))
+  for key in ("source_iou", "iou_no_adapt", "iou_adapted"):
+    np.testing.assert_allclose(read(two)[key], read(one)[key], rtol=1e-5, atol=1e-6)
+  for chunk in ("chunk_0000", "chunk_0001"):
+    for a, b in zip(jax.tree_util.tree_leaves(checkpoint.restore(f"{two}/checkpoints/{chunk}")),
+                    jax.tree_util.tree_leaves(checkpoint.restore(f"{one}/checkpoints/{chunk}"))):
+      assert _rel(a, b) <= 1e-5
+  # Kill both processes (and the launcher) once the first stack is saved, relaunch.
+  p = subprocess.Popen([*launcher, *SWEEP, f"--workdir={again}"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+  first = os.path.join(again, "checkpoints", "chunk_0000", checkpoint.MANIFEST)
+  deadline = time.time() + 400
+  while not os.path.exists(first) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  assert p.poll() is None, "the run ended before it could be killed"
+  os.killpg(p.pid, signal.SIGKILL)
+  p.wait()
+  assert not os.path.exists(os.path.join(again, "results", "custom.json"))
+  r = _run([*launcher, *SWEEP, f"--workdir={again}"])
+  assert r.returncode == 0, r.stdout[-3000:]
+  assert "restored" in r.stdout
+  np.testing.assert_allclose(read(again)["iou_adapted"], read(two)["iou_adapted"], rtol=1e-5,
+                             atol=1e-6)
