@@ -150,3 +150,30 @@ def test_sweep_across_two_processes_equals_one_and_resumes_after_a_kill(root, tm
   assert "restored" in r.stdout
   np.testing.assert_allclose(read(again)["iou_adapted"], read(two)["iou_adapted"], rtol=1e-5,
                              atol=1e-6)
+
+
+BENCH = ["experiments/benchmark.py", "--config=experiments/configs/benchmark.py",
+         "--config.seeds=2", "--config.variants=reference", "--config.shifts=brightness,zoom",
+         "--config.severities=5", "--config.data.size=16", "--config.data.n_train=24",
+         "--config.data.n_eval=8", "--config.data.n_adapt=8", "--config.model.features=4",
+         "--config.model.depth=2", "--config.train.epochs=1", "--config.train.batch_size=8",
+         "--config.tent.steps=2"]
+
+
+@pytest.mark.slow
+def test_benchmark_across_two_processes_equals_one(root, tmp_path):
+  os.chdir(root)
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  r = _run([PY, *BENCH, f"--workdir={one}"], devices=4)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = _run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2", *BENCH,
+            f"--workdir={two}"])
+  assert r.returncode == 0, r.stdout[-3000:]
+  rows = lambda d: json.load(open(os.path.join(d, "benchmark.json")))["rows"]
+  a, b = rows(two), rows(one)
+  assert [r_[k] for r_ in a for k in ("variant", "shift", "severity", "method", "seed")] == [
+      r_[k] for r_ in b for k in ("variant", "shift", "severity", "method", "seed")]
+  np.testing.assert_allclose([r_["iou"] for r_ in a], [r_["iou"] for r_ in b], rtol=1e-5,
+                             atol=1e-6)
+  outside = lambda d: [f for f in _files(d) if "/variables/" not in f]
+  assert outside(two) == outside(one)
