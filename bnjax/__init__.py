@@ -10,17 +10,18 @@ The modules, by idea (imports point down this list): ``data`` (domains,
 Perlin masks, rendering), ``shifts`` (controlled shifts of a set, severity
 0..5), ``models`` (the U-Net), ``stacking`` (stacks of models, devices),
 ``adapt`` (BatchNorm adaptation of any Flax model), ``methods`` (TENT,
-histogram matching), ``metrics``, ``inference`` (predictions, stacked scores), ``train`` (one loop
-for K >= 1 models), ``features`` and ``distances`` (latent spaces and OT),
-``stats``, ``checkpoint``, ``workdir`` (the run-directory contract of the
-experiments), ``plots``, ``compiler``, ``progress``, ``distributed`` (several
-processes: start-up, global arrays, gathering) and ``launch`` (``python -m
-bnjax.launch``: several processes on one machine).
+histogram matching), ``metrics``, ``inference`` (predictions, stacked
+scores), ``train`` (one loop for K >= 1 models), ``features`` and
+``distances`` (latent spaces and OT), ``stats``, ``selection`` (label-free
+scores of an adaptation), ``checkpoint``, ``workdir`` (the run-directory
+contract of the experiments), ``plots``, ``compiler``, ``progress``,
+``distributed`` (several processes: start-up, global arrays, gathering) and
+``launch`` (``python -m bnjax.launch``: several processes on one machine).
 """
 
 from bnjax import (adapt, checkpoint, compiler, data, distances, distributed, features, inference,
-                   launch, methods, metrics, models, plots, progress, shifts, stacking, stats,
-                   train, workdir)
+                   launch, methods, metrics, models, plots, progress, selection, shifts,
+                   stacking, stats, train, workdir)
 from bnjax.adapt import recompute_batch_stats, recompute_batch_stats_nnx
 from bnjax.data import Domain
 from bnjax.inference import evaluate_grid, predict
@@ -30,7 +31,8 @@ from bnjax.train import TrainConfig, fit, train_many
 __all__ = [
     # modules
     "adapt", "checkpoint", "compiler", "data", "distances", "distributed", "features",
-    "inference", "launch", "methods", "metrics", "models", "plots", "progress", "shifts",
+    "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
+    "shifts",
     "stacking", "stats", "train", "workdir",
     # the names most programs need
     "Domain", "UNet", "TrainConfig", "fit", "train_many", "predict", "evaluate_grid",

@@ -6,11 +6,12 @@ import os
 import bnjax
 
 MODULES = ["adapt", "checkpoint", "compiler", "data", "distances", "distributed", "features",
-           "inference", "launch", "methods", "metrics", "models", "plots", "progress", "shifts", "stacking", "stats",
-           "train", "workdir"]
+           "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
+           "shifts", "stacking", "stats", "train", "workdir"]
 # Each module may import only modules above it in this order (and private ones).
 ORDER = ["launch", "distributed", "compiler", "data", "shifts", "models", "stacking", "adapt",
-         "methods", "metrics", "inference", "train", "features", "distances", "stats", "checkpoint", "workdir", "plots", "progress"]
+         "methods", "metrics", "inference", "train", "features", "distances", "stats", "selection",
+         "checkpoint", "workdir", "plots", "progress"]
 
 
 def _bnjax_imports(path):
