@@ -7,6 +7,7 @@ mistake was made and not as a NaN or a shape error three functions later.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -37,6 +38,15 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
   if value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
   return int(value)
+
+
+def number(name: str, value, minimum: float = 0.0, what: str = "") -> float:
+  """``value`` as a float when it is a finite real number >= ``minimum``
+  (booleans refused); ``what`` adds a word on its meaning to the error."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+      not math.isfinite(value) or value < minimum):
+    raise ValueError(f"{name} must be a number >= {minimum:g} (finite){what}, got {value!r}")
+  return float(value)
 
 
 def unit_interval(name: str, value) -> float:

@@ -356,13 +356,11 @@ def _prior_alpha(alpha, prior, n: int) -> float:
   """``alpha``, or ``n / (n + prior)`` when a prior strength is given."""
   if prior is None:
     return alpha
-  if isinstance(prior, bool) or not isinstance(prior, (int, float, np.integer, np.floating)) or (
-      not math.isfinite(prior) or prior < 0):
-    raise ValueError(f"prior must be a number >= 0 (the source statistics' weight in "
-                     f"examples) or None, got {prior!r}")
+  prior = _checks.number("prior", prior,
+                         what=", the source statistics' weight in examples, or None")
   if float(alpha) != 1.0:
     raise ValueError(f"pass alpha or prior, not both (got alpha={alpha}, prior={prior})")
-  return n / (n + float(prior))
+  return n / (n + prior)
 
 
 def _check_options(mode, batch_size, momentum, alpha, stats):

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Callable
 
@@ -56,13 +55,6 @@ def bn_affine_paths(variables: Mapping) -> list[tuple]:
   layers = set(_m.stats_paths(variables.get("batch_stats")).values())
   flat = traverse_util.flatten_dict(variables.get("params") or {})
   return [p for p in flat if p[:-1] in layers]
-
-
-def _check_number(name, value, lo=0.0):
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
-      not math.isfinite(value) or value < lo):
-    raise ValueError(f"{name} must be a finite number >= {lo:g}, got {value!r}")
-  return float(value)
 
 
 def _tent_run(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths, episodic: bool):
@@ -146,7 +138,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   """
   _checks.key(key)
   steps = _checks.positive_int("steps", steps)
-  lr = _check_number("learning_rate", learning_rate)
+  lr = _checks.number("learning_rate", learning_rate)
   inputs = _checks.inputs(inputs, lead=1)
   n = inputs[0].shape[0]
   batch_size = min(64, n) if batch_size is None else _checks.positive_int("batch_size",

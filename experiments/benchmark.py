@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import adapt, data, inference, methods, metrics, models, plots, shifts, stats, train
+from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
 from bnjax.workdir import Workdir, main
 
@@ -279,6 +280,14 @@ def _write_csv(path, rows):
     f.write(buf.getvalue())
 
 
+def _winner(iou, variant, shift, sev, ms) -> tuple[str, float]:
+  """The best label-free method of a cell (the oracle is a reference, not a
+  candidate) and its margin over the runner-up in mean IoU."""
+  free = {m: float(iou[(variant, shift, sev, m)].mean()) for m in ms if m != "oracle"}
+  best = max(free, key=free.get)
+  return best, free[best] - max([x for m, x in free.items() if m != best], default=np.nan)
+
+
 def _methods_of(iou, variant, plan):
   return [m for m in plan.methods if (variant, "source", 0, m) in iou]
 
@@ -304,18 +313,16 @@ def report(wd, config, plan, rows) -> str:
       if (variant, shift, sev, "none") not in iou:
         continue
       means = {m: float(iou[(variant, shift, sev, m)].mean()) for m in ms}
-      # The winner among the label-free methods (the oracle is a reference).
-      free = {m: means[m] for m in ms if m != "oracle"}
-      best = max(free, key=free.get)
+      best, margin = _winner(iou, variant, shift, sev, ms)
       lines.append(f"| {shift} | {sev} | " + " | ".join(
           _fmt(iou[(variant, shift, sev, m)]) for m in ms) + f" | {best} |")
-      for m in free:
-        if m != "none" and means[m] < means["none"]:
+      for m in ms:
+        if m not in ("none", "oracle") and means[m] < means["none"]:
           diff = iou[(variant, shift, sev, m)] - iou[(variant, shift, sev, "none")]
           mean, half = stats.t_interval(diff)
           lowered.append((variant, shift, sev, m, mean, half))
       if shift != "source":
-        winners_all[(variant, shift, sev)] = best
+        winners_all[(variant, shift, sev)] = (best, margin)
     for shift in plan.shifts:
       curves[shift] = {}
       for m in ms:
@@ -323,14 +330,9 @@ def report(wd, config, plan, rows) -> str:
         vals = [stats.t_interval(iou[(variant, "source" if v == 0 else shift, v, m)])
                 for v in sev]
         curves[shift][m] = (sev, [a for a, _ in vals], [b for _, b in vals])
-      row_w, row_m = [], []
-      for v in plan.severities:
-        free = {m: float(iou[(variant, shift, v, m)].mean()) for m in ms if m != "oracle"}
-        best = max(free, key=free.get)
-        row_w.append(best)
-        row_m.append(free[best] - max([x for m, x in free.items() if m != best], default=np.nan))
-      winners.append(row_w)
-      margins.append(row_m)
+      cell = [winners_all[(variant, shift, v)] for v in plan.severities]
+      winners.append([best for best, _ in cell])
+      margins.append([margin for _, margin in cell])
     lines.append("")
     plots.severity_curves(curves, ms, wd.file(f"{variant}_severity.png"),
                           f"{variant} U-Net: IoU against severity (band: 95 % interval, "
@@ -357,14 +359,13 @@ def report(wd, config, plan, rows) -> str:
     lines.append(f"- {variant}, {shift} {sev}, {m}: " + (f"**{text}**" if sure else text))
   lines.append("")
   counts = {}
-  for (variant, _, _), best in winners_all.items():
+  for (variant, _, _), (best, _) in winners_all.items():
     counts.setdefault(variant, {}).setdefault(best, 0)
     counts[variant][best] += 1
   lines += ["## Wins per method (shift x severity cells)", ""]
   lines += [f"- {v}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items(), key=lambda t: -t[1]))
             for v, c in counts.items()]
   _write_csv(wd.file("benchmark.csv"), rows)
-  from bnjax.checkpoint import write_json_atomic
   write_json_atomic(wd.file("benchmark.json"), {"fields": list(FIELDS), "rows": rows,
                                                 "dice_mean": {"|".join(map(str, k)): float(v.mean())
                                                               for k, v in dice.items()}})
