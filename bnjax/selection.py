@@ -26,12 +26,31 @@ that might tell, without target masks, whether adapting helps.
   the adapted BatchNorm statistics, summed over layers
   (:func:`bnjax.distances.diag_w2`; NaN without ``batch_stats``).
 
-Scores that need ``source_inputs`` are NaN without them.
+Scores that need ``source_inputs`` are NaN without them. For a method that
+changes the inputs instead of the variables (histogram matching), pass the
+transformed images as ``adapted_inputs``.
+
+:func:`fit_rule` fits, on a grid of pairs whose gains are known, a monotone
+(isotonic) map from one score to the gain of adapting; the :class:`Rule`
+keeps its steps and its provenance, is saved and loaded as JSON, and
+:func:`should_adapt` applies it to the scores of a new target set::
+
+    s = selection.scores(model, v, v_adapted, target_images,
+                         source_inputs=(source_images, source_masks))
+    decision = selection.should_adapt(selection.Rule.load("rules/adabn.json"), s)
+    decision.adapt, decision.score, decision.predicted_gain
+
+``experiments/when_to_adapt.py`` fits such rules on the study's grids and
+the shift benchmark, tested held out by shift family and by source domain.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +60,12 @@ from bnjax import _batching
 from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
-from bnjax import distances
+from bnjax import distances, stats
 from bnjax.inference import logits_to_masks
 
-__all__ = ["scores", "KEYS", "pixel_maps"]
+__all__ = ["scores", "KEYS", "pixel_maps", "Rule", "Decision", "fit_rule", "should_adapt"]
+
+RULE_FORMAT = "bnjax.selection.Rule/1"
 
 KEYS = ("confidence_before", "confidence_after", "confidence_change", "entropy_before",
         "entropy_after", "atc", "atc_after", "doc", "agreement", "foreground_change", "bn_w2")
@@ -83,7 +104,7 @@ def _agreement(a, b) -> float:
 
 
 def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
-           batch_size: int = 64) -> dict[str, float]:
+           adapted_inputs=None, batch_size: int = 64) -> dict[str, float]:
   """The label-free scores of the module docstring, as floats keyed by :data:`KEYS`.
 
   Args:
@@ -93,10 +114,20 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
     inputs: the unlabelled target images, float[n, H, W, C] in [0, 1].
     source_inputs: optional (images, masks) of held-out source data, for
       ``atc``, ``atc_after`` and ``doc``.
+    adapted_inputs: optional images the adapted model is scored on instead of
+      ``inputs`` (same shape; an input-space method's output).
     batch_size: images per forward pass.
   """
+  inputs = _checks.images(inputs)
+  if adapted_inputs is None:
+    adapted_inputs = inputs
+  else:
+    adapted_inputs = _checks.images(adapted_inputs)
+    if adapted_inputs.shape != inputs.shape:
+      raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
+                       f"got {adapted_inputs.shape}")
   conf0, ent0, pred0 = pixel_maps(model, variables, inputs, batch_size)
-  conf1, ent1, pred1 = pixel_maps(model, adapted_variables, inputs, batch_size)
+  conf1, ent1, pred1 = pixel_maps(model, adapted_variables, adapted_inputs, batch_size)
   out = {"confidence_before": float(conf0.mean()), "confidence_after": float(conf1.mean()),
          "entropy_before": float(ent0.mean()), "entropy_after": float(ent1.mean()),
          "agreement": _agreement(pred0, pred1),
@@ -117,3 +148,120 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
   out["bn_w2"] = (float(sum(distances.diag_w2(bs0, bs1).values())) if bs0 and bs1
                   else math.nan)
   return {k: out[k] for k in KEYS}
+
+
+# --------------------------------------------------------------------------
+# A decision rule fitted on a grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Adapt iff the monotone fit of the gain (IoU adapted - IoU unadapted) on
+  ``score`` predicts more than ``margin``.
+
+  ``edges``/``gains`` are the isotonic steps (:class:`bnjax.stats.Step`):
+  a score gets the gain of the first step whose largest fitted score is >=
+  it, the last step's beyond. ``provenance`` says where the fit came from
+  (experiment, config, pairs, families, sources, seeds, held-out figures).
+  """
+
+  method: str
+  score: str
+  edges: tuple[float, ...]
+  gains: tuple[float, ...]
+  increasing: bool
+  margin: float = 0.0
+  provenance: Mapping = dataclasses.field(default_factory=dict)
+
+  def predicted_gain(self, value: float) -> float:
+    return float(stats.Step(self.edges, self.gains)(float(value)))
+
+  def to_json(self) -> dict:
+    return {"format": RULE_FORMAT, "method": self.method, "score": self.score,
+            "edges": list(self.edges), "gains": list(self.gains),
+            "increasing": self.increasing, "margin": self.margin,
+            "provenance": dict(self.provenance)}
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> "Rule":
+    if not isinstance(d, Mapping) or d.get("format") != RULE_FORMAT:
+      raise ValueError(f"not a bnjax rule: expected a mapping with format {RULE_FORMAT!r}, "
+                       f"got {d.get('format') if isinstance(d, Mapping) else type(d).__name__!r}")
+    try:
+      rule = cls(method=str(d["method"]), score=str(d["score"]),
+                 edges=tuple(float(e) for e in d["edges"]),
+                 gains=tuple(float(g) for g in d["gains"]), increasing=bool(d["increasing"]),
+                 margin=float(d["margin"]), provenance=dict(d.get("provenance", {})))
+    except KeyError as e:
+      raise ValueError(f"the rule lacks its field {e.args[0]!r}") from None
+    if not rule.edges or len(rule.edges) != len(rule.gains) or np.any(np.diff(rule.edges) < 0):
+      raise ValueError("the rule's edges must be non-empty, ascending and as many as its gains")
+    return rule
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the rule as JSON (atomically)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.to_json(), f, indent=1)
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Rule":
+    with open(path) as f:
+      return cls.from_json(json.load(f))
+
+
+class Decision(NamedTuple):
+  adapt: bool
+  method: str
+  score: str
+  value: float
+  predicted_gain: float
+
+
+def fit_rule(values, gains, *, score: str, method: str, increasing: bool | None = None,
+             margin: float = 0.0, provenance: Mapping | None = None) -> Rule:
+  """The :class:`Rule` of ``score`` fitted on pairs with known gains.
+
+  Args:
+    values: the score of each pair (finite floats).
+    gains: each pair's gain of ``method`` (IoU adapted - IoU unadapted).
+    score: the score's name (a key of :func:`scores` or of the caller's table).
+    method: the adaptation the gains belong to (e.g. ``"adabn"``).
+    increasing: the direction of the monotone fit; None: the sign of the
+      Spearman correlation of ``values`` with ``gains``.
+    margin: adapt iff the predicted gain exceeds it.
+    provenance: stored with the rule.
+  """
+  values, gains = np.asarray(values, float), np.asarray(gains, float)
+  if values.ndim != 1 or values.shape != gains.shape or len(values) < 2:
+    raise ValueError(f"values and gains must be 1-D of the same length >= 2, got "
+                     f"{values.shape} and {gains.shape}")
+  if not (np.isfinite(values).all() and np.isfinite(gains).all()):
+    raise ValueError(f"values and gains must be finite ({score!r} has "
+                     f"{int(np.sum(~np.isfinite(values)))} non-finite values)")
+  margin = _checks.number("margin", margin, minimum=-1.0)
+  if increasing is None:
+    rho = stats.spearman(values, gains)
+    increasing = not (np.isfinite(rho) and rho < 0)
+  step = stats.isotonic_fit(values, gains, increasing=bool(increasing))
+  return Rule(method=str(method), score=str(score), edges=step.edges, gains=step.values,
+              increasing=bool(increasing), margin=margin, provenance=dict(provenance or {}))
+
+
+def should_adapt(rule: Rule, scores_: Mapping[str, float]) -> Decision:
+  """Whether to adapt, by ``rule``, given the :func:`scores` of a target set
+  (or any mapping holding the rule's score)."""
+  if not isinstance(rule, Rule):
+    raise ValueError(f"rule must be a bnjax.selection.Rule (Rule.load(path)), got "
+                     f"{type(rule).__name__}")
+  if rule.score not in scores_:
+    raise ValueError(f"the rule uses the score {rule.score!r}, which scores_ lacks "
+                     f"(it has {sorted(scores_)})")
+  value = float(scores_[rule.score])
+  if not math.isfinite(value):
+    raise ValueError(f"scores_[{rule.score!r}] is {value}: the rule needs it finite"
+                     + (" (pass source_inputs to scores)" if rule.score in ("atc", "atc_after", "doc")
+                        else ""))
+  gain = rule.predicted_gain(value)
+  return Decision(gain > rule.margin, rule.method, rule.score, value, gain)

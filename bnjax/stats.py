@@ -1,15 +1,19 @@
 """Small statistics for relating predictors to outcomes (NumPy only).
 
 Rank correlations with average ranks for ties (as ``scipy.stats.spearmanr``),
-percentile-bootstrap intervals computed for all resamples at once, and an
-isotonic (pool-adjacent-violators) fit for held-out prediction.
+Kendall's tau-b, percentile-bootstrap intervals computed for all resamples at
+once, an isotonic (pool-adjacent-violators) fit for held-out prediction, and
+leave-one-group-out folds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-__all__ = ["pearson", "spearman", "ranks", "bootstrap_ci", "isotonic_fit", "t_interval"]
+__all__ = ["pearson", "spearman", "kendall", "ranks", "bootstrap_ci", "isotonic_fit", "Step",
+           "group_folds", "t_interval"]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30
 # (standard tables, e.g. NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.2);
@@ -47,6 +51,30 @@ def spearman(x, y) -> np.ndarray | float:
   return pearson(ranks(x), ranks(y))
 
 
+def kendall(x, y) -> np.ndarray | float:
+  """Kendall's tau-b along the last axis (ties as ``scipy.stats.kendalltau``):
+  (concordant - discordant) / sqrt(pairs untied in x * pairs untied in y);
+  NaN where either side is constant or there are fewer than 2 points. O(n^2)
+  per row, rows taken in chunks."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if x.shape != y.shape:
+    raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+  n = x.shape[-1]
+  xs, ys = x.reshape(-1, n), y.reshape(-1, n)
+  out = np.empty(len(xs))
+  chunk = max(1, 2_000_000 // max(n * n, 1))
+  for i in range(0, len(xs), chunk):
+    sx = np.sign(xs[i:i + chunk, :, None] - xs[i:i + chunk, None, :]).astype(np.int8)
+    sy = np.sign(ys[i:i + chunk, :, None] - ys[i:i + chunk, None, :]).astype(np.int8)
+    num = np.einsum("bij,bij->b", sx, sy, dtype=np.int64)
+    den = np.sqrt(np.abs(sx).sum((1, 2), dtype=np.int64).astype(float)
+                  * np.abs(sy).sum((1, 2), dtype=np.int64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+      out[i:i + chunk] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+  r = out.reshape(x.shape[:-1])
+  return float(r) if r.ndim == 0 else r
+
+
 def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95) -> list[float]:
   """Percentile bootstrap interval of ``fn(x, y)`` (``fn`` works along the
   last axis, as :func:`pearson` and :func:`spearman`): ``n`` resamples of the
@@ -59,7 +87,7 @@ def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95
   if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
     raise ValueError(f"x and y must be 1-D with the same length >= 2, got {x.shape} and {y.shape}")
   idx = rng.integers(0, len(x), (n, len(x)))
-  vals = np.asarray(fn(x[idx], y[idx]))
+  vals = np.asarray(_kendall_of_resamples(x, y, idx) if fn is kendall else fn(x[idx], y[idx]))
   vals = vals[np.isfinite(vals)]
   if not len(vals):
     return [float("nan"), float("nan")]
@@ -67,13 +95,43 @@ def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95
   return [float(np.percentile(vals, tail)), float(np.percentile(vals, 100 - tail))]
 
 
-def isotonic_fit(x, y, increasing: bool = True):
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """A monotone step function: ``t`` gets the value of the first block whose
+  largest x (``edges``, ascending) is >= t, the last block's beyond."""
+
+  edges: tuple[float, ...]
+  values: tuple[float, ...]
+
+  def __call__(self, t):
+    edges, values = np.asarray(self.edges), np.asarray(self.values)
+    idx = np.clip(np.searchsorted(edges, np.asarray(t, float), side="left"), 0, len(values) - 1)
+    return values[idx]
+
+
+def _kendall_of_resamples(x, y, idx) -> np.ndarray:
+  """``kendall(x[idx], y[idx])`` row by row, from each resample's counts ``w``:
+  a pair of copies has sign 0 on both sides, so with S = sign(x_i - x_j) the
+  tau-b of a resample is w'(Sx Sy)w / sqrt(w'|Sx|w w'|Sy|w) (O(n^2) once,
+  then one product per resample)."""
+  n = len(x)
+  w = np.zeros((len(idx), n))
+  np.add.at(w, (np.repeat(np.arange(len(idx)), n), idx.ravel()), 1.0)
+  sx, sy = np.sign(x[:, None] - x[None, :]), np.sign(y[:, None] - y[None, :])
+  quad = lambda m: np.einsum("bi,bi->b", w @ m, w)
+  num, den = quad(sx * sy), np.sqrt(quad(np.abs(sx)) * quad(np.abs(sy)))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def isotonic_fit(x, y, increasing: bool = True) -> Step:
   """Pool-adjacent-violators: the monotone step function closest to y (least
-  squares) over x; returns ``predict(t)`` (a new point gets the value of the
-  first block whose largest x is >= t, the last block beyond)."""
+  squares) over x (a new point: see :class:`Step`)."""
   x, y = np.asarray(x, float), np.asarray(y, float)
   if x.shape != y.shape or x.ndim != 1 or not len(x):
     raise ValueError(f"x and y must be non-empty 1-D arrays of the same length, got {x.shape}, {y.shape}")
+  if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    raise ValueError("x and y must be finite (drop the NaN pairs first)")
   order = np.argsort(x, kind="mergesort")
   xs, ys = x[order], y[order] * (1 if increasing else -1)
   blocks = []  # [sum, count, x_max]
@@ -84,14 +142,19 @@ def isotonic_fit(x, y, increasing: bool = True):
       blocks[-1][0] += s
       blocks[-1][1] += c
       blocks[-1][2] = xm
-  edges = np.array([b[2] for b in blocks])
-  values = np.array([b[0] / b[1] for b in blocks]) * (1 if increasing else -1)
+  sign = 1 if increasing else -1
+  return Step(tuple(float(b[2]) for b in blocks), tuple(float(sign * b[0] / b[1]) for b in blocks))
 
-  def predict(t):
-    idx = np.clip(np.searchsorted(edges, np.asarray(t, float), side="left"), 0, len(values) - 1)
-    return values[idx]
 
-  return predict
+def group_folds(groups) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """Leave one group out: for every distinct group (sorted), ``(group,
+  train indices, test indices)``; no group is ever on both sides, and every
+  index is tested exactly once. Needs at least two groups."""
+  groups = np.asarray([str(g) for g in groups])
+  names = sorted(set(groups.tolist()))
+  if len(names) < 2:
+    raise ValueError(f"groups must hold at least 2 distinct values to hold one out, got {names}")
+  return [(g, np.flatnonzero(groups != g), np.flatnonzero(groups == g)) for g in names]
 
 
 def t_interval(values, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:

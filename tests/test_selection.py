@@ -80,3 +80,72 @@ def test_scores_without_source_data_or_batch_norm(setup):
   assert got["confidence_change"] == 0.0 and got["bn_w2"] == 0.0
   with pytest.raises(ValueError, match="source_inputs must be a tuple"):
     selection.scores(model, v, v_ad, tgt, source_inputs=src)
+
+
+def test_adapted_inputs_score_an_input_space_method(setup):
+  # Histogram matching keeps the variables and changes the images: the
+  # "after" scores are the model's on the matched images.
+  from bnjax import methods
+  model, v, _, src, src_masks, tgt = setup
+  matched = methods.histogram_match(tgt, src)
+  got = selection.scores(model, v, v, tgt, adapted_inputs=matched)
+  c0, _, p0 = _numpy_maps(model, v, tgt)
+  c1, e1, p1 = _numpy_maps(model, v, np.asarray(matched))
+  assert got["confidence_after"] == pytest.approx(c1.mean(), abs=2e-6)
+  assert got["entropy_after"] == pytest.approx(e1.mean(), abs=2e-6)
+  assert got["foreground_change"] == pytest.approx(p1.mean() - p0.mean(), abs=1e-9)
+  with pytest.raises(ValueError, match="adapted_inputs must have the shape"):
+    selection.scores(model, v, v, tgt, adapted_inputs=matched[:2])
+
+
+def test_rule_decides_by_the_sign_of_the_fitted_gain(tmp_path):
+  # gain = 0.4 * (x - 0.31) on x = 0, 0.05, ..., 1: a monotone relation is its
+  # own isotonic fit, and a new score takes the gain of the next grid point,
+  # so the rule adapts exactly when the score is above 0.3.
+  x = np.arange(21) / 20
+  gain = 0.4 * (x - 0.31)
+  rule = selection.fit_rule(x, gain, score="atc", method="adabn",
+                            provenance={"pairs": 21, "grid": "toy"})
+  assert rule.increasing
+  for value in (-1.0, 0.0, 0.25, 0.3, 0.301, 0.35, 0.9, 1.5):
+    d = selection.should_adapt(rule, {"atc": value, "doc": 0.0})
+    assert d.adapt == (value > 0.3), value
+    assert d.score == "atc" and d.method == "adabn" and d.value == value
+    nxt = x[min(np.searchsorted(x, value), len(x) - 1)]
+    assert d.predicted_gain == pytest.approx(0.4 * (nxt - 0.31), abs=1e-12)
+  # Decreasing relations are found from the data's own direction.
+  down = selection.fit_rule(-x, gain, score="entropy_after", method="tent")
+  assert not down.increasing
+  assert selection.should_adapt(down, {"entropy_after": -0.9}).adapt
+  assert not selection.should_adapt(down, {"entropy_after": -0.1}).adapt
+  # Saved and loaded: the same decisions, the provenance kept.
+  path = tmp_path / "rule.json"
+  rule.save(path)
+  again = selection.Rule.load(path)
+  assert again == rule and again.provenance["grid"] == "toy"
+  # A margin asks for more.
+  strict = selection.fit_rule(x, gain, score="atc", method="adabn", margin=0.1)
+  assert not selection.should_adapt(strict, {"atc": 0.5}).adapt
+  assert selection.should_adapt(strict, {"atc": 0.6}).adapt
+
+
+def test_rule_errors_name_the_problem(tmp_path):
+  x = np.linspace(0, 1, 5)
+  rule = selection.fit_rule(x, x - 0.5, score="atc", method="adabn")
+  with pytest.raises(ValueError, match="lacks"):
+    selection.should_adapt(rule, {"doc": 0.1})
+  with pytest.raises(ValueError, match="pass source_inputs"):
+    selection.should_adapt(rule, {"atc": float("nan")})
+  with pytest.raises(ValueError, match="must be finite"):
+    selection.fit_rule([0.0, np.nan, 1.0], [0.1, 0.2, 0.3], score="atc", method="adabn")
+  with pytest.raises(ValueError, match="same length"):
+    selection.fit_rule([0.0, 1.0], [0.1], score="atc", method="adabn")
+  with pytest.raises(ValueError, match="must be a bnjax.selection.Rule"):
+    selection.should_adapt({"score": "atc"}, {"atc": 0.1})
+  (tmp_path / "bad.json").write_text('{"format": "other"}')
+  with pytest.raises(ValueError, match="not a bnjax rule"):
+    selection.Rule.load(tmp_path / "bad.json")
+  d = rule.to_json()
+  del d["edges"]
+  with pytest.raises(ValueError, match="lacks its field 'edges'"):
+    selection.Rule.from_json(d)

@@ -32,6 +32,42 @@ def test_bootstrap_is_the_loop_over_resamples():
     stats.bootstrap_ci(stats.pearson, x, y[:-1], 10, rng)
 
 
+def test_kendall_matches_scipy_with_ties():
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 5, 60).astype(float)  # ties in x
+  y = np.round(x + rng.normal(size=60))      # and in y
+  assert stats.kendall(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
+  rows = rng.normal(size=(4, 60))
+  np.testing.assert_allclose(stats.kendall(rows, y[None].repeat(4, 0)),
+                             [scipy.stats.kendalltau(r, y).statistic for r in rows], atol=1e-12)
+  assert np.isnan(stats.kendall(np.ones(6), np.arange(6.0)))
+
+
+def test_kendall_bootstrap_is_the_loop_over_resamples():
+  # The bootstrap of tau-b runs on resample counts; it must equal scipy on
+  # each resample with its duplicates.
+  rng = np.random.default_rng(4)
+  x = rng.integers(0, 8, 35).astype(float)
+  y = x + rng.normal(size=35)
+  ci = stats.bootstrap_ci(stats.kendall, x, y, 150, np.random.default_rng(9))
+  idx = np.random.default_rng(9).integers(0, 35, (150, 35))
+  loop = [scipy.stats.kendalltau(x[i], y[i]).statistic for i in idx]
+  np.testing.assert_allclose(ci, np.percentile(loop, [2.5, 97.5]), atol=1e-12)
+
+
+def test_group_folds_hold_each_group_out_once():
+  groups = ["b", "a", "c", "a", "b", "b", "c"]
+  folds = stats.group_folds(groups)
+  assert [g for g, _, _ in folds] == ["a", "b", "c"]
+  tested = np.concatenate([test for _, _, test in folds])
+  assert sorted(tested.tolist()) == list(range(len(groups)))
+  for g, tr, te in folds:
+    assert {groups[i] for i in te} == {g} and g not in {groups[i] for i in tr}
+    assert len(tr) + len(te) == len(groups)
+  with pytest.raises(ValueError, match="at least 2 distinct"):
+    stats.group_folds(["a", "a"])
+
+
 @pytest.mark.parametrize("increasing", [True, False])
 def test_isotonic_fit_matches_scipy(increasing):
   rng = np.random.default_rng(2)
@@ -41,6 +77,13 @@ def test_isotonic_fit_matches_scipy(increasing):
   order = np.argsort(x)
   ref = scipy.optimize.isotonic_regression(y[order], increasing=increasing).x
   np.testing.assert_allclose(fit(x[order]), ref, atol=1e-12)
+  # The fitted steps are plain data: rebuilt from its fields it predicts the same.
+  again = stats.Step(tuple(fit.edges), tuple(fit.values))
+  t = rng.uniform(-3, 28, 50)
+  np.testing.assert_array_equal(again(t), fit(t))
+  assert np.all(np.diff(fit.values) >= 0 if increasing else np.diff(fit.values) <= 0)
+  with pytest.raises(ValueError, match="finite"):
+    stats.isotonic_fit([0.0, np.nan], [1.0, 2.0])
 
 
 def test_t_interval_matches_scipy():
