@@ -13,7 +13,7 @@ from bnjax.checkpoint import write_json_atomic
 from bnjax.features import constant_dims
 
 __all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms",
-           "severity_curves", "labelled_heatmap", "winner_grid"]
+           "severity_curves", "labelled_heatmap", "winner_grid", "predictor_scatter"]
 
 
 def _plt():
@@ -347,4 +347,60 @@ def winner_grid(winners: Sequence[Sequence[str]], margins, rows: Sequence[str],
                                             "winners": [list(r) for r in winners],
                                             "margins": np.where(np.isnan(margins), None,
                                                                 margins).tolist()})
+  return path
+
+
+def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = "",
+                      ylabel: str = "gain") -> str:
+  """One panel per predictor: an outcome against the predictor, one point per
+  row coloured by its group (the same colours in every panel), a fitted
+  monotone step drawn as a line, held-out predictions as black crosses.
+
+  ``panels[name] = {"x", "y", "group", "heldout" (or None), "fit": (edges,
+  values) (or None), "note", "xscale" (optional, e.g. "symlog" for
+  heavy-tailed distances)}``; the numbers go beside the figure as JSON.
+  """
+  plt = _plt()
+  names = list(panels)
+  cols = min(4, len(names))
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
+  colour = _fixed_colours(groups)
+  for ax, name in zip(axes.flat, names):
+    p = panels[name]
+    x, y = np.asarray(p["x"], float), np.asarray(p["y"], float)
+    g = np.asarray(p["group"])
+    for group in groups:
+      m = g == group
+      if m.any():
+        ax.scatter(x[m], y[m], s=7, color=colour[group], alpha=0.7, lw=0, label=group)
+    if p.get("heldout") is not None:
+      ax.scatter(x, np.asarray(p["heldout"], float), s=9, marker="x", color="k", lw=0.6,
+                 label="held out (fit without the family)")
+    if p.get("fit") is not None:
+      edges, values = (np.asarray(a, float) for a in p["fit"])
+      ax.step(edges, values, where="pre", color="0.3", lw=1.2, label="fit on every row")
+    ax.axhline(0.0, color="0.6", lw=0.6, ls=":")
+    if p.get("xscale") == "symlog":
+      positive = x[x > 0]
+      ax.set_xscale("symlog", linthresh=float(np.min(positive)) if len(positive) else 1.0)
+      if len(x) and x.min() >= 0:
+        ax.set_xlim(left=0)
+    ax.set_xlabel(name + (" (log scale)" if p.get("xscale") == "symlog" else ""), fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(p.get("note", ""), fontsize=8)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
+             frameon=False, markerscale=2)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", {
+      n: {k: (v if isinstance(v, str) else np.asarray(v).tolist()) for k, v in p.items()}
+      for n, p in panels.items()})
   return path

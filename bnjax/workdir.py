@@ -33,7 +33,8 @@ from typing import Any, Callable
 from bnjax import checkpoint
 from bnjax import distributed
 
-__all__ = ["Workdir", "ConfigMismatch", "config_diff", "interruptible", "main", "CONFIG"]
+__all__ = ["Workdir", "ConfigMismatch", "config_diff", "interruptible", "main", "CONFIG",
+           "config_names", "config_ints"]
 
 CONFIG = "config.json"
 
@@ -242,6 +243,29 @@ def interruptible(path: str | os.PathLike, experiment: str = "the run"):
 
 
 _FLAGS: dict = {}
+
+
+def config_names(text, allowed, field: str) -> list[str]:
+  """A config's comma-separated list of names (``"a,b"``), each in ``allowed``,
+  duplicates dropped in order; a ValueError naming ``config.<field>`` otherwise."""
+  names = [t.strip() for t in str(text).split(",") if t.strip()]
+  bad = [n for n in names if n not in allowed]
+  if not names or bad:
+    raise ValueError(f"config.{field} must be a comma-separated list of {tuple(allowed)}, "
+                     f"got {text!r}")
+  return list(dict.fromkeys(names))
+
+
+def config_ints(text, lo: int, hi: int, field: str, note: str = "") -> list[int]:
+  """A config's comma-separated list of integers in ``lo..hi``, sorted, unique."""
+  try:
+    values = sorted({int(t) for t in str(text).split(",") if t.strip()})
+  except ValueError:
+    values = []
+  if not values or not all(lo <= v <= hi for v in values):
+    raise ValueError(f"config.{field} must be a comma-separated list of integers in {lo}..{hi}"
+                     f"{note}, got {text!r}")
+  return values
 
 
 def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,

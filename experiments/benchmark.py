@@ -49,7 +49,7 @@ import numpy as np
 from bnjax import adapt, data, inference, methods, metrics, models, plots, shifts, stats, train
 from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, main
+from bnjax.workdir import Workdir, config_ints, config_names, main
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "benchmark.py")
@@ -73,26 +73,6 @@ BN_METHODS = ("adabn", "adabn_prior", "tent")
 FIELDS = ("variant", "shift", "family", "severity", "method", "seed", "iou", "dice")
 
 
-def _names(text: str, allowed, what: str) -> list[str]:
-  names = [t.strip() for t in str(text).split(",") if t.strip()]
-  bad = [n for n in names if n not in allowed]
-  if not names or bad:
-    raise ValueError(f"config.{what} must be a comma-separated list of {tuple(allowed)}, "
-                     f"got {text!r}")
-  return list(dict.fromkeys(names))
-
-
-def _severities(text: str) -> list[int]:
-  try:
-    values = sorted({int(t) for t in str(text).split(",") if t.strip()})
-  except ValueError:
-    values = []
-  if not values or not all(1 <= v <= 5 for v in values):
-    raise ValueError(f"config.severities must be a comma-separated list of integers in 1..5 "
-                     f"(severity 0, the source, is always scored), got {text!r}")
-  return values
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   variants: list
@@ -105,12 +85,13 @@ def plan_of(config) -> Plan:
   """The checked lists of a config."""
   if config.seeds < 1:
     raise ValueError(f"config.seeds must be >= 1 (3 or more for intervals), got {config.seeds}")
-  methods_ = _names(config.methods, METHODS, "methods")
+  methods_ = config_names(config.methods, METHODS, "methods")
   if "none" not in methods_:
     methods_.insert(0, "none")  # the baseline every finding is measured against
-  return Plan(_names(config.variants, VARIANTS, "variants"),
-              _names(config.shifts, shifts.SHIFTS, "shifts"), _severities(config.severities),
-              methods_)
+  return Plan(config_names(config.variants, VARIANTS, "variants"),
+              config_names(config.shifts, shifts.SHIFTS, "shifts"),
+              config_ints(config.severities, 1, 5, "severities",
+                          " (severity 0, the source, is always scored)"), methods_)
 
 
 def _key(config, seed: int, *parts) -> jax.Array:

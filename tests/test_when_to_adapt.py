@@ -1,0 +1,185 @@
+"""experiments/when_to_adapt.py in-process at tiny sizes: the rows, one truth
+recomputed by hand, the held-out evaluation against an independent
+leave-one-family-out written here, the saved rule, resume, and errors."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+import scipy.optimize
+
+from bnjax import adapt, data, distances, inference, metrics, models, selection, train, workdir
+from experiments import when_to_adapt as w2a
+from experiments.configs import when_to_adapt as w2a_config
+
+A, B = [100.0, 50.0, 156.0, 50.0], [68.0, 50.0, 188.0, 50.0]
+
+
+def tiny():
+  c = w2a_config.get_config()
+  c.seeds = 2
+  c.grids = "geometric"
+  c.grid_groups = {"geometric": [dict(label="geometric", sources=[A, B], targets=[A, B],
+                                      layout="matrix")]}
+  c.benchmark_source = tuple(A)
+  c.shifts, c.severities = "brightness,zoom", "5"
+  c.data.size, c.data.n_train, c.data.n_eval, c.data.n_adapt = 16, 24, 8, 8
+  c.model.features, c.model.depth = 2, 2
+  c.train.epochs, c.train.batch_size = 1, 8
+  c.tent.steps, c.tent.batch_size = 2, 4
+  c.bootstrap = 50
+  c.chunk = 1  # one model per stack: the stacks are put back together per seed
+  return c
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  path = tmp_path_factory.mktemp("w2a")
+  config = tiny()
+  analysis = w2a.run(config, str(path))
+  return config, path, analysis
+
+
+def _rows(path):
+  with open(path / "pairs.csv") as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    for k in w2a.TRUTH + w2a.PREDICTORS:
+      r[k] = float(r[k])
+  return rows
+
+
+def test_rows_and_files(result):
+  config, path, analysis = result
+  rows = _rows(path)
+  # 4 grid pairs + 2 shifts at one severity, x 2 seeds x 3 methods.
+  assert len(rows) == 6 * 2 * 3 and list(rows[0]) == list(w2a.FIELDS)
+  assert {r["family"] for r in rows} == {"geometric", "intensity", "geometry"}
+  for r in rows:
+    assert 0 <= r["iou_no_adapt"] <= 1 and 0 <= r["iou_adapted"] <= 1
+    assert r["gain"] == pytest.approx(r["iou_adapted"] - r["iou_no_adapt"], abs=1e-5)
+  for name in ("when_to_adapt.md", "when_to_adapt.json", "scatter_adabn.png",
+               "scatter_tent.json", "rules/adabn.json", "rules/histogram_match.json"):
+    assert (path / name).stat().st_size > 0, name
+  md = (path / "when_to_adapt.md").read_text()
+  assert "overlap †" in md and "*always adapt*" in md and "## tent" in md
+  # Baselines from the rows with NumPy.
+  ad = [r for r in rows if r["method"] == "adabn"]
+  b = analysis["adabn"]["baselines"]
+  i0 = np.array([r["iou_no_adapt"] for r in ad])
+  i1 = np.array([r["iou_adapted"] for r in ad])
+  assert b["never"] == pytest.approx(i0.mean(), abs=1e-5)
+  assert b["always"] == pytest.approx(i1.mean(), abs=1e-5)
+  assert b["best"] == pytest.approx(np.maximum(i0, i1).mean(), abs=1e-5)
+
+
+def test_one_row_by_hand(result):
+  config, path, _ = result
+  rows = _rows(path)
+  wd = workdir.Workdir.read(str(path))
+  stack, meta = wd.load_model("seed1_chunk01")  # source B, the plan's second source
+  assert meta["sources"] == [str(data.Domain(*B))]
+  v = jax.tree_util.tree_map(lambda a: a[0], stack)
+  src, tgt = data.Domain(*B), data.Domain(*A)
+  x, y = data.make_dataset(data.split_key(config.seed + 1, tgt, "eval"), tgt, 8, 16)
+  xa, _ = data.make_dataset(data.split_key(config.seed + 1, tgt, "adapt"), tgt, 8, 16)
+  model = models.UNet(features=2, depth=2)
+  v_ad = adapt.recompute_batch_stats(model, v, xa)
+  got = next(r for r in rows if (r["source"], r["target"], r["seed"], r["method"])
+             == (str(src), str(tgt), "1", "adabn"))
+  assert got["iou_no_adapt"] == pytest.approx(metrics.iou(inference.predict(model, v, x), y),
+                                              abs=1e-5)
+  assert got["iou_adapted"] == pytest.approx(metrics.iou(inference.predict(model, v_ad, x), y),
+                                             abs=1e-5)
+  sx = data.make_dataset(data.split_key(config.seed + 1, src, "eval"), src, 8, 16)
+  want = selection.scores(model, v, v_ad, xa, source_inputs=sx)
+  for k in ("atc", "agreement", "entropy_after", "bn_w2"):
+    assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+
+
+def _first_at_or_above(train_x, fitted, t):
+  """An isotonic prediction written independently: the fitted value of the
+  first training point (sorted) whose x is >= t, the last one's beyond."""
+  order = np.argsort(train_x, kind="stable")
+  xs, ys = train_x[order], fitted
+  i = np.searchsorted(xs, t, side="left")
+  return ys[np.minimum(i, len(xs) - 1)]
+
+
+@pytest.mark.parametrize("method,predictor", [("adabn", "atc"), ("tent", "entropy_after"),
+                                              ("histogram_match", "bn_w2")])
+def test_leave_one_family_out_against_an_independent_loop(result, method, predictor):
+  _, path, analysis = result
+  rows = [r for r in _rows(path) if r["method"] == method]
+  x = np.array([r[predictor] for r in rows])
+  gain = np.array([r["gain"] for r in rows])
+  i0 = np.array([r["iou_no_adapt"] for r in rows])
+  i1 = np.array([r["iou_adapted"] for r in rows])
+  fam = np.array([r["family"] for r in rows])
+  pred = np.empty(len(rows))
+  for f in sorted(set(fam)):
+    tr, te = fam != f, fam == f
+    assert not set(fam[tr]) & set(fam[te])  # never train and test on one family
+    rho = np.corrcoef(np.argsort(np.argsort(x[tr])), np.argsort(np.argsort(gain[tr])))[0, 1]
+    inc = not rho < 0
+    order = np.argsort(x[tr], kind="stable")
+    fitted = scipy.optimize.isotonic_regression(gain[tr][order], increasing=inc).x
+    pred[te] = _first_at_or_above(x[tr], fitted, x[te])
+  e = analysis[method]["predictors"][predictor]["family"]
+  decide = pred > 0
+  if len(set(x)) == len(x) and len(set(gain)) == len(gain):  # no ties: ranks are unambiguous
+    assert e["mae_gain"] == pytest.approx(np.mean(np.abs(pred - gain)), abs=1e-5)
+    assert e["accuracy"] == pytest.approx(np.mean(decide == (gain > 0)))
+    assert e["mean_iou"] == pytest.approx(np.mean(np.where(decide, i1, i0)), abs=1e-5)
+  assert [fold["held_out"] for fold in e["folds"]] == sorted(set(fam))
+  for fold in e["folds"]:
+    assert fold["n_test"] == np.sum(fam == fold["held_out"])
+    assert fold["n_train"] == len(rows) - fold["n_test"]
+  src = analysis[method]["predictors"][predictor]["source"]["folds"]
+  assert sorted(f["held_out"] for f in src) == sorted({r["source"] for r in rows})
+
+
+def test_saved_rule_applies_to_a_row(result):
+  _, path, analysis = result
+  rule = selection.Rule.load(path / "rules" / "adabn.json")
+  assert rule.score == analysis["adabn"]["chosen"] and rule.score in w2a.LABEL_FREE
+  assert rule.provenance["experiment"] == "when_to_adapt"
+  assert set(rule.provenance["families"]) == {"geometric", "intensity", "geometry"}
+  row = next(r for r in _rows(path) if r["method"] == "adabn")
+  d = selection.should_adapt(rule, row)
+  assert d.adapt == (rule.predicted_gain(row[rule.score]) > 0)
+
+
+def test_resume_does_not_retrain(result, monkeypatch):
+  config, path, analysis = result
+  monkeypatch.setattr(train, "train_many", lambda *a, **k: pytest.fail("retrained"))
+  again = w2a.run(config, str(path))
+  assert again["adabn"]["baselines"] == analysis["adabn"]["baselines"]
+
+
+def test_class_overlap_matches_the_gaussian_closed_form():
+  rng = np.random.default_rng(0)
+  masks = rng.random((40, 32, 32)) < 0.3
+  x = np.where(masks, rng.normal(0.6, 0.08, masks.shape), rng.normal(0.45, 0.08, masks.shape))
+  want = distances.overlap_coefficient(0.45 * 255, 0.08 * 255, 0.6 * 255, 0.08 * 255)
+  assert w2a.class_overlap(x[..., None], masks, bins=64) == pytest.approx(want, abs=0.02)
+  assert np.isnan(w2a.class_overlap(x[..., None], np.zeros_like(masks)))
+
+
+def test_plan_errors():
+  c = tiny()
+  c.shifts = ""
+  with pytest.raises(ValueError, match="one family"):
+    w2a.plan_of(c)
+  c = tiny()
+  c.methods = "adabn,oracle"
+  with pytest.raises(ValueError, match="config.methods"):
+    w2a.plan_of(c)
+  c = tiny()
+  c.grids, c.shifts = "", ""
+  with pytest.raises(ValueError, match="no pair"):
+    w2a.plan_of(c)
+  with pytest.raises(ValueError, match="'cpu' or 'full'"):
+    w2a_config.get_config("gpu")
