@@ -245,6 +245,17 @@ def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constan
   return path
 
 
+def _panel_grid(n: int, width: float, height: float):
+  """(figure, axes) of ``n`` panels in up to 4 columns, the spare axes off."""
+  plt = _plt()
+  cols = min(4, n)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  return fig, axes
+
+
 def _fixed_colours(names: Sequence[str]) -> dict:
   """One colour per name, the same in every panel and figure of a run."""
   return dict(zip(names, _colours(len(names))))
@@ -260,9 +271,7 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
   """
   plt = _plt()
   panels = list(curves)
-  cols = min(4, len(panels))
-  rows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+  fig, axes = _panel_grid(len(panels), 3.2, 2.6)
   colour = _fixed_colours(methods)
   for ax, panel in zip(axes.flat, panels):
     for method in methods:
@@ -274,8 +283,6 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
         ax.fill_between(sev, mean - half, mean + half, color=colour[method], alpha=0.15, lw=0)
     ax.set(title=panel, xlabel="severity", ylabel=ylabel, ylim=(0, 1))
     ax.title.set_fontsize(9)
-  for ax in list(axes.flat)[len(panels):]:
-    ax.axis("off")
   handles, labels = axes.flat[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
   if title:
@@ -362,9 +369,7 @@ def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = ""
   """
   plt = _plt()
   names = list(panels)
-  cols = min(4, len(names))
-  rows = -(-len(names) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
+  fig, axes = _panel_grid(len(names), 3.3, 2.7)
   colour = _fixed_colours(groups)
   for ax, name in zip(axes.flat, names):
     p = panels[name]
@@ -390,8 +395,6 @@ def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = ""
     ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(p.get("note", ""), fontsize=8)
-  for ax in list(axes.flat)[len(names):]:
-    ax.axis("off")
   handles, labels = axes.flat[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
              frameon=False, markerscale=2)

@@ -24,6 +24,8 @@ an interrupt into one line saying what the workdir keeps and how to resume.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import sys
@@ -164,6 +166,17 @@ class Workdir:
     with open(path, "w") as f:
       f.write(text)
     return path
+
+  def write_csv(self, name: str, rows, fields, float_format: str = ".6g") -> str:
+    """``rows`` (mappings) as a CSV with the columns ``fields``, floats
+    written with ``float_format``."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields))
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (format(r[k], float_format) if isinstance(r[k], float) else r[k])
+                  for k in fields})
+    return self.write_text(name, buf.getvalue())
 
   # Results --------------------------------------------------------------
 

@@ -35,9 +35,7 @@ each with its numbers beside it.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 import zlib
@@ -251,16 +249,6 @@ def _fmt(values) -> str:
   return f"{mean:.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
 
 
-def _write_csv(path, rows):
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=FIELDS)
-  w.writeheader()
-  for r in rows:
-    w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
-  with open(path, "w") as f:
-    f.write(buf.getvalue())
-
-
 def _winner(iou, variant, shift, sev, ms) -> tuple[str, float]:
   """The best label-free method of a cell (the oracle is a reference, not a
   candidate) and its margin over the runner-up in mean IoU."""
@@ -346,7 +334,7 @@ def report(wd, config, plan, rows) -> str:
   lines += ["## Wins per method (shift x severity cells)", ""]
   lines += [f"- {v}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items(), key=lambda t: -t[1]))
             for v, c in counts.items()]
-  _write_csv(wd.file("benchmark.csv"), rows)
+  wd.write_csv("benchmark.csv", rows, FIELDS, ".6f")
   write_json_atomic(wd.file("benchmark.json"), {"fields": list(FIELDS), "rows": rows,
                                                 "dice_mean": {"|".join(map(str, k)): float(v.mean())
                                                               for k, v in dice.items()}})

@@ -49,9 +49,7 @@ crosses) and ``rules/<method>.json``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 import zlib
@@ -405,16 +403,6 @@ def _rule(config, plan, rows, method, evaluation) -> selection.Rule:
 # Report
 
 
-def _write_csv(path, rows):
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=FIELDS)
-  w.writeheader()
-  for r in rows:
-    w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
-  with open(path, "w") as f:
-    f.write(buf.getvalue())
-
-
 def _num(v) -> str:
   return f"{v:+.2f}" if np.isfinite(v) else "-"
 
@@ -492,7 +480,7 @@ def report(wd, config, plan, rows, analysis) -> str:
     lines.append("")
   text = "\n".join(lines) + "\n"
   wd.write_text("when_to_adapt.md", text)
-  _write_csv(wd.file("pairs.csv"), rows)
+  wd.write_csv("pairs.csv", rows, FIELDS)
   write_json_atomic(wd.file("when_to_adapt.json"), analysis)
   for method, ev in analysis.items():
     mrows = [r for r in rows if r["method"] == method]

@@ -3,7 +3,6 @@ recomputed by hand, the held-out evaluation against an independent
 leave-one-family-out written here, the saved rule, resume, and errors."""
 
 import csv
-import json
 
 import jax
 import numpy as np

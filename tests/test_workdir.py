@@ -62,3 +62,17 @@ def test_results_and_checkpoints_round_trip(tmp_path):
   assert wd.kept() == "1 trained model checkpoint and 1 result file"
   with pytest.raises(ValueError, match="exactly the keys"):
     data.Domain.from_json({"mu1": 1, "sigma1": 2, "mu2": 3})
+
+
+def test_csv_and_config_lists(tmp_path):
+  import csv
+  wd = Workdir.open(str(tmp_path / "run"), "test", config_dict.ConfigDict({"a": 1}), log=lambda *_: None)
+  wd.write_csv("rows.csv", [{"name": "x", "v": 1 / 3, "n": 2}], ("name", "v"), ".3f")
+  with open(tmp_path / "run" / "rows.csv") as f:
+    assert list(csv.DictReader(f)) == [{"name": "x", "v": "0.333"}]
+  assert workdir.config_names("b, a,b", ("a", "b"), "methods") == ["b", "a"]
+  with pytest.raises(ValueError, match=r"config.methods must be a comma-separated list"):
+    workdir.config_names("a,c", ("a", "b"), "methods")
+  assert workdir.config_ints("5,1,3,1", 1, 5, "severities") == [1, 3, 5]
+  with pytest.raises(ValueError, match=r"config.severities .* integers in 1..5"):
+    workdir.config_ints("0,2", 1, 5, "severities")
