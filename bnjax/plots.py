@@ -256,6 +256,19 @@ def _panel_grid(n: int, width: float, height: float):
   return fig, axes
 
 
+def _finish_panels(fig, axes, path, title: str, bottom: float, dpi: int, **legend) -> None:
+  """The first panel's legend below the grid, the title above, saved and closed."""
+  plt = _plt()
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), legend.pop("ncol", 99)),
+             fontsize=8, frameon=False, **legend)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, bottom, 1, 1))
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+
+
 def _fixed_colours(names: Sequence[str]) -> dict:
   """One colour per name, the same in every panel and figure of a run."""
   return dict(zip(names, _colours(len(names))))
@@ -269,7 +282,6 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
   ``curves[panel][method] = (severities, mean, half_width)``; ``methods``
   fixes the colours (and the legend's order) across panels.
   """
-  plt = _plt()
   panels = list(curves)
   fig, axes = _panel_grid(len(panels), 3.2, 2.6)
   colour = _fixed_colours(methods)
@@ -283,13 +295,7 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
         ax.fill_between(sev, mean - half, mean + half, color=colour[method], alpha=0.15, lw=0)
     ax.set(title=panel, xlabel="severity", ylabel=ylabel, ylim=(0, 1))
     ax.title.set_fontsize(9)
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout(rect=(0, 0.05, 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish_panels(fig, axes, path, title, 0.05, 110)
   write_json_atomic(f"{_stem(path)}.json", {
       panel: {m: [np.asarray(a, float).tolist() for a in v] for m, v in c.items()}
       for panel, c in curves.items()})
@@ -367,7 +373,6 @@ def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = ""
   values) (or None), "note", "xscale" (optional, e.g. "symlog" for
   heavy-tailed distances)}``; the numbers go beside the figure as JSON.
   """
-  plt = _plt()
   names = list(panels)
   fig, axes = _panel_grid(len(names), 3.3, 2.7)
   colour = _fixed_colours(groups)
@@ -395,14 +400,7 @@ def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = ""
     ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(p.get("note", ""), fontsize=8)
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
-             frameon=False, markerscale=2)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout(rect=(0, 0.06, 1, 1))
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _finish_panels(fig, axes, path, title, 0.06, 100, ncol=6, markerscale=2)
   write_json_atomic(f"{_stem(path)}.json", {
       n: {k: (v if isinstance(v, str) else np.asarray(v).tolist()) for k, v in p.items()}
       for n, p in panels.items()})
