@@ -111,6 +111,9 @@ def plan_of(config) -> Plan:
                      f"{config.seeds}")
   pairs = []
   for grid in (config_names(config.grids, GRIDS, "grids") if config.grids else []):
+    if grid not in config.grid_groups:
+      raise ValueError(f"config.grid_groups has no groups for the grid {grid!r} (it has "
+                       f"{sorted(config.grid_groups)})")
     for g in config.grid_groups[grid]:
       pairs += [Pair("grid", grid, g["label"], data.Domain.from_json(s), data.Domain.from_json(t))
                 for s in g["sources"] for t in g["targets"]]

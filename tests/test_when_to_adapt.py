@@ -177,6 +177,10 @@ def test_plan_errors():
   with pytest.raises(ValueError, match="config.methods"):
     w2a.plan_of(c)
   c = tiny()
+  c.grids = "geometric,brightness"
+  with pytest.raises(ValueError, match="no groups for the grid 'brightness'"):
+    w2a.plan_of(c)
+  c = tiny()
   c.grids, c.shifts = "", ""
   with pytest.raises(ValueError, match="no pair"):
     w2a.plan_of(c)
