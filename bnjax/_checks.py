@@ -66,6 +66,16 @@ def choice(name: str, value, allowed: Sequence[Any]):
 # Images and masks of the U-Net path
 
 
+def model_axis(variables, size: int, name: str = "variables") -> None:
+  """Every leaf of stacked ``variables`` has the leading (model) axis ``size``."""
+  leads = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None
+           for leaf in jax.tree_util.tree_leaves(variables)}
+  if leads != {size}:
+    raise ValueError(f"{name} must carry a leading model axis of size {size} (one model per "
+                     f"image set), got leaves with leading sizes "
+                     f"{sorted(leads, key=lambda v: -1 if v is None else v)}")
+
+
 def _image_values(images, name: str, image_range) -> None:
   """Integer images are refused; float images outside ``image_range`` (with a
   small tolerance) too, unless ``image_range`` is None. Only concrete values

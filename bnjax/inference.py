@@ -60,6 +60,7 @@ def stacked_predict(model: nn.Module, variables, images, *,
   ``variables`` (leading axis P) and ``images`` float[P, n, H, W, C]; one
   compiled call."""
   images = _checks.images(images, image_range=image_range, stacked=True)
+  _checks.model_axis(variables, images.shape[0])
   batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[1])
   strategy = stacking.resolve(strategy)
 
@@ -80,6 +81,7 @@ def stacked_iou(model: nn.Module, variables, images, masks, *,
   ``variables`` (leading axis P), ``images`` float[P, n, H, W, C] and ``masks``
   bool[P, n, H, W]; one compiled call."""
   images, masks = _checks.images(images, masks, image_range=image_range, stacked=True)
+  _checks.model_axis(variables, images.shape[0])
   return _stacked_iou(model, variables, images, masks, strategy,
                       _checks.unit_interval("empty", empty),
                       _checks.positive_int("batch_size", batch_size))

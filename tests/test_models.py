@@ -248,3 +248,9 @@ def test_stacked_predict_equals_predict_per_model():
   got = inference.stacked_predict(model, stack, x, batch_size=2)
   for i in range(2):
     np.testing.assert_array_equal(got[i], inference.predict(model, vs[i], x[i]))
+  # A stack whose model axis does not match the image sets is refused, named.
+  y = np.zeros(x.shape[:-1], bool)
+  with pytest.raises(ValueError, match="leading model axis of size 3"):
+    inference.stacked_predict(model, stack, jnp.concatenate([x, x[:1]]))
+  with pytest.raises(ValueError, match=r"leading model axis of size 2 .* sizes \[None, 2\]"):
+    inference.stacked_iou(model, {**stack, "extra": jnp.float32(0)}, x, y)
