@@ -24,6 +24,7 @@ import functools
 import hashlib
 import math
 import os
+import zlib
 from typing import Any, Literal, get_args
 
 import jax
@@ -32,7 +33,7 @@ import numpy as np
 
 from bnjax import _checks
 
-__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
+__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
 
 RenderKind = Literal["white_noise", "gradient", "edges"]
 RENDER_KINDS: tuple[str, ...] = get_args(RenderKind)
@@ -292,6 +293,16 @@ def split_key(seed: int, domain: Domain, split: Split) -> jax.Array:
   digest = hashlib.sha256(repr(dataclasses.astuple(domain)).encode()).digest()
   key = jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest[:4], "little") >> 1)
   return jax.random.fold_in(key, SPLITS.index(split))
+
+
+def named_key(seed: int, *names) -> jax.Array:
+  """A key of ``seed`` and a path of names (``named_key(0, "brightness", 5,
+  "eval")``): each name folded in by its CRC32, so the key depends on the
+  names and not on where they stand in a list."""
+  key = jax.random.key(seed)
+  for name in names:
+    key = jax.random.fold_in(key, zlib.crc32(str(name).encode()) >> 1)
+  return key
 
 
 def make_dataset(key: jax.Array, domain: Domain, n: int, size: int = 64,

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax import _checks
 from bnjax.adapt import layer_stats
 
-__all__ = ["frechet", "frechet_from_moments", "gaussian_moments", "source_normalized_frechet", "sliced_wasserstein", "sort_floats", "bhattacharyya", "histogram_bhattacharyya", "mmd", "sinkhorn", "overlap_coefficient", "diag_w2", "diag_bhattacharyya"]
+__all__ = ["frechet", "frechet_from_moments", "gaussian_moments", "source_normalized_frechet", "sliced_wasserstein", "sort_floats", "subsample", "bhattacharyya", "histogram_bhattacharyya", "mmd", "sinkhorn", "overlap_coefficient", "diag_w2", "diag_bhattacharyya"]
 
 
 def _pair(x, y, name="x, y"):
@@ -319,6 +320,13 @@ def mmd(x, y, bandwidth: float | None = None, *, dtype=None) -> float:
   return _in_dtype(fn, dtype, x, y)
 
 
+def subsample(x, n: int, key) -> np.ndarray:
+  """``n`` rows of ``x`` drawn at random without replacement with ``key`` (the
+  first ``n`` of a permutation), or ``x`` itself when it has at most ``n``."""
+  n = _checks.positive_int("n", n)
+  return x if x.shape[0] <= n else x[np.asarray(jax.random.permutation(key, x.shape[0]))[:n]]
+
+
 def sinkhorn(x, y, epsilon: float | None = None, *, max_points: int = 4096, key=None) -> float:
   """Debiased Sinkhorn divergence with squared Euclidean cost (Genevay et al.
   2018; Feydy et al. 2019): OT_ε(x, y) - (OT_ε(x, x) + OT_ε(y, y)) / 2, through
@@ -330,10 +338,7 @@ def sinkhorn(x, y, epsilon: float | None = None, *, max_points: int = 4096, key=
   x, y = _pair(x, y)
   key = jax.random.key(0) if key is None else key
   kx, ky = jax.random.split(key)
-  if x.shape[0] > max_points:
-    x = x[np.asarray(jax.random.permutation(kx, x.shape[0]))[:max_points]]
-  if y.shape[0] > max_points:
-    y = y[np.asarray(jax.random.permutation(ky, y.shape[0]))[:max_points]]
+  x, y = subsample(x, max_points, kx), subsample(y, max_points, ky)
   x, y = x.astype(np.float32), y.astype(np.float32)
   if epsilon is None:
     # ott's own default, 5 % of the mean cost, computed here so that a zero

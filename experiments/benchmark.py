@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -92,14 +91,6 @@ def plan_of(config) -> Plan:
                           " (severity 0, the source, is always scored)"), methods_)
 
 
-def _key(config, seed: int, *parts) -> jax.Array:
-  """A key of (seed, names...): stable across runs and lists."""
-  key = jax.random.key(seed)
-  for p in parts:
-    key = jax.random.fold_in(key, zlib.crc32(str(p).encode()) >> 1)
-  return key
-
-
 def _source_sets(config, source: data.Domain, split: str, n: int):
   """Stacked (images[S], masks[S]): seed i's own draw of the split."""
   sets = [data.make_dataset(data.split_key(config.seed + i, source, split), source, n,
@@ -109,7 +100,7 @@ def _source_sets(config, source: data.Domain, split: str, n: int):
 
 def _shifted(config, shift: str, severity: int, split: str, images, masks):
   """Every seed's set under (shift, severity), stacked."""
-  pairs = [shifts.apply(_key(config, config.seed + i, shift, severity, split), images[i],
+  pairs = [shifts.apply(data.named_key(config.seed + i, shift, severity, split), images[i],
                         masks[i], shift, severity) for i in range(images.shape[0])]
   return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
@@ -177,8 +168,8 @@ def _cell_methods(wd, config, plan, variant, model, loss, sources, shift, severi
       adapted = [methods.tent(model, jax.tree_util.tree_map(lambda a: a[p], v), adapt_x[p],
                               steps=config.tent.steps, learning_rate=config.tent.learning_rate,
                               batch_size=min(config.tent.batch_size, adapt_x.shape[1]),
-                              key=_key(config, config.seed + int(seed_of[p]), "tent", shift,
-                                       severities[p // s]))
+                              key=data.named_key(config.seed + int(seed_of[p]), "tent", shift,
+                                                 severities[p // s]))
                  for p in range(len(seed_of))]
       out[method] = _scores(model, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *adapted),
                             eval_x, eval_y, config.strategy)

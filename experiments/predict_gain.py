@@ -75,12 +75,6 @@ def load_sweep(sweep_dir):
   return wd.config, [data.Domain.from_json(d) for d in index["domains"]], stacked, results
 
 
-def subsample(x, n, key):
-  if x.shape[0] <= n:
-    return x
-  return x[np.asarray(jax.random.permutation(key, x.shape[0]))[:n]]
-
-
 def layer_sum(d: dict) -> float:
   return float(sum(d.values()))
 
@@ -141,11 +135,11 @@ def run(config, workdir: str) -> list[dict]:
     for t in taps:
       fs = source_cache[src][t]
       kt = jax.random.fold_in(key, i * 100 + taps.index(t))
-      xs = subsample(fs, config.max_rows, kt)
+      xs = distances.subsample(fs, config.max_rows, kt)
       for variant in ("unadapted", "adapted"):
         # Shapes stay fixed per tap (one compile each); collapsed channels are
         # handled by the Bhattacharyya ridge and are harmless to the others.
-        a, b = xs, subsample(target_features[variant][t], config.max_rows, kt)
+        a, b = xs, distances.subsample(target_features[variant][t], config.max_rows, kt)
         prefix = f"{t}/{variant}/"
         row[prefix + "frechet"] = distances.frechet(a, b)
         row[prefix + "sliced_w2"] = distances.sliced_wasserstein(a, b, key=kt, n_proj=100)

@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -131,13 +130,6 @@ def plan_of(config) -> Plan:
               config_names(config.methods, METHODS, "methods"))
 
 
-def _key(seed: int, *parts) -> jax.Array:
-  key = jax.random.key(seed)
-  for p in parts:
-    key = jax.random.fold_in(key, zlib.crc32(str(p).encode()) >> 1)
-  return key
-
-
 def class_overlap(images, masks, bins: int = 64) -> float:
   """The overlap coefficient sum_b min(p0_b, p1_b) of the background's and the
   foreground's intensity histograms (``bins`` bins on [0, 1]); NaN when a
@@ -184,10 +176,6 @@ def _train_seeds(wd, config, plan, model):
   return stacks
 
 
-def _subsample(x, n, key):
-  return x if x.shape[0] <= n else x[np.asarray(jax.random.permutation(key, x.shape[0]))[:n]]
-
-
 def _target_sets(config, pair: Pair, seed: int, src_eval, src_adapt):
   """(eval images, eval masks, adaptation images) of the pair's target."""
   if pair.kind == "grid":
@@ -196,7 +184,7 @@ def _target_sets(config, pair: Pair, seed: int, src_eval, src_adapt):
     xa, _ = data.make_dataset(data.split_key(config.seed + seed, pair.target, "adapt"),
                               pair.target, config.data.n_adapt, config.data.size)
     return x, y, xa
-  k = lambda split: _key(config.seed + seed, pair.shift, pair.severity, split)
+  k = lambda split: data.named_key(config.seed + seed, pair.shift, pair.severity, split)
   x, y = shifts.apply(k("eval"), *src_eval, pair.shift, pair.severity)
   xa, _ = shifts.apply(k("adapt"), *src_adapt, pair.shift, pair.severity)
   return x, y, xa
@@ -206,12 +194,12 @@ def _pair_rows(config, plan, model, v, pair, seed, src, index):
   """Rows of every method on one (pair, seed)."""
   src_eval, src_adapt, src_features = src
   x, y, xa = _target_sets(config, pair, seed, src_eval, src_adapt)
-  key = _key(config.seed + seed, "pair", index)
+  key = data.named_key(config.seed + seed, "pair", index)
   iou0 = metrics.iou(inference.predict(model, v, x), y)
   v_adabn = adapt.recompute_batch_stats(model, v, xa, mode="exact")
   kf = jax.random.fold_in(key, 1)
-  fs = _subsample(src_features, config.max_rows, kf)
-  ft = _subsample(features.extract(model, v, xa, config.tap), config.max_rows, kf)
+  fs = distances.subsample(src_features, config.max_rows, kf)
+  ft = distances.subsample(features.extract(model, v, xa, config.tap), config.max_rows, kf)
   shared = {"bn_w2": float(sum(distances.diag_w2(v["batch_stats"],
                                                  v_adabn["batch_stats"]).values())),
             "frechet": distances.frechet(fs, ft),

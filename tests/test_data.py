@@ -194,3 +194,14 @@ def test_image_checks():
     _checks.images(x / 255 - 0.5)
   with pytest.raises(ValueError, match="masks must be boolean"):
     _checks.images(x / 255, np.zeros((2, 8, 8), np.float32))
+
+
+def test_named_key_folds_each_name_by_its_crc32():
+  import zlib
+  want = jax.random.key(3)
+  for name in ("brightness", 5, "eval"):
+    want = jax.random.fold_in(want, zlib.crc32(str(name).encode()) >> 1)
+  got = data.named_key(3, "brightness", 5, "eval")
+  np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+  other = data.named_key(3, "brightness", 5, "adapt")
+  assert not np.array_equal(jax.random.key_data(got), jax.random.key_data(other))

@@ -187,3 +187,14 @@ def test_sort_floats_equals_numpy_sort():
   with jax.enable_x64(True):
     b = a.astype(np.float64) * 1e200
     np.testing.assert_array_equal(np.asarray(distances.sort_floats(jnp.asarray(b))), np.sort(b))
+
+
+def test_subsample_draws_distinct_rows():
+  x = np.arange(40.0).reshape(20, 2)
+  assert distances.subsample(x, 20, jax.random.key(0)) is x
+  got = distances.subsample(x, 7, jax.random.key(1))
+  assert got.shape == (7, 2) and len({tuple(r) for r in got}) == 7
+  assert all(tuple(r) in {tuple(s) for s in x} for r in got)
+  np.testing.assert_array_equal(got, distances.subsample(x, 7, jax.random.key(1)))
+  with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    distances.subsample(x, 0, jax.random.key(0))
