@@ -241,12 +241,9 @@ def fit_rule(values, gains, *, score: str, method: str, increasing: bool | None 
     raise ValueError(f"values and gains must be finite ({score!r} has "
                      f"{int(np.sum(~np.isfinite(values)))} non-finite values)")
   margin = _checks.number("margin", margin, minimum=-1.0)
-  if increasing is None:
-    rho = stats.spearman(values, gains)
-    increasing = not (np.isfinite(rho) and rho < 0)
-  step = stats.isotonic_fit(values, gains, increasing=bool(increasing))
+  step = stats.isotonic_fit(values, gains, increasing=increasing)
   return Rule(method=str(method), score=str(score), edges=step.edges, gains=step.values,
-              increasing=bool(increasing), margin=margin, provenance=dict(provenance or {}))
+              increasing=step.increasing, margin=margin, provenance=dict(provenance or {}))
 
 
 def should_adapt(rule: Rule, scores_: Mapping[str, float]) -> Decision:

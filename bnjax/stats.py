@@ -98,10 +98,12 @@ def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95
 @dataclasses.dataclass(frozen=True)
 class Step:
   """A monotone step function: ``t`` gets the value of the first block whose
-  largest x (``edges``, ascending) is >= t, the last block's beyond."""
+  largest x (``edges``, ascending) is >= t, the last block's beyond;
+  ``increasing`` is the direction it was fitted in."""
 
   edges: tuple[float, ...]
   values: tuple[float, ...]
+  increasing: bool = True
 
   def __call__(self, t):
     edges, values = np.asarray(self.edges), np.asarray(self.values)
@@ -124,16 +126,22 @@ def _kendall_of_resamples(x, y, idx) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def isotonic_fit(x, y, increasing: bool = True) -> Step:
+def isotonic_fit(x, y, increasing: bool | None = True) -> Step:
   """Pool-adjacent-violators: the monotone step function closest to y (least
-  squares) over x (a new point: see :class:`Step`)."""
+  squares) over x (a new point: see :class:`Step`). ``increasing=None``
+  takes the direction of the data: decreasing iff the Spearman correlation
+  of x and y is negative."""
   x, y = np.asarray(x, float), np.asarray(y, float)
   if x.shape != y.shape or x.ndim != 1 or not len(x):
     raise ValueError(f"x and y must be non-empty 1-D arrays of the same length, got {x.shape}, {y.shape}")
   if not (np.isfinite(x).all() and np.isfinite(y).all()):
     raise ValueError("x and y must be finite (drop the NaN pairs first)")
+  if increasing is None:
+    rho = spearman(x, y)
+    increasing = not (np.isfinite(rho) and rho < 0)
+  sign = 1 if increasing else -1
   order = np.argsort(x, kind="mergesort")
-  xs, ys = x[order], y[order] * (1 if increasing else -1)
+  xs, ys = x[order], y[order] * sign
   blocks = []  # [sum, count, x_max]
   for xi, yi in zip(xs, ys):
     blocks.append([yi, 1, xi])
@@ -142,8 +150,8 @@ def isotonic_fit(x, y, increasing: bool = True) -> Step:
       blocks[-1][0] += s
       blocks[-1][1] += c
       blocks[-1][2] = xm
-  sign = 1 if increasing else -1
-  return Step(tuple(float(b[2]) for b in blocks), tuple(float(sign * b[0] / b[1]) for b in blocks))
+  return Step(tuple(float(b[2]) for b in blocks), tuple(float(sign * b[0] / b[1]) for b in blocks),
+              bool(increasing))
 
 
 def group_folds(groups) -> list[tuple[str, np.ndarray, np.ndarray]]:

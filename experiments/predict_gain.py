@@ -182,8 +182,7 @@ def run(config, workdir: str) -> list[dict]:
   if is_train.any() and (~is_train).any():
     for e in ranking:
       x = log_x[e["predictor"]]
-      rho = spearman(x[is_train], iou_ad[is_train])
-      fit = isotonic_fit(x[is_train], iou_ad[is_train], increasing=not rho < 0)
+      fit = isotonic_fit(x[is_train], iou_ad[is_train], increasing=None)
       pred = fit(x[~is_train])
       heldout.append({"predictor": e["predictor"],
                       "test_spearman": spearman(x[~is_train], iou_ad[~is_train]),

@@ -255,22 +255,18 @@ def _score_source(wd, config, plan, model, stacks, i, source, bar, done):
 # Held-out evaluation
 
 
-def _direction(x, y) -> bool:
-  rho = stats.spearman(x, y)
-  return not (np.isfinite(rho) and rho < 0)
-
-
 def heldout(x, gain, iou0, iou1, groups) -> dict:
   """Leave one group out: per fold, isotonic fits of the gain and of the
-  adapted IoU on ``x`` over the training groups, evaluated on the held-out
-  group; the decision adapts iff the predicted gain is > 0."""
+  adapted IoU on ``x`` over the training groups (in the direction of their
+  training Spearman), evaluated on the held-out group; the decision adapts
+  iff the predicted gain is > 0."""
   x, gain, iou0, iou1 = (np.asarray(a, float) for a in (x, gain, iou0, iou1))
   pred_gain, pred_iou = np.empty_like(x), np.empty_like(x)
   mean_gain, mean_iou = np.empty_like(x), np.empty_like(x)
   folds = []
   for g, tr, te in stats.group_folds(groups):
-    pred_gain[te] = stats.isotonic_fit(x[tr], gain[tr], _direction(x[tr], gain[tr]))(x[te])
-    pred_iou[te] = stats.isotonic_fit(x[tr], iou1[tr], _direction(x[tr], iou1[tr]))(x[te])
+    pred_gain[te] = stats.isotonic_fit(x[tr], gain[tr], increasing=None)(x[te])
+    pred_iou[te] = stats.isotonic_fit(x[tr], iou1[tr], increasing=None)(x[te])
     mean_gain[te], mean_iou[te] = gain[tr].mean(), iou1[tr].mean()
     folds.append({"held_out": g, "n_train": int(len(tr)), "n_test": int(len(te))})
   decide = pred_gain > 0
@@ -482,8 +478,7 @@ def report(wd, config, plan, rows, analysis) -> str:
         continue
       x = _column(mrows, p)
       ok = np.isfinite(x)
-      fit = stats.isotonic_fit(x[ok], _column(mrows, "gain")[ok],
-                               _direction(x[ok], _column(mrows, "gain")[ok]))
+      fit = stats.isotonic_fit(x[ok], _column(mrows, "gain")[ok], increasing=None)
       panels[p + (" †" if e["needs_labels"] else "")] = {
           "x": x[ok].tolist(), "y": _column(mrows, "gain")[ok].tolist(),
           "group": [r["family"] for r, k in zip(mrows, ok) if k],

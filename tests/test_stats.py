@@ -84,6 +84,10 @@ def test_isotonic_fit_matches_scipy(increasing):
   assert np.all(np.diff(fit.values) >= 0 if increasing else np.diff(fit.values) <= 0)
   with pytest.raises(ValueError, match="finite"):
     stats.isotonic_fit([0.0, np.nan], [1.0, 2.0])
+  # Without a direction it takes the data's (the sign of the Spearman correlation).
+  auto = stats.isotonic_fit(x, y, increasing=None)
+  assert auto.increasing == (scipy.stats.spearmanr(x, y)[0] >= 0) == increasing
+  np.testing.assert_array_equal(auto(t), fit(t))
 
 
 def test_t_interval_matches_scipy():
