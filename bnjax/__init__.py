@@ -12,9 +12,9 @@ Perlin masks, rendering), ``shifts`` (controlled shifts of a set, severity
 ``adapt`` (BatchNorm adaptation of any Flax model), ``methods`` (TENT,
 histogram matching), ``metrics``, ``inference`` (predictions, stacked
 scores), ``train`` (one loop for K >= 1 models), ``features`` and
-``distances`` (latent spaces and OT), ``stats``, ``selection`` (label-free
-scores of an adaptation), ``checkpoint``, ``workdir`` (the run-directory
-contract of the experiments), ``plots``, ``compiler``, ``progress``,
+``distances`` (latent spaces and OT), ``stats``, ``checkpoint``,
+``selection`` (label-free scores of an adaptation, rules of when to adapt),
+``workdir`` (the run-directory contract of the experiments), ``plots``, ``compiler``, ``progress``,
 ``distributed`` (several processes: start-up, global arrays, gathering) and
 ``launch`` (``python -m bnjax.launch``: several processes on one machine).
 """
@@ -32,8 +32,7 @@ __all__ = [
     # modules
     "adapt", "checkpoint", "compiler", "data", "distances", "distributed", "features",
     "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
-    "shifts",
-    "stacking", "stats", "train", "workdir",
+    "shifts", "stacking", "stats", "train", "workdir",
     # the names most programs need
     "Domain", "UNet", "TrainConfig", "fit", "train_many", "predict", "evaluate_grid",
     "recompute_batch_stats", "recompute_batch_stats_nnx",

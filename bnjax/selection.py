@@ -60,7 +60,8 @@ from bnjax import _batching
 from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
-from bnjax import distances, stats
+from bnjax import distances, metrics, stats
+from bnjax.checkpoint import write_json_atomic
 from bnjax.inference import logits_to_masks
 
 __all__ = ["scores", "KEYS", "pixel_maps", "Rule", "Decision", "fit_rule", "should_adapt"]
@@ -90,17 +91,15 @@ def _maps_of(model, variables, images, batch_size):
 def pixel_maps(model, variables, images, batch_size: int = 64):
   """(confidence float32[n, H, W], entropy float32[n, H, W], predicted
   foreground bool[n, H, W]) of ``model`` in eval mode on float images in [0, 1]."""
-  images = _checks.images(images)
-  batch_size = min(_checks.positive_int("batch_size", batch_size), images.shape[0])
+  return _pixel_maps(model, variables, _checks.images(images),
+                     _checks.positive_int("batch_size", batch_size))
+
+
+def _pixel_maps(model, variables, images, batch_size: int):
+  """:func:`pixel_maps` on checked images and batch size."""
   run = _m.cached(model, ("selection_maps",), lambda: compiler.jit(
       lambda v, x, b: _maps_of(model, v, x, b), static_argnums=(2,)))
-  return tuple(np.asarray(a) for a in run(variables, images, batch_size))
-
-
-def _agreement(a, b) -> float:
-  inter = np.sum(a & b, axis=(1, 2))
-  union = np.sum(a | b, axis=(1, 2))
-  return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+  return tuple(np.asarray(a) for a in run(variables, images, min(batch_size, images.shape[0])))
 
 
 def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
@@ -119,6 +118,7 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
     batch_size: images per forward pass.
   """
   inputs = _checks.images(inputs)
+  batch_size = _checks.positive_int("batch_size", batch_size)
   if adapted_inputs is None:
     adapted_inputs = inputs
   else:
@@ -126,11 +126,11 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
     if adapted_inputs.shape != inputs.shape:
       raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
                        f"got {adapted_inputs.shape}")
-  conf0, ent0, pred0 = pixel_maps(model, variables, inputs, batch_size)
-  conf1, ent1, pred1 = pixel_maps(model, adapted_variables, adapted_inputs, batch_size)
+  conf0, ent0, pred0 = _pixel_maps(model, variables, inputs, batch_size)
+  conf1, ent1, pred1 = _pixel_maps(model, adapted_variables, adapted_inputs, batch_size)
   out = {"confidence_before": float(conf0.mean()), "confidence_after": float(conf1.mean()),
          "entropy_before": float(ent0.mean()), "entropy_after": float(ent1.mean()),
-         "agreement": _agreement(pred0, pred1),
+         "agreement": metrics.iou(pred1, pred0),
          "foreground_change": float(pred1.mean() - pred0.mean())}
   out["confidence_change"] = out["confidence_after"] - out["confidence_before"]
   out["atc"] = out["atc_after"] = out["doc"] = math.nan
@@ -138,7 +138,7 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
     if not isinstance(source_inputs, (tuple, list)) or len(source_inputs) != 2:
       raise ValueError("source_inputs must be a tuple (images, masks) of held-out source data")
     src_x, src_y = _checks.images(*source_inputs)
-    conf_s, _, pred_s = pixel_maps(model, variables, src_x, batch_size)
+    conf_s, _, pred_s = _pixel_maps(model, variables, src_x, batch_size)
     accuracy = float(np.mean(pred_s == np.asarray(src_y)))
     threshold = float(np.quantile(conf_s.astype(np.float64), 1.0 - accuracy))
     out["atc"] = float(np.mean(conf0 > threshold))
@@ -200,10 +200,7 @@ class Rule:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the rule as JSON (atomically)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Rule":

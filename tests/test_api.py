@@ -10,8 +10,8 @@ MODULES = ["adapt", "checkpoint", "compiler", "data", "distances", "distributed"
            "shifts", "stacking", "stats", "train", "workdir"]
 # Each module may import only modules above it in this order (and private ones).
 ORDER = ["launch", "distributed", "compiler", "data", "shifts", "models", "stacking", "adapt",
-         "methods", "metrics", "inference", "train", "features", "distances", "stats", "selection",
-         "checkpoint", "workdir", "plots", "progress"]
+         "methods", "metrics", "inference", "train", "features", "distances", "stats", "checkpoint",
+         "selection", "workdir", "plots", "progress"]
 
 
 def _bnjax_imports(path):
