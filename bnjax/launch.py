@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from bnjax import _checks
+
 __all__ = ["free_port", "launch", "main"]
 
 
@@ -48,11 +50,8 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1,
            env: dict | None = None, out=None, poll_s: float = 0.2) -> int:
   """Runs ``command`` (argv, e.g. ``[sys.executable, "script.py", ...]``) as
   ``processes`` JAX processes; returns 0, or the first failing exit status."""
-  if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-    raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
-  if (isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int)
-      or devices_per_process < 1):
-    raise ValueError(f"devices_per_process must be an integer >= 1, got {devices_per_process!r}")
+  processes = _checks.positive_int("processes", processes)
+  devices_per_process = _checks.positive_int("devices_per_process", devices_per_process)
   if not command:
     raise ValueError("command is empty: give the script and its arguments")
   out = out or sys.stdout

@@ -78,7 +78,9 @@ def kendall(x, y) -> np.ndarray | float:
 def bootstrap_ci(fn, x, y, n: int, rng: np.random.Generator, level: float = 0.95) -> list[float]:
   """Percentile bootstrap interval of ``fn(x, y)`` (``fn`` works along the
   last axis, as :func:`pearson` and :func:`spearman`): ``n`` resamples of the
-  pairs with replacement, evaluated together; NaN resamples are dropped."""
+  pairs with replacement, evaluated together; NaN resamples are dropped.
+  :func:`kendall` is evaluated from each resample's counts instead (the same
+  values, one O(n^2) pass for all resamples)."""
   if n < 1:
     raise ValueError(f"n must be >= 1, got {n}")
   if not 0 < level < 1:

@@ -230,7 +230,7 @@ def _pair_rows(config, plan, model, v, pair, seed, src, index):
 
 def _score_source(wd, config, plan, model, stacks, i, source, bar, done):
   name = f"source_{i:03d}"
-  pairs = [p for p in plan.pairs if p.source == source]
+  pairs = [(k, p) for k, p in enumerate(plan.pairs) if p.source == source]
   found = wd.read_result(name)
   if found is not None:
     bar.update(done + len(pairs) * config.seeds, f"{source} restored", restored=True)
@@ -243,8 +243,8 @@ def _score_source(wd, config, plan, model, stacks, i, source, bar, done):
     src_adapt = data.make_dataset(data.split_key(config.seed + j, source, "adapt"), source,
                                   config.data.n_adapt, config.data.size)
     src = (src_eval, src_adapt, features.extract(model, v, src_eval[0], config.tap))
-    for pair in pairs:
-      rows += _pair_rows(config, plan, model, v, pair, j, src, plan.pairs.index(pair))
+    for index, pair in pairs:
+      rows += _pair_rows(config, plan, model, v, pair, j, src, index)
       done += 1
       bar.update(done, f"{source} seed {j}")
   wd.write_result(name, {"source": str(source), "rows": rows})
@@ -274,8 +274,7 @@ def heldout(x, gain, iou0, iou1, groups) -> dict:
           "mae_gain_of_mean": float(np.mean(np.abs(mean_gain - gain))),
           "mae_iou": float(np.mean(np.abs(pred_iou - iou1))),
           "mae_iou_of_mean": float(np.mean(np.abs(mean_iou - iou1))),
-          "accuracy": float(np.mean(decide == (gain > 0))),
-          "mean_iou": float(np.mean(np.where(decide, iou1, iou0))),
+          **_decisions(decide, gain, iou0, iou1),
           "adapt_rate": float(np.mean(decide)), "folds": folds,
           "predicted_gain": pred_gain.tolist()}
 
@@ -285,10 +284,17 @@ def _column(rows, name):
 
 
 def _baselines(gain, iou0, iou1) -> dict:
+  """Row count, the fraction where adapting helps (= always-adapt's accuracy)
+  and the mean IoU of never / always adapting and of the best choice."""
   return {"n": int(len(gain)), "helped": float(np.mean(gain > 0)),
           "never": float(iou0.mean()), "always": float(iou1.mean()),
-          "best": float(np.maximum(iou0, iou1).mean()),
-          "always_accuracy": float(np.mean(gain > 0))}
+          "best": float(np.maximum(iou0, iou1).mean())}
+
+
+def _decisions(decide, gain, iou0, iou1) -> dict:
+  """Accuracy (adapt where the gain is > 0) and mean IoU obtained by ``decide``."""
+  return {"accuracy": float(np.mean(decide == (gain > 0))),
+          "mean_iou": float(np.mean(np.where(decide, iou1, iou0)))}
 
 
 def _evaluate(rows, predictors, bootstrap: int, rng, intervals: bool = True) -> dict:
@@ -357,16 +363,14 @@ def analyse(rows, config, plan) -> dict:
     ev["families"] = {}
     for f in dict.fromkeys(fam):
       m = fam == f
-      decide = pred[m] > 0
       ev["families"][f] = {**_baselines(gain[m], iou0[m], iou1[m]),
                            "spearman_gain": float(stats.spearman(x[m], gain[m])),
-                           "accuracy": float(np.mean(decide == (gain[m] > 0))),
-                           "mean_iou": float(np.mean(np.where(decide, iou1[m], iou0[m])))}
+                           **_decisions(pred[m] > 0, gain[m], iou0[m], iou1[m])}
     out[method] = ev
   return out
 
 
-def _rule(config, plan, rows, method, evaluation) -> selection.Rule:
+def _rule(config, rows, method, evaluation) -> selection.Rule:
   mrows = [r for r in rows if r["method"] == method]
   chosen = evaluation["chosen"]
   held = {s: {k: evaluation["predictors"][chosen][s][k]
@@ -436,8 +440,8 @@ def report(wd, config, plan, rows, analysis) -> str:
           f"| {f['mae_iou']:.3f} / {s['mae_iou']:.3f} ({f['mae_iou_of_mean']:.3f}) "
           f"| {f['accuracy']:.2f} / {s['accuracy']:.2f} | {f['mean_iou']:.3f} / "
           f"{s['mean_iou']:.3f} |")
-    lines.append(f"| *always adapt* | | | | | | | {b['always_accuracy']:.2f} | {b['always']:.3f} |")
-    lines.append(f"| *never adapt* | | | | | | | {1 - b['always_accuracy']:.2f} | "
+    lines.append(f"| *always adapt* | | | | | | | {b['helped']:.2f} | {b['always']:.3f} |")
+    lines.append(f"| *never adapt* | | | | | | | {1 - b['helped']:.2f} | "
                  f"{b['never']:.3f} |")
     lines.append(f"| *best per pair* | | | | | | | 1.00 | {b['best']:.3f} |")
     lines += ["", f"Per family, the rule's score `{ev['chosen']}` held out (leave one family out):",
@@ -508,7 +512,7 @@ def run(config, workdir: str) -> dict:
     rows += source_rows
   analysis = analyse(rows, config, plan)
   for method, ev in analysis.items():
-    _rule(config, plan, rows, method, ev).save(wd.file(os.path.join("rules", f"{method}.json")))
+    _rule(config, rows, method, ev).save(wd.file(os.path.join("rules", f"{method}.json")))
   text = report(wd, config, plan, rows, analysis)
   print("\n" + text + f"\n({time.perf_counter() - start:.0f} s this run)", flush=True)
   return analysis
