@@ -51,6 +51,11 @@ def spearman(x, y) -> np.ndarray | float:
   return pearson(ranks(x), ranks(y))
 
 
+def _finite(x, y) -> None:
+  if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    raise ValueError("x and y must be finite (drop the NaN pairs first)")
+
+
 def kendall(x, y) -> np.ndarray | float:
   """Kendall's tau-b along the last axis (ties as ``scipy.stats.kendalltau``):
   (concordant - discordant) / sqrt(pairs untied in x * pairs untied in y);
@@ -59,6 +64,7 @@ def kendall(x, y) -> np.ndarray | float:
   x, y = np.asarray(x, float), np.asarray(y, float)
   if x.shape != y.shape:
     raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+  _finite(x, y)
   n = x.shape[-1]
   xs, ys = x.reshape(-1, n), y.reshape(-1, n)
   out = np.empty(len(xs))
@@ -118,6 +124,7 @@ def _kendall_of_resamples(x, y, idx) -> np.ndarray:
   a pair of copies has sign 0 on both sides, so with S = sign(x_i - x_j) the
   tau-b of a resample is w'(Sx Sy)w / sqrt(w'|Sx|w w'|Sy|w) (O(n^2) once,
   then one product per resample)."""
+  _finite(x, y)
   n = len(x)
   w = np.zeros((len(idx), n))
   np.add.at(w, (np.repeat(np.arange(len(idx)), n), idx.ravel()), 1.0)
@@ -136,8 +143,7 @@ def isotonic_fit(x, y, increasing: bool | None = True) -> Step:
   x, y = np.asarray(x, float), np.asarray(y, float)
   if x.shape != y.shape or x.ndim != 1 or not len(x):
     raise ValueError(f"x and y must be non-empty 1-D arrays of the same length, got {x.shape}, {y.shape}")
-  if not (np.isfinite(x).all() and np.isfinite(y).all()):
-    raise ValueError("x and y must be finite (drop the NaN pairs first)")
+  _finite(x, y)
   if increasing is None:
     rho = spearman(x, y)
     increasing = not (np.isfinite(rho) and rho < 0)

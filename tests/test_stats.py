@@ -41,6 +41,12 @@ def test_kendall_matches_scipy_with_ties():
   np.testing.assert_allclose(stats.kendall(rows, y[None].repeat(4, 0)),
                              [scipy.stats.kendalltau(r, y).statistic for r in rows], atol=1e-12)
   assert np.isnan(stats.kendall(np.ones(6), np.arange(6.0)))
+  # A NaN has no sign: refused, not counted as a tie.
+  with pytest.raises(ValueError, match="finite"):
+    stats.kendall([0.0, np.nan, 1.0], [1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match="finite"):
+    stats.bootstrap_ci(stats.kendall, np.array([0.0, np.nan, 1.0]), np.arange(3.0), 10,
+                       np.random.default_rng(0))
 
 
 def test_kendall_bootstrap_is_the_loop_over_resamples():
