@@ -1,7 +1,7 @@
 r"""Cost of BN adaptation relative to one eval-mode forward pass over the same images.
 
     python benchmarks/adapt_cost.py              # width 8, 64x64, 256 target images
-    git show REV:bnjax/adapt.py > /tmp/adapt_rev.py
+    git show REV:src/bnjax/adapt.py > /tmp/adapt_rev.py
     python benchmarks/adapt_cost.py --compare_with=/tmp/adapt_rev.py   # two versions side by side
 
 Times, side by side: one jitted eval-mode forward pass over the target set
@@ -10,7 +10,7 @@ Times, side by side: one jitted eval-mode forward pass over the target set
 pass per BN layer in the worst case), ``"train_pass"`` (batch 32) and
 ``"ema"`` (batch 1, momentum 0.1: the original protocol). Ratios are
 adaptation time / forward time (lower is cheaper). ``--compare_with`` loads
-another version of ``bnjax/adapt.py`` from a file and times its calls
+another version of ``src/bnjax/adapt.py`` from a file and times its calls
 alternating with this version's (ratio = other / this: > 1, this one faster).
 """
 
@@ -79,7 +79,7 @@ def main():
   p.add_argument("--n", type=int, default=256)
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--compare_with", default=None,
-                 help="a file holding another version of bnjax/adapt.py, timed side by side")
+                 help="a file holding another version of src/bnjax/adapt.py, timed side by side")
   a = p.parse_args()
   print_table(run(a.width, a.size, a.n, a.reps, a.compare_with))
 

@@ -43,7 +43,7 @@ def test_every_module_lists_its_public_names():
 
 
 def test_imports_point_one_way(root):
-  folder = os.path.join(root, "bnjax")
+  folder = os.path.join(root, "src", "bnjax")
   for name in ORDER:
     imported = _bnjax_imports(os.path.join(folder, f"{name}.py"))
     assert "experiments" not in imported, name

@@ -28,7 +28,7 @@ def test_small_benchmarks_run(root, capsys):
   check_rows(data_gen.run(n=20, size=16, ref_n=4, reps=1))
   # This version of adapt.py against itself loaded from its file, side by side.
   rows = adapt_cost.run(width=2, size=32, n=8, reps=1,
-                        compare_with=os.path.join(root, "bnjax", "adapt.py"))
+                        compare_with=os.path.join(root, "src", "bnjax", "adapt.py"))
   assert [r["case"].endswith("vs other") for r in rows] == [False, True] * 4
   check_rows(rows)
 
