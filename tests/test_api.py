@@ -50,3 +50,18 @@ def test_imports_point_one_way(root):
     later = set(ORDER[ORDER.index(name) + 1:])
     assert not (imported & later), f"bnjax.{name} imports {imported & later}"
   assert "train" not in _bnjax_imports(os.path.join(folder, "models.py"))
+
+
+def test_a_clone_named_bnjax_does_not_shadow_the_package(root, tmp_path):
+  """A script in the folder that holds a clone named ``bnjax`` imports the
+  package, not the clone folder as an empty namespace package."""
+  import subprocess
+  import sys
+
+  os.symlink(root, tmp_path / "bnjax")
+  proc = subprocess.run([sys.executable, "-c", "import bnjax; print(bnjax.__file__, bnjax.UNet)"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith(os.path.join(root, "src", "bnjax", "__init__.py"))
+  assert "bnjax.models.UNet" in proc.stdout
