@@ -128,8 +128,9 @@ def test_integer_and_0_255_images_are_refused(tiny_data):
       call(as_uint8)
     with pytest.raises(ValueError, match="got values in \\[0, 255\\]"):
       call(as_uint8.astype(np.float32))
-  # The U-Net itself refuses integers, so adaptation of it does too.
-  with pytest.raises(ValueError, match="float images in \\[0, 1\\], got uint8"):
+  # Adaptation of the U-Net checks its images as every entry point does
+  # (tests/test_inputs.py covers the others).
+  with pytest.raises(ValueError, match="convert them to float in \\[0, 1\\]"):
     adapt.recompute_batch_stats(TINY, v, as_uint8)
   # The explicit opt-out for another scale.
   pred = bnjax.predict(TINY, v, as_uint8.astype(np.float32), image_range=None)

@@ -103,16 +103,46 @@ def _image_values(images, name: str, image_range) -> None:
         "another scale")
 
 
+# A rank-3 array whose last axis is at most this long is taken for one image
+# [H, W, C], not for n images [n, H, W] of that width.
+_MAX_CHANNELS = 4
+
+
+def _one_array(values, name: str, want: str):
+  """``values`` as one array: a tuple is refused (it is what several model
+  inputs, or images and masks, look like); a list of equal-shape arrays is
+  stacked, as ``np.stack`` would."""
+  if isinstance(values, tuple):
+    raise ValueError(
+        f"{name} must be one {want}, got a tuple of {len(values)}; pass the images "
+        "alone (never their masks), or np.stack a sequence of images into one array")
+  if isinstance(values, list) and values and all(hasattr(v, "shape") for v in values):
+    shapes = sorted({tuple(np.shape(v)) for v in values})
+    if len(shapes) != 1:
+      raise ValueError(f"{name} is a list of arrays of different shapes {shapes}: stack "
+                       f"images of one shape into one array {want}")
+  return jnp.asarray(values)
+
+
 def images(images, masks=None, *, name: str = "images", image_range=UNIT_RANGE,
            stacked: bool = False):
   """Validates ``float[n, H, W, C]`` images (``[n, H, W]`` gets a channel),
   or with ``stacked`` a ``float[K, n, H, W, C]`` stack, and optional masks of
-  the same ``n, H, W``. Returns float32 images and bool masks (jax arrays)."""
-  images = jnp.asarray(images)
+  the same ``n, H, W``. Returns float32 images and bool masks (jax arrays).
+
+  A list of equal-shape arrays is stacked; a tuple is refused (images and
+  masks passed together look like that); one image ``[H, W, C]`` (a rank-3
+  array whose last axis has at most 4 entries) is refused with the hint to
+  pass ``images[None]``."""
   rank = 5 if stacked else 4
+  want = "float[K, n, H, W, C] stack" if stacked else "float[n, H, W, C] (or [n, H, W]) array"
+  images = _one_array(images, name, want)
+  if not stacked and images.ndim == 3 and images.shape[-1] <= _MAX_CHANNELS:
+    raise ValueError(
+        f"{name} must be a set of images, one {want}; shape {images.shape} looks like one image "
+        f"[H, W, C]: pass {name}[None] for a set of one")
   if images.ndim == rank - 1:
     images = images[..., None]
-  want = "float[K, n, H, W, C] stack" if stacked else "float[n, H, W, C] (or [n, H, W]) array"
   if images.ndim != rank or 0 in images.shape[:rank - 3]:
     raise ValueError(f"{name} must be a non-empty {want}, got shape {images.shape}")
   _image_values(images, name, image_range)
@@ -143,11 +173,33 @@ def mask_array(masks, name: str = "masks") -> jax.Array:
   return masks.astype(bool)
 
 
-def inputs(values, lead: int = 1, name: str = "inputs") -> tuple:
+def image_range_of(model, image_range):
+  """The range a model's inputs are checked against: ``image_range``, or with
+  ``"auto"`` the range the model's class declares as ``IMAGE_RANGE`` (bnjax's
+  U-Net: [0, 1]), None (inputs of any kind) for models that declare none."""
+  if isinstance(image_range, str):
+    if image_range != "auto":
+      raise ValueError(f"image_range must be 'auto', None or (low, high), got {image_range!r}")
+    return getattr(type(model), "IMAGE_RANGE", None)
+  if image_range is not None and (len(tuple(image_range)) != 2
+                                  or not float(image_range[0]) < float(image_range[1])):
+    raise ValueError(f"image_range must be 'auto', None or (low, high) with low < high, got "
+                     f"{image_range!r}")
+  return image_range
+
+
+def inputs(values, lead: int = 1, name: str = "inputs", image_range=None) -> tuple:
   """``values`` (an array or a tuple of arrays) as a tuple of arrays sharing
   their ``lead`` leading axes, none of them empty, without NaN or infinite
   values (checked only where the values are concrete). For models of any
-  kind: integer inputs (token ids) are allowed."""
+  kind: integer inputs (token ids) are allowed, a list is a tuple of inputs.
+
+  With ``image_range`` (a model of images, :func:`image_range_of`) the inputs
+  are one set of images checked as every image entry point checks them
+  (:func:`images`: float, in range, a channel added to ``[n, H, W]``, one
+  image or a tuple refused)."""
+  if image_range is not None:
+    return (images(values, name=name, image_range=image_range, stacked=lead == 2),)
   arrays = tuple(values) if isinstance(values, (tuple, list)) else (values,)
   if not arrays:
     raise ValueError(f"{name} must be an array or a non-empty tuple of arrays")

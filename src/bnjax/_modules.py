@@ -102,11 +102,29 @@ def apply_kwargs(model, kwargs, n_inputs: int, name: str = "apply_kwargs") -> di
   return kwargs
 
 
+def _positional_capacity(fn, kwargs: dict) -> int | None:
+  """How many positional inputs ``fn`` takes after ``self`` besides ``kwargs``
+  (None: any number)."""
+  params = list(signature(fn).parameters.values())[1:]
+  if any(p.kind is p.VAR_POSITIONAL for p in params):
+    return None
+  return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in kwargs
+             for p in params)
+
+
 def check_call(fn, self, n_inputs: int, kwargs: dict, name: str):
   """ValueError naming ``name`` unless ``fn(self, *inputs, **kwargs)`` binds."""
   try:
     signature(fn).bind(self, *range(n_inputs), **kwargs)
   except TypeError as e:
+    capacity = _positional_capacity(fn, kwargs)
+    if capacity is not None and n_inputs > capacity:
+      raise ValueError(
+          f"the inputs hold {n_inputs} arrays (a tuple or a list is read as that many "
+          f"positional inputs), and {type(self).__name__}."
+          f"{getattr(fn, '__name__', 'method')}{call_signature(fn)} takes {capacity} besides "
+          f"{name} {sorted(kwargs)}: pass one array [n, ...] for a model of one input "
+          "(np.stack a list of examples; never their labels)") from None
     raise ValueError(
         f"{name} {sorted(kwargs)} with {n_inputs} input(s) do not fit "
         f"{type(self).__name__}.{getattr(fn, '__name__', 'method')}{call_signature(fn)}: "

@@ -531,7 +531,7 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
                           layers: str | Iterable[str] | Callable | None = None,
                           stats: Stats = "both", apply_kwargs: Mapping | None = None,
                           is_batch_norm: Callable[[nn.Module], bool] | None = None,
-                          prior: float | None = None) -> dict:
+                          prior: float | None = None, image_range="auto") -> dict:
   """Adapts the BatchNorm statistics of ``variables`` to ``inputs``.
 
   Args:
@@ -557,13 +557,20 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
       takes ``train``, else ``{}``).
     is_batch_norm: predicate on a bound module overriding which modules are
       BatchNorm layers (default: those owning ``batch_stats`` mean and var).
+    image_range: ``"auto"``: a model whose class declares ``IMAGE_RANGE``
+      (bnjax's :class:`~bnjax.models.UNet`: [0, 1]) gets its inputs checked
+      as one set of images, as :func:`bnjax.predict` checks them (float, in
+      that range, ``[n, H, W]`` given a channel, one image or an
+      ``(images, masks)`` tuple refused); other models take inputs of any
+      kind. ``(low, high)`` checks images against that range, None checks
+      no range.
 
   Returns:
     New variables: the same ``params`` object (untouched) and a new
     ``batch_stats`` collection.
   """
   _check_options(mode, batch_size, momentum, alpha, stats)
-  inputs = _checks.inputs(inputs, lead=1)
+  inputs = _checks.inputs(inputs, lead=1, image_range=_checks.image_range_of(model, image_range))
   alpha = _prior_alpha(alpha, prior, inputs[0].shape[0])
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   paths = _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None)
@@ -579,13 +586,13 @@ def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, 
                                   layers=None, stats: Stats = "both",
                                   apply_kwargs: Mapping | None = None,
                                   is_batch_norm=None, strategy: str = "auto",
-                                  prior: float | None = None) -> dict:
+                                  prior: float | None = None, image_range="auto") -> dict:
   """:func:`recompute_batch_stats` for P pairs at once: every leaf of
   ``variables`` and of ``inputs`` (``[P, n, ...]``, or a tuple of such) has a
   leading axis P; pair i adapts model i to input set i. ``strategy`` is how
   the pairs are mapped (:mod:`bnjax.stacking`)."""
   _check_options(mode, batch_size, momentum, alpha, stats)
-  inputs = _checks.inputs(inputs, lead=2)
+  inputs = _checks.inputs(inputs, lead=2, image_range=_checks.image_range_of(model, image_range))
   alpha = _prior_alpha(alpha, prior, inputs[0].shape[1])
   kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
   if not _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None):
@@ -743,7 +750,7 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
                               layers: str | Iterable[str] | Callable | None = None,
                               stats: Stats = "both", call_kwargs: Mapping | None = None,
                               is_batch_norm: Callable | None = None,
-                              prior: float | None = None):
+                              prior: float | None = None, image_range="auto"):
   """:func:`recompute_batch_stats` for a Flax NNX module.
 
   Returns a new module whose ``nnx.BatchStat`` ``mean``/``var`` are adapted and
@@ -760,7 +767,7 @@ def recompute_batch_stats_nnx(module, inputs, mode: Mode = "exact",
   if not isinstance(module, nnx.Module):
     raise ValueError(f"module must be an nnx.Module, got {type(module).__name__}")
   _check_options(mode, batch_size, momentum, alpha, stats)
-  inputs = _checks.inputs(inputs, lead=1)
+  inputs = _checks.inputs(inputs, lead=1, image_range=_checks.image_range_of(module, image_range))
   alpha = _prior_alpha(alpha, prior, inputs[0].shape[0])
   if call_kwargs is not None and not isinstance(call_kwargs, Mapping):
     raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")

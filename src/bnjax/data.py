@@ -49,6 +49,9 @@ class Domain:
   Attributes:
     mu1, sigma1: mean and standard deviation of background (class 0) pixels.
     mu2, sigma2: mean and standard deviation of foreground (mask) pixels.
+
+  Means lie in [0, 255], standard deviations are >= 0; four values that all
+  lie in (0, 1] are refused as the 0-1 scale given by mistake.
   """
 
   mu1: float
@@ -70,6 +73,12 @@ class Domain:
       if name.startswith("sigma") and value < 0.0:
         raise ValueError(f"Domain.{name} must be >= 0, got {value}")
       object.__setattr__(self, name, value)
+    values = (self.mu1, self.sigma1, self.mu2, self.sigma2)
+    if 0.0 < max(values) <= 1.0:
+      scaled = ", ".join(f"{255 * v:g}" for v in values)
+      raise ValueError(
+          f"Domain values are on the 0-255 scale; {values} all lie in [0, 1] (the 0-1 "
+          f"scale?), which renders nearly black images: multiply by 255, Domain({scaled})")
 
   def to_json(self) -> dict[str, float]:
     """``{"mu1": ..., "sigma1": ..., "mu2": ..., "sigma2": ...}``, as run

@@ -177,7 +177,7 @@ def _runner(model, reads: tuple, kw: _m.Kwargs, per_image: bool, stacked: bool, 
 def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
             pre_activation: bool = False, per_image: bool = False,
             batch_size: int = 64, stacked: bool = False, strategy: str = "auto",
-            apply_kwargs=None) -> np.ndarray:
+            apply_kwargs=None, image_range="auto") -> np.ndarray:
   """Features at ``tap`` (a sown level, before (``pre_activation=True``) or
   after its last ReLU; or one module path; see the module docstring).
 
@@ -186,10 +186,11 @@ def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
   ``stacked=True``, ``variables`` carry a leading model axis K, ``images`` are
   shared [n, H, W, C] or per model [K, n, H, W, C], and the result is
   [K, N, C]. ``images`` may be any inputs (an array ``[n, ...]`` or a tuple)
-  and ``apply_kwargs`` are as in :func:`bnjax.adapt.recompute_batch_stats`.
+  and ``apply_kwargs`` and ``image_range`` are as in
+  :func:`bnjax.adapt.recompute_batch_stats`.
   """
   out = extract_all(model, variables, images, [tap], pre_activation, per_image,
-                    batch_size, stacked, strategy, apply_kwargs)
+                    batch_size, stacked, strategy, apply_kwargs, image_range)
   if len(out) != 1:
     raise ValueError(f"tap={tap!r} matches {len(out)} modules {list(out)}; pass one path, "
                      "or use extract_all for several")
@@ -198,7 +199,8 @@ def extract(model: nn.Module, variables, images, tap: str = "bottleneck",
 
 def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: bool = False,
                 per_image: bool = False, batch_size: int = 64, stacked: bool = False,
-                strategy: str = "auto", apply_kwargs=None) -> dict[str, np.ndarray]:
+                strategy: str = "auto", apply_kwargs=None,
+                image_range="auto") -> dict[str, np.ndarray]:
   """``{name: features}`` for several taps from one forward pass per batch.
 
   ``taps`` defaults to every sown level, or ``["bn_inputs"]`` for a model
@@ -206,6 +208,10 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   """
   _checks.positive_int("batch_size", batch_size)
   first = stacking.tree_index(variables, 0) if stacked else variables
+  image_range = _checks.image_range_of(model, image_range)
+  if image_range is not None:  # one set of images, checked as every image entry point does
+    images = _checks.images(images, image_range=image_range,
+                            stacked=stacked and jnp.ndim(images) == 5)
   inputs = tuple(images) if isinstance(images, (tuple, list)) else (images,)
   per_model = stacked and len(inputs) == 1 and jnp.ndim(inputs[0]) == 5
   check = _checks.inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images")

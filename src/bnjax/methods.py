@@ -96,7 +96,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
          learning_rate: float = 1e-3, batch_size: int | None = None, episodic: bool = False,
          key: jax.Array, optimizer: optax.GradientTransformation | None = None,
          apply_kwargs: Mapping | None = None, is_batch_norm: Callable | None = None,
-         stats_batch_size: int | None = None) -> dict:
+         stats_batch_size: int | None = None, image_range="auto") -> dict:
   """TENT: entropy minimisation on unlabelled inputs over the BatchNorm scale and bias.
 
   Every step takes a batch of ``batch_size`` inputs, runs the model with each
@@ -135,11 +135,14 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
     optimizer: an optax transformation instead of Adam.
     apply_kwargs, is_batch_norm: as in :func:`bnjax.adapt.recompute_batch_stats`.
     stats_batch_size: inputs per forward pass of the final statistics.
+    image_range: as in :func:`bnjax.adapt.recompute_batch_stats` (``"auto"``:
+      the images of bnjax's U-Net must lie in [0, 1]).
   """
   _checks.key(key)
   steps = _checks.positive_int("steps", steps)
   lr = _checks.number("learning_rate", learning_rate)
-  inputs = _checks.inputs(inputs, lead=1)
+  image_range = _checks.image_range_of(model, image_range)
+  inputs = _checks.inputs(inputs, lead=1, image_range=image_range)
   n = inputs[0].shape[0]
   batch_size = min(64, n) if batch_size is None else _checks.positive_int("batch_size",
                                                                           batch_size)
@@ -169,7 +172,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   theta = run(dict(variables), inputs, arrays, idx, jnp.float32(lr))
   flat = traverse_util.flatten_dict(variables["params"])
   options = dict(mode="exact", batch_size=stats_batch_size, apply_kwargs=apply_kwargs,
-                 is_batch_norm=is_batch_norm)
+                 is_batch_norm=is_batch_norm, image_range=None)  # inputs checked above
   if not episodic:
     params = traverse_util.unflatten_dict({**flat, **theta})
     return _adapt.recompute_batch_stats(model, {**variables, "params": params}, inputs,

@@ -359,7 +359,13 @@ class UNet(nn.Module):
       :func:`batch_norm_relu`, one custom gradient) or ``"flax"``
       (``nn.BatchNorm`` then ``nn.relu``): the same function, variables and
       running-average updates; evaluation always uses ``nn.BatchNorm``.
+
+  ``IMAGE_RANGE`` (a class constant, not a field): the range its input images
+  are checked against by every bnjax entry point (training, prediction,
+  adaptation, TENT, features).
   """
+
+  IMAGE_RANGE = (0.0, 1.0)
 
   features: int = 64
   depth: int = 4
@@ -378,7 +384,11 @@ class UNet(nn.Module):
     """The study's reference network (31.0 M parameters)."""
     return cls(**{"features": 64, "depth": 4, **overrides})
 
-  def _check(self, x):
+  def check(self, image_shape=None) -> None:
+    """ValueError naming the attribute for an option outside its allowed
+    values, or, given ``image_shape`` (H, W, C) or (H, W), for image sides
+    that the ``depth`` down-samplings cannot halve. Called on every forward
+    pass; callable up front (a config, before any data or training)."""
     for name, value, allowed in (("norm", self.norm, NORMS),
                                  ("down", self.down, DOWNS),
                                  ("up", self.up, UPS),
@@ -391,17 +401,22 @@ class UNet(nn.Module):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"UNet.{name} must be an integer >= 1, got {value!r}")
+    if image_shape is not None:
+      step = 2 ** self.depth
+      h, w = image_shape[:2]
+      if h % step or w % step:
+        raise ValueError(
+            f"input sides {h}x{w} must be divisible by 2**depth = {step} (depth={self.depth})")
+
+  def _check(self, x):
+    self.check()
     if x.ndim != 4:
       raise ValueError(f"input must be float[n, H, W, C], got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(
           f"input must be float images in [0, 1], got {x.dtype}; convert first, e.g. "
           "x.astype(np.float32) / 255 for 8-bit images")
-    step = 2 ** self.depth
-    if x.shape[1] % step or x.shape[2] % step:
-      raise ValueError(
-          f"input sides {x.shape[1]}x{x.shape[2]} must be divisible by "
-          f"2**depth = {step} (depth={self.depth})")
+    self.check(x.shape[1:])
 
   @nn.compact
   def __call__(self, x, train: bool = False):
