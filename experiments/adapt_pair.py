@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 import bnjax
+from bnjax import config as cfg
 from bnjax import data, metrics, models, plots, train
 from bnjax.adapt import recompute_batch_stats
 from bnjax.progress import Progress
@@ -31,6 +32,33 @@ from bnjax.workdir import Workdir, main
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "adapt_pair.py")
 COLUMNS = ("image", "ground truth", "no adaptation", "BN adapted", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A config resolved and checked whole (:func:`plan_of`), before anything
+  is written or trained."""
+
+  source: data.Domain
+  targets: list
+  model: models.UNet
+  train: train.TrainConfig
+  adapt: dict
+
+
+def plan_of(config) -> Plan:
+  """Every value of ``config`` checked by the code that uses it; a
+  :class:`bnjax.config.ConfigError` naming the key otherwise."""
+  cfg.positive_int(config.seed, "seed", minimum=0)
+  size = cfg.image_size(config.data.size)
+  for name in ("n_train", "n_eval", "n_adapt"):
+    cfg.positive_int(config.data[name], f"data.{name}")
+  cfg.choice(config.data.kind, data.RENDER_KINDS, "data.kind")
+  cfg.unit_interval(config.empty_iou, "empty_iou")
+  return Plan(cfg.domain(config.source, "source"), cfg.domains(config.targets, "targets"),
+              cfg.unet(config.model, image_size=size),
+              cfg.train_config(config.train, n_images=config.data.n_train, seed=config.seed),
+              cfg.adapt_options(config.adapt))
 
 
 def _data(config, domain: data.Domain, split: str, n: int):
@@ -102,17 +130,9 @@ def table(results) -> str:
 def run(config, workdir: str) -> dict:
   """Runs the study of ``config`` into ``workdir``; returns the results."""
   start = time.perf_counter()
-  source = data.Domain.from_json(config.source)
-  targets = [data.Domain.from_json(t) for t in config.targets]
-  if not targets:
-    raise ValueError("config.targets must name at least one target domain")
-  for name in ("n_train", "n_eval", "n_adapt", "size"):
-    if config.data[name] < 1:
-      raise ValueError(f"config.data.{name} must be >= 1, got {config.data[name]}")
+  plan = plan_of(config)
   wd = Workdir.open(workdir, "adapt_pair", config)
-  model = models.UNet(features=config.model.features, depth=config.model.depth)
-  train_settings = dict(config.train)
-  base = train.TrainConfig(**train_settings, seed=config.seed)
+  source, targets, model, base = plan.source, plan.targets, plan.model, plan.train
   iou = lambda pred, masks: metrics.iou(pred, masks, empty=config.empty_iou)
   size = config.data.size
 
@@ -141,8 +161,7 @@ def run(config, workdir: str) -> dict:
                 else _data(config, target, "adapt", config.data.n_adapt)[0])
     pred_none = bnjax.predict(model, src_vars, xt_eval)
     tic = time.perf_counter()
-    adapted = recompute_batch_stats(model, src_vars, xt_adapt, mode=config.adapt.mode,
-                                    batch_size=config.adapt.batch_size)
+    adapted = recompute_batch_stats(model, src_vars, xt_adapt, **plan.adapt)
     jax.block_until_ready(adapted)
     adapt_seconds = time.perf_counter() - tic
     pred_adapt = bnjax.predict(model, adapted, xt_eval)

@@ -44,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import adapt, data, inference, methods, metrics, models, plots, shifts, stats, train
+from bnjax import config as cfg
 from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, config_ints, config_names, main
+from bnjax.workdir import Workdir, main
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "benchmark.py")
@@ -72,23 +73,41 @@ FIELDS = ("variant", "shift", "family", "severity", "method", "seed", "iou", "di
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+  """A config resolved and checked whole (:func:`plan_of`)."""
+
   variants: list
   shifts: list
   severities: list
   methods: list
+  source: data.Domain
+  models: dict    # variant -> its UNet
+  train: dict     # variant -> its TrainConfig (its loss)
+  adapt: dict     # recompute_batch_stats options (batch_size, prior)
+  tent: dict      # methods.tent options
 
 
 def plan_of(config) -> Plan:
-  """The checked lists of a config."""
-  if config.seeds < 1:
-    raise ValueError(f"config.seeds must be >= 1 (3 or more for intervals), got {config.seeds}")
-  methods_ = config_names(config.methods, METHODS, "methods")
+  """Every value of ``config`` checked by the code that uses it, before
+  anything is written or trained; a :class:`bnjax.config.ConfigError`
+  naming the key otherwise."""
+  cfg.positive_int(config.seeds, "seeds")
+  cfg.positive_int(config.seed, "seed", minimum=0)
+  methods_ = cfg.names(config.methods, METHODS, "methods")
   if "none" not in methods_:
     methods_.insert(0, "none")  # the baseline every finding is measured against
-  return Plan(config_names(config.variants, VARIANTS, "variants"),
-              config_names(config.shifts, shifts.SHIFTS, "shifts"),
-              config_ints(config.severities, 1, 5, "severities",
-                          " (severity 0, the source, is always scored)"), methods_)
+  variants = cfg.names(config.variants, VARIANTS, "variants")
+  size = cfg.image_size(config.data.size)
+  for name in ("n_train", "n_eval", "n_adapt"):
+    cfg.positive_int(config.data[name], f"data.{name}")
+  cfg.strategy(config.strategy)
+  return Plan(variants, cfg.names(config.shifts, shifts.SHIFTS, "shifts"),
+              cfg.ints(config.severities, 1, 5, "severities",
+                       " (severity 0, the source, is always scored)"), methods_,
+              cfg.domain(config.source, "source"),
+              {v: cfg.unet(config.model, image_size=size, **VARIANTS[v][0]) for v in variants},
+              {v: cfg.train_config(config.train, n_images=config.data.n_train,
+                                   loss=VARIANTS[v][1], seed=config.seed) for v in variants},
+              cfg.adapt_options(config.adapt), cfg.tent_options(config.tent))
 
 
 def _source_sets(config, source: data.Domain, split: str, n: int):
@@ -114,11 +133,7 @@ def _scores(model, variables, images, masks, strategy):
   return np.asarray(iou), np.asarray(dice)
 
 
-def _train_config(config, loss: str, seed: int) -> train.TrainConfig:
-  return train.TrainConfig(**dict(config.train), loss=loss, seed=seed)
-
-
-def _train_stack(wd, config, model, loss, name, images, masks):
+def _train_stack(wd, config, plan, variant, name, images, masks):
   """The stack of ``config.seeds`` models trained on ``images[S]``, restored
   from ``checkpoints/<name>`` when it is there."""
   found = wd.load_model(name, seeds=config.seeds)
@@ -127,17 +142,18 @@ def _train_stack(wd, config, model, loss, name, images, masks):
     return found[0]
   print(f"[{name}] training {images.shape[0]} models on {images.shape[1]} images each",
         flush=True)
-  variables, _ = train.train_many(model, images, masks, _train_config(config, loss, config.seed),
+  variables, _ = train.train_many(plan.models[variant], images, masks, plan.train[variant],
                                   strategy=config.strategy)
   variables = jax.device_get(variables)
   wd.save_model(name, variables, seeds=config.seeds)
   return variables
 
 
-def _cell_methods(wd, config, plan, variant, model, loss, sources, shift, severities):
+def _cell_methods(wd, config, plan, variant, sources, shift, severities):
   """Rows of every method on (shift, each severity) for every seed: the P =
   severities x seeds pairs of each method are one stacked call."""
   src_v, src_eval, src_adapt, src_train = sources
+  model = plan.models[variant]
   s = config.seeds
   if shift is None:  # the source itself, severity 0
     eval_x, eval_y, adapt_x = src_eval[0], src_eval[1], src_adapt[0]
@@ -159,15 +175,16 @@ def _cell_methods(wd, config, plan, variant, model, loss, sources, shift, severi
     if method == "none":
       out[method] = _scores(model, v, eval_x, eval_y, config.strategy)
     elif method in ("adabn", "adabn_prior"):
-      prior = config.adapt.prior if method == "adabn_prior" else None
+      prior = plan.adapt["prior"] if method == "adabn_prior" else None
       v_ad = adapt.recompute_batch_stats_stacked(model, v, adapt_x, mode="exact",
-                                                 batch_size=config.adapt.batch_size,
+                                                 batch_size=plan.adapt["batch_size"],
                                                  prior=prior, strategy=config.strategy)
       out[method] = _scores(model, v_ad, eval_x, eval_y, config.strategy)
     elif method == "tent":
       adapted = [methods.tent(model, jax.tree_util.tree_map(lambda a: a[p], v), adapt_x[p],
-                              steps=config.tent.steps, learning_rate=config.tent.learning_rate,
-                              batch_size=min(config.tent.batch_size, adapt_x.shape[1]),
+                              steps=plan.tent["steps"],
+                              learning_rate=plan.tent["learning_rate"],
+                              batch_size=min(plan.tent["batch_size"], adapt_x.shape[1]),
                               key=data.named_key(config.seed + int(seed_of[p]), "tent", shift,
                                                  severities[p // s]))
                  for p in range(len(seed_of))]
@@ -184,8 +201,8 @@ def _cell_methods(wd, config, plan, variant, model, loss, sources, shift, severi
         stacks = []
         for sev in severities:
           tx, ty = _shifted(config, shift, sev, "train", *src_train)
-          stacks.append(_train_stack(wd, config, model, loss, f"oracle_{variant}_{shift}_{sev}",
-                                     tx, ty))
+          stacks.append(_train_stack(wd, config, plan, variant,
+                                     f"oracle_{variant}_{shift}_{sev}", tx, ty))
         oracle = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *stacks)
       out[method] = _scores(model, oracle, eval_x, eval_y, config.strategy)
   family = "source" if shift is None else shifts.family_of(shift)
@@ -195,11 +212,10 @@ def _cell_methods(wd, config, plan, variant, model, loss, sources, shift, severi
           for m, (iou, dice) in out.items() for p in range(len(seed_of))]
 
 
-def _run_variant(wd, config, plan, variant, source, bar, done):
-  options, loss = VARIANTS[variant]
-  model = models.UNet(features=config.model.features, depth=config.model.depth, **options)
+def _run_variant(wd, config, plan, variant, bar, done):
+  source = plan.source
   src_train = _source_sets(config, source, "train", config.data.n_train)
-  src_v = _train_stack(wd, config, model, loss, variant, *src_train)
+  src_v = _train_stack(wd, config, plan, variant, variant, *src_train)
   sources = (src_v, _source_sets(config, source, "eval", config.data.n_eval),
              _source_sets(config, source, "adapt", config.data.n_adapt), src_train)
   rows = []
@@ -211,8 +227,7 @@ def _run_variant(wd, config, plan, variant, source, bar, done):
       done += 1
       bar.update(done, f"{name} restored", restored=True)
       continue
-    cell = _cell_methods(wd, config, plan, variant, model, loss, sources, shift,
-                         plan.severities)
+    cell = _cell_methods(wd, config, plan, variant, sources, shift, plan.severities)
     wd.write_result(name, {"rows": cell})
     rows += cell
     done += 1
@@ -255,7 +270,7 @@ def _methods_of(iou, variant, plan):
 def report(wd, config, plan, rows) -> str:
   """Writes the tables and figures of ``rows``; returns the Markdown."""
   iou, dice = _table(rows)
-  source = data.Domain.from_json(config.source)
+  source = plan.source
   lines = [f"# Shift benchmark ({config.preset}): source {source}, {config.seeds} seeds, "
            f"{config.data.size}x{config.data.size}, width {config.model.features}", "",
            "IoU, mean ± half-width of the 95 % t-interval over seeds (per-image mean IoU on "
@@ -337,7 +352,6 @@ def report(wd, config, plan, rows) -> str:
 def run(config, workdir: str) -> list[dict]:
   """Runs the benchmark of ``config`` into ``workdir``; returns every row."""
   plan = plan_of(config)
-  source = data.Domain.from_json(config.source)
   wd = Workdir.open(workdir, "benchmark", config)
   start = time.perf_counter()
   cells = len(plan.variants) * (1 + len(plan.shifts))
@@ -347,7 +361,7 @@ def run(config, workdir: str) -> list[dict]:
   bar = Progress(cells, "(variant, shift) cells")
   rows, done = [], 0
   for variant in plan.variants:
-    variant_rows, done = _run_variant(wd, config, plan, variant, source, bar, done)
+    variant_rows, done = _run_variant(wd, config, plan, variant, bar, done)
     rows += variant_rows
   text = report(wd, config, plan, rows)
   print("\n" + text + f"\n({time.perf_counter() - start:.0f} s this run)", flush=True)

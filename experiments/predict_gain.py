@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from bnjax import adapt, data, distances, features, models, plots
+from bnjax import config as cfg
 from bnjax.progress import Progress
 from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
 from bnjax.workdir import Workdir, main
@@ -75,6 +76,25 @@ def load_sweep(sweep_dir):
   return wd.config, [data.Domain.from_json(d) for d in index["domains"]], stacked, results
 
 
+def plan_of(config):
+  """(sweep workdir, model, taps) of ``config``, every value checked before
+  anything is read at length or written; a :class:`bnjax.config.ConfigError`
+  naming the key otherwise."""
+  if not config.sweep_dir:
+    raise cfg.ConfigError("config.sweep_dir must name the workdir of experiments/sweep.py")
+  sweep = cfg.value("sweep_dir", Workdir.read, config.sweep_dir, "sweep")
+  for name in ("max_rows", "sinkhorn_points", "bootstrap"):
+    cfg.positive_int(config[name], name)
+  cfg.positive_int(config.seed, "seed", minimum=0)
+  size = sweep.config["data"]["size"]
+  model = models.UNet(**sweep.config["model"])
+  taps = cfg.taps(config.taps, model, size)
+  if config.hist_tap not in taps:
+    raise cfg.ConfigError(f"config.hist_tap must be one of the taps used, {tuple(taps)}, got "
+                          f"{config.hist_tap!r}")
+  return sweep, model, taps
+
+
 def layer_sum(d: dict) -> float:
   return float(sum(d.values()))
 
@@ -82,17 +102,13 @@ def layer_sum(d: dict) -> float:
 def run(config, workdir: str) -> list[dict]:
   """Relates every predictor to the gains of the sweep in ``config.sweep_dir``;
   writes into ``workdir``; returns the ranking."""
-  if not config.sweep_dir:
-    raise ValueError("config.sweep_dir must name the workdir of experiments/sweep.py")
   start = time.perf_counter()
+  _, model, taps = plan_of(config)
   sweep, domains, stacked, results = load_sweep(config.sweep_dir)
   wd = Workdir.open(workdir, "predict_gain", config)
   out = wd.path
-  model = models.UNet(features=sweep["model"]["features"], depth=sweep["model"]["depth"])
   size = sweep["data"]["size"]
   position = {d: i for i, d in enumerate(domains)}
-  taps = list(config.taps) or features.available_taps(
-      model, jax.tree_util.tree_map(lambda a: a[0], stacked), (size, size, 1))
   key = jax.random.key(config.seed)
 
   def dataset(d, split, n):
@@ -195,7 +211,7 @@ def run(config, workdir: str) -> list[dict]:
   # Collapse per tap (fraction of per-image feature dimensions constant across
   # the source's own images), and channel histograms of two telling pairs.
   wd.write_result("collapse", collapse)
-  hist_tap = config.hist_tap if config.hist_tap in taps else taps[len(taps) // 2]
+  hist_tap = config.hist_tap
   chosen = {"largest_gain": max(range(len(rows)), key=lambda i: rows[i]["gain"]),
             "lowest_iou_adapted": min(range(len(rows)), key=lambda i: rows[i]["iou_adapted"])}
   for label, i in chosen.items():

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax import config as cfg
 from bnjax import data, inference, models, plots, train
 from bnjax.progress import Progress
 from bnjax.workdir import Workdir, main
@@ -48,6 +49,33 @@ class Group:
   layout: str = "matrix"  # or "sigma_panels" (one source, many targets)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A config resolved and checked whole (:func:`plan_of`)."""
+
+  groups: list
+  model: models.UNet
+  train: train.TrainConfig
+  adapt: dict
+
+
+def plan_of(config) -> Plan:
+  """Every value of ``config`` checked by the code that uses it, before
+  anything is written or trained; a :class:`bnjax.config.ConfigError`
+  naming the key otherwise."""
+  cfg.positive_int(config.seed, "seed", minimum=0)
+  groups = groups_of(config)
+  size = cfg.image_size(config.data.size)
+  for name in ("n_train", "n_eval", "n_adapt"):
+    cfg.positive_int(config.data[name], f"data.{name}")
+  for name in ("chunk", "pair_chunk"):
+    cfg.positive_int(config[name], name)
+  cfg.strategy(config.strategy)
+  return Plan(groups, cfg.unet(config.model, image_size=size),
+              cfg.train_config(config.train, n_images=config.data.n_train, seed=config.seed),
+              cfg.adapt_options(config.adapt))
+
+
 def parse_values(text: str, name: str) -> list[float]:
   """``"10,30,50"`` or a range ``"10:170:20"`` (inclusive stop) -> floats."""
   text = str(text).strip()
@@ -61,8 +89,8 @@ def parse_values(text: str, name: str) -> list[float]:
       return [start + i * step for i in range(max(count, 0))]
     return [float(p) for p in text.split(",") if p.strip()]
   except ValueError:
-    raise ValueError(f"config.custom.{name} must be a list 'a,b,c' or a range "
-                     f"'start:stop:step' (step > 0), got {text!r}") from None
+    raise cfg.ConfigError(f"config.custom.{name} must be a list 'a,b,c' or a range "
+                          f"'start:stop:step' (step > 0), got {text!r}") from None
 
 
 def groups_of(config) -> list[Group]:
@@ -72,17 +100,19 @@ def groups_of(config) -> list[Group]:
     mu1s, deltas = parse_values(c.mu1, "mu1"), parse_values(c.delta, "delta")
     s1s = parse_values(c.sigma1, "sigma1")
     s2s = parse_values(c.sigma2, "sigma2") if c.sigma2 else None
-    doms = [data.Domain(m, s1, m + d, s2)
+    doms = [cfg.value("custom", data.Domain, m, s1, m + d, s2)
             for m, d, s1 in itertools.product(mu1s, deltas, s1s) for s2 in (s2s or [s1])
             if m + d <= 255]
     if not doms:
-      raise ValueError("the custom grid is empty: every mu1 + delta exceeds 255")
+      raise cfg.ConfigError("config.custom: the grid is empty (every mu1 + delta exceeds 255)")
     return [Group("custom", tuple(doms), tuple(doms))]
   if not config.groups:
-    raise ValueError(f"config.groups is empty for grid {config.grid!r}")
-  return [Group(g["label"], tuple(map(data.Domain.from_json, g["sources"])),
-                tuple(map(data.Domain.from_json, g["targets"])), g.get("layout", "matrix"))
-          for g in config.groups]
+    raise cfg.ConfigError(f"config.groups is empty for grid {config.grid!r}")
+  return [Group(g["label"], tuple(cfg.domains(g["sources"], f"groups[{i}].sources")),
+                tuple(cfg.domains(g["targets"], f"groups[{i}].targets")),
+                cfg.choice(g.get("layout", "matrix"), ("matrix", "sigma_panels"),
+                           f"groups[{i}].layout"))
+          for i, g in enumerate(config.groups)]
 
 
 def _unique(domains) -> list[data.Domain]:
@@ -137,7 +167,7 @@ def label(d: data.Domain) -> str:
   return f"({d.mu1:g},{d.sigma1:g},{d.mu2:g},{d.sigma2:g})"
 
 
-def _score_group(wd, config, model, group, take) -> dict:
+def _score_group(wd, config, plan, group, take) -> dict:
   res = wd.read_result(group.label)
   if res is not None:
     print(f"[{group.label}] scores restored from {wd.path}/results/{group.label}.json",
@@ -149,10 +179,9 @@ def _score_group(wd, config, model, group, take) -> dict:
   tgt_adapt = (tgt_eval[0] if config.adapt.transductive
                else _dataset(config, group.targets, "adapt", config.data.n_adapt)[0])
   scores = inference.evaluate_grid(
-      model, take(group.sources), src_eval, tgt_adapt, tgt_eval, mode=config.adapt.mode,
+      plan.model, take(group.sources), src_eval, tgt_adapt, tgt_eval,
       oracle=take(group.targets) if config.oracle else None, strategy=config.strategy,
-      pair_chunk=config.pair_chunk, batch_size=config.adapt.batch_size,
-      progress=lambda d, t: bar.update(d))
+      pair_chunk=config.pair_chunk, progress=lambda d, t: bar.update(d), **plan.adapt)
   res = {"sources": [d.to_json() for d in group.sources],
          "targets": [d.to_json() for d in group.targets],
          "mask_fraction": float(tgt_eval[1].mean()),
@@ -188,14 +217,10 @@ def _figures(wd, group, res, grid_name):
 
 def run(config, workdir: str) -> dict:
   """Runs the grid of ``config`` into ``workdir``; returns ``{group: results}``."""
-  groups = groups_of(config)
-  for name in ("chunk", "pair_chunk"):
-    if config[name] < 1:
-      raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+  plan = plan_of(config)
+  groups, model, train_config = plan.groups, plan.model, plan.train
   wd = Workdir.open(workdir, "sweep", config)
   start = time.perf_counter()
-  model = models.UNet(features=config.model.features, depth=config.model.depth)
-  train_config = train.TrainConfig(**dict(config.train), seed=config.seed)
   sources = _unique(d for g in groups for d in g.sources)
   trained = _unique(sources + [d for g in groups for d in g.targets]) if config.oracle else sources
   pairs = sum(len(g.sources) * len(g.targets) for g in groups)
@@ -218,7 +243,7 @@ def run(config, workdir: str) -> dict:
              f"{', transductive' if config.adapt.transductive else ''}", ""]
   out = {}
   for group in groups:
-    out[group.label] = res = _score_group(wd, config, model, group, take)
+    out[group.label] = res = _score_group(wd, config, plan, group, take)
     summary += _figures(wd, group, res, config.grid)
   summary.append(f"({time.perf_counter() - start:.0f} s this run)")
   text = "\n".join(summary)

@@ -60,9 +60,10 @@ import numpy as np
 import bnjax
 from bnjax import (adapt, data, distances, features, inference, methods, metrics, models, plots,
                    selection, shifts, stats, train)
+from bnjax import config as cfg
 from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, config_ints, config_names, main
+from bnjax.workdir import Workdir, main
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "when_to_adapt.py")
@@ -98,36 +99,57 @@ class Pair:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+  """A config resolved and checked whole (:func:`plan_of`)."""
+
   pairs: list
   sources: list
   methods: list
+  model: models.UNet
+  train: train.TrainConfig   # its seed is set per stack
+  tent: dict                 # methods.tent options
 
 
 def plan_of(config) -> Plan:
-  """The checked pairs, source domains and methods of a config."""
-  if config.seeds < 1:
-    raise ValueError(f"config.seeds must be >= 1 (3 or more to judge stability), got "
-                     f"{config.seeds}")
+  """Every value of ``config`` checked by the code that uses it (the pairs,
+  source domains, methods, model, training, TENT, tap), before anything is
+  written or trained; a :class:`bnjax.config.ConfigError` naming the key
+  otherwise."""
+  cfg.positive_int(config.seeds, "seeds")
+  cfg.positive_int(config.seed, "seed", minimum=0)
   pairs = []
-  for grid in (config_names(config.grids, GRIDS, "grids") if config.grids else []):
+  for grid in (cfg.names(config.grids, GRIDS, "grids") if config.grids else []):
     if grid not in config.grid_groups:
-      raise ValueError(f"config.grid_groups has no groups for the grid {grid!r} (it has "
-                       f"{sorted(config.grid_groups)})")
-    for g in config.grid_groups[grid]:
-      pairs += [Pair("grid", grid, g["label"], data.Domain.from_json(s), data.Domain.from_json(t))
-                for s in g["sources"] for t in g["targets"]]
+      raise cfg.ConfigError(f"config.grid_groups has no groups for the grid {grid!r} (it has "
+                            f"{sorted(config.grid_groups)})")
+    for i, g in enumerate(config.grid_groups[grid]):
+      where = f"grid_groups.{grid}[{i}]"
+      pairs += [Pair("grid", grid, g["label"], s, t)
+                for s in cfg.domains(g["sources"], f"{where}.sources")
+                for t in cfg.domains(g["targets"], f"{where}.targets")]
   if config.shifts:
-    source = data.Domain.from_json(config.benchmark_source)
-    severities = config_ints(config.severities, 1, 5, "severities")
+    source = cfg.domain(config.benchmark_source, "benchmark_source")
+    severities = cfg.ints(config.severities, 1, 5, "severities")
     pairs += [Pair("benchmark", shifts.family_of(s), s, source, shift=s, severity=v)
-              for s in config_names(config.shifts, shifts.SHIFTS, "shifts") for v in severities]
+              for s in cfg.names(config.shifts, shifts.SHIFTS, "shifts") for v in severities]
   if not pairs:
-    raise ValueError("config.grids and config.shifts are both empty: there is no pair to score")
+    raise cfg.ConfigError("config.grids and config.shifts are both empty: there is no pair to "
+                          "score")
   if len({p.family for p in pairs}) < 2:
-    raise ValueError(f"the pairs come from one family ({pairs[0].family}); holding a family out "
-                     "needs at least two (add grids or shifts)")
+    raise cfg.ConfigError(f"config.grids, config.shifts: the pairs come from one family "
+                          f"({pairs[0].family}); holding a family out needs at least two (add "
+                          "grids or shifts)")
+  size = cfg.image_size(config.data.size)
+  for name in ("n_train", "n_eval", "n_adapt"):
+    cfg.positive_int(config.data[name], f"data.{name}")
+  for name in ("max_rows", "bootstrap", "chunk"):
+    cfg.positive_int(config[name], name)
+  cfg.strategy(config.strategy)
+  model = cfg.unet(config.model, image_size=size)
+  cfg.taps(config.tap, model, size, "tap")
   return Plan(pairs, list(dict.fromkeys(p.source for p in pairs)),
-              config_names(config.methods, METHODS, "methods"))
+              cfg.names(config.methods, METHODS, "methods"), model,
+              cfg.train_config(config.train, n_images=config.data.n_train, seed=config.seed),
+              cfg.tent_options(config.tent))
 
 
 def class_overlap(images, masks, bins: int = 64) -> float:
@@ -166,7 +188,7 @@ def _train_seeds(wd, config, plan, model):
                                 config.data.n_train, config.data.size) for s in sources]
       print(f"[{name}] training {len(sets)} source models on {config.data.n_train} images "
             "each", flush=True)
-      tc = train.TrainConfig(**dict(config.train), seed=config.seed + 1000 * j + c)
+      tc = dataclasses.replace(plan.train, seed=config.seed + 1000 * j + c)
       v, _ = train.train_many(model, jnp.stack([s[0] for s in sets]),
                               jnp.stack([s[1] for s in sets]), tc, strategy=config.strategy)
       v = jax.device_get(v)
@@ -211,9 +233,9 @@ def _pair_rows(config, plan, model, v, pair, seed, src, index):
     if method == "adabn":
       v_m = v_adabn
     elif method == "tent":
-      v_m = methods.tent(model, v, xa, steps=config.tent.steps,
-                         learning_rate=config.tent.learning_rate,
-                         batch_size=min(config.tent.batch_size, xa.shape[0]),
+      v_m = methods.tent(model, v, xa, steps=plan.tent["steps"],
+                         learning_rate=plan.tent["learning_rate"],
+                         batch_size=min(plan.tent["batch_size"], xa.shape[0]),
                          key=jax.random.fold_in(key, 2))
     else:  # histogram matching to the pooled unlabelled source images
       eval_x = methods.histogram_match(x, src_adapt[0])
@@ -500,7 +522,7 @@ def run(config, workdir: str) -> dict:
   plan = plan_of(config)
   wd = Workdir.open(workdir, "when_to_adapt", config)
   start = time.perf_counter()
-  model = models.UNet(features=config.model.features, depth=config.model.depth)
+  model = plan.model
   print(f"when_to_adapt ({config.preset}): {len(plan.pairs)} pairs from {len(plan.sources)} "
         f"source domains x {config.seeds} seeds x methods {plan.methods}; devices "
         f"{jax.devices()}", flush=True)

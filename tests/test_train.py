@@ -48,7 +48,7 @@ def test_fit_updates_batch_stats_and_split(tiny_data):
   v0 = models.init(TINY, train._seed_keys(0)[0], (16, 16, 1))
   v, _ = train.fit(TINY, x, y, config(epochs=1, val_fraction=0.0))
   assert not np.allclose(v["batch_stats"]["enc0"]["bn0"]["mean"], v0["batch_stats"]["enc0"]["bn0"]["mean"])
-  assert train._split_sizes(72, config()) == (65, 7)
+  assert config().split_sizes(72) == (65, 7)  # round(7.2) validation images
   with pytest.raises(ValueError, match="fewer than batch_size=80"):
     train.fit(TINY, x, y, config(batch_size=80))
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
+from bnjax import config as bnjax_config
 from bnjax import data, models, workdir
 from bnjax.workdir import ConfigMismatch, Workdir
 
@@ -27,9 +28,11 @@ def test_config_is_written_as_plain_json_and_compared(tmp_path):
                               "train": {"epochs": 3, "optimizer": "adam"},
                               "adapt": {"batch_size": None}}
   assert Workdir.open(tmp_path / "run", "study", config(), log=quiet).resumed
+  wd.write_result("scores", {"iou": 0.5})  # the run keeps something: another config is refused
   with pytest.raises(ConfigMismatch) as e:
     Workdir.open(tmp_path / "run", "study", config(epochs=5, momentum=0.9), log=quiet)
   assert "train.epochs: 3 -> 5" in str(e.value) and "train.momentum: '<absent>' -> 0.9" in str(e.value)
+  assert "keeps 0 trained model checkpoints and 1 result file" in str(e.value)
   with pytest.raises(ConfigMismatch, match="experiment 'study', not 'other'"):
     Workdir.open(tmp_path / "run", "other", config(), log=quiet)
   (tmp_path / "full").mkdir()
@@ -70,9 +73,23 @@ def test_csv_and_config_lists(tmp_path):
   wd.write_csv("rows.csv", [{"name": "x", "v": 1 / 3, "n": 2}], ("name", "v"), ".3f")
   with open(tmp_path / "run" / "rows.csv") as f:
     assert list(csv.DictReader(f)) == [{"name": "x", "v": "0.333"}]
-  assert workdir.config_names("b, a,b", ("a", "b"), "methods") == ["b", "a"]
-  with pytest.raises(ValueError, match=r"config.methods must be a comma-separated list"):
-    workdir.config_names("a,c", ("a", "b"), "methods")
-  assert workdir.config_ints("5,1,3,1", 1, 5, "severities") == [1, 3, 5]
-  with pytest.raises(ValueError, match=r"config.severities .* integers in 1..5"):
-    workdir.config_ints("0,2", 1, 5, "severities")
+  assert bnjax_config.names("b, a,b", ("a", "b"), "methods") == ["b", "a"]
+  with pytest.raises(bnjax_config.ConfigError,
+                     match=r"config.methods must be a comma-separated list"):
+    bnjax_config.names("a,c", ("a", "b"), "methods")
+  assert bnjax_config.ints("5,1,3,1", 1, 5, "severities") == [1, 3, 5]
+  with pytest.raises(bnjax_config.ConfigError, match=r"config.severities .* integers in 1..5"):
+    bnjax_config.ints("0,2", 1, 5, "severities")
+
+
+def test_a_workdir_whose_run_kept_nothing_takes_another_config(tmp_path):
+  """A run that stopped before keeping anything (an error, a crash) is no
+  trap: the corrected config replaces its config.json."""
+  said = []
+  Workdir.open(tmp_path / "run", "study", config(epochs=0), log=said.append)
+  (tmp_path / "run" / "history.png").write_bytes(b"a figure, not a result")
+  wd = Workdir.open(tmp_path / "run", "study", config(epochs=3), log=said.append)
+  assert not wd.resumed and "kept nothing" in said[-1]
+  stored = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert stored["config"]["train"]["epochs"] == 3
+  assert Workdir.open(tmp_path / "run", "study", config(epochs=3), log=said.append).resumed

@@ -14,14 +14,14 @@ histogram matching), ``metrics``, ``inference`` (predictions, stacked
 scores), ``train`` (one loop for K >= 1 models), ``features`` and
 ``distances`` (latent spaces and OT), ``stats``, ``checkpoint``,
 ``selection`` (label-free scores of an adaptation, rules of when to adapt),
-``workdir`` (the run-directory contract of the experiments), ``plots``, ``compiler``, ``progress``,
+``config`` (an experiment's config checked whole before it runs), ``workdir`` (the run-directory contract of the experiments), ``plots``, ``compiler``, ``progress``,
 ``distributed`` (several processes: start-up, global arrays, gathering) and
 ``launch`` (``python -m bnjax.launch``: several processes on one machine).
 """
 
-from bnjax import (adapt, checkpoint, compiler, data, distances, distributed, features, inference,
-                   launch, methods, metrics, models, plots, progress, selection, shifts,
-                   stacking, stats, train, workdir)
+from bnjax import (adapt, checkpoint, compiler, config, data, distances, distributed, features,
+                   inference, launch, methods, metrics, models, plots, progress, selection,
+                   shifts, stacking, stats, train, workdir)
 from bnjax.adapt import recompute_batch_stats, recompute_batch_stats_nnx
 from bnjax.data import Domain
 from bnjax.inference import evaluate_grid, predict
@@ -30,7 +30,7 @@ from bnjax.train import TrainConfig, fit, train_many
 
 __all__ = [
     # modules
-    "adapt", "checkpoint", "compiler", "data", "distances", "distributed", "features",
+    "adapt", "checkpoint", "compiler", "config", "data", "distances", "distributed", "features",
     "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
     "shifts", "stacking", "stats", "train", "workdir",
     # the names most programs need

@@ -116,6 +116,17 @@ class TrainConfig:
       raise ValueError(
           f"TrainConfig.patience must be an integer >= 1 or None, got {self.patience!r}")
 
+  def split_sizes(self, n: int) -> tuple[int, int]:
+    """(n_train, n_val) of a set of ``n`` images; a ValueError when the
+    validation split leaves fewer than ``batch_size`` images for training."""
+    n_val = max(1, round(n * self.val_fraction)) if self.val_fraction > 0 else 0
+    n_train = n - n_val
+    if n_train < self.batch_size:
+      raise ValueError(
+          f"{n} images leave {n_train} for training after a val_fraction of "
+          f"{self.val_fraction}, fewer than batch_size={self.batch_size}")
+    return n_train, n_val
+
   @classmethod
   def paper(cls, **overrides: Any) -> "TrainConfig":
     """The original study's settings: RMSprop lr 1e-5, momentum 0.999, weight
@@ -238,17 +249,6 @@ def evaluate(model, loss, variables, images, masks, batch_size: int):
   return jnp.mean(losses), jnp.mean(dice)
 
 
-def _split_sizes(n: int, config: TrainConfig) -> tuple[int, int]:
-  """(n_train, n_val) for a set of n images; ValueError when it is too small."""
-  n_val = max(1, round(n * config.val_fraction)) if config.val_fraction > 0 else 0
-  n_train = n - n_val
-  if n_train < config.batch_size:
-    raise ValueError(
-        f"{n} images leave {n_train} for training after a val_fraction of "
-        f"{config.val_fraction}, fewer than batch_size={config.batch_size}")
-  return n_train, n_val
-
-
 def _epoch_batches(key, epoch: int, n_train: int, batch_size: int):
   """int[steps, batch_size]: the shuffled batches of one epoch."""
   steps = n_train // batch_size
@@ -311,7 +311,7 @@ def _loop(model, config: TrainConfig, strategy: str, mesh, k_pad: int, eval_bs: 
 def _train(model, images, masks, config: TrainConfig, strategy: str, devices, variables):
   """The loop on checked stacks ``images[K, n, H, W, C]``, ``masks[K, n, H, W]``."""
   k, n = images.shape[:2]
-  n_train, n_val = _split_sizes(n, config)
+  n_train, n_val = config.split_sizes(n)
   # Several processes shard one stack: each must hold the same data.
   distributed.check_same("the training images and masks given to train_many",
                          (images, masks))

@@ -23,6 +23,7 @@ an interrupt into one line saying what the workdir keeps and how to resume.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import io
@@ -35,8 +36,7 @@ from typing import Any, Callable
 from bnjax import checkpoint
 from bnjax import distributed
 
-__all__ = ["Workdir", "ConfigMismatch", "config_diff", "interruptible", "main", "CONFIG",
-           "config_names", "config_ints"]
+__all__ = ["Workdir", "ConfigMismatch", "config_diff", "interruptible", "main", "CONFIG"]
 
 CONFIG = "config.json"
 
@@ -82,7 +82,9 @@ class Workdir:
   @classmethod
   def open(cls, path: str | os.PathLike, experiment: str, config, log=print) -> "Workdir":
     """Creates ``path`` for ``config``, or reopens it if it holds a run of the
-    same experiment and config; raises :class:`ConfigMismatch` otherwise.
+    same experiment and config; raises :class:`ConfigMismatch` if it holds a
+    run of another experiment or config that kept a checkpoint or a result
+    (one that kept nothing, e.g. stopped by an error, is replaced).
 
     With several processes (:mod:`bnjax.distributed`) every process checks
     the folder (which must be on a filesystem they share) before any writes,
@@ -94,7 +96,8 @@ class Workdir:
     file = os.path.join(path, CONFIG)
     distributed.barrier(f"workdir check {path}")
     try:
-      resumed = cls._check(path, file, experiment, plain)
+      resumed = cls._check(path, file, experiment, plain,
+                           log if distributed.is_primary() else (lambda *_: None))
     finally:
       distributed.barrier(f"workdir checked {path}")
     if resumed:
@@ -107,10 +110,16 @@ class Workdir:
     return cls(path, experiment, plain, resumed)
 
   @classmethod
-  def _check(cls, path, file, experiment, plain) -> bool:
-    """True: the folder holds this run (resume); False: it is new or empty."""
+  def _check(cls, path, file, experiment, plain, log) -> bool:
+    """True: the folder holds this run (resume); False: it is new or empty,
+    or holds only the config of a run that kept nothing (replaced)."""
     if os.path.exists(file):
       old = cls.read(path)
+      if old.experiment != experiment or config_diff(old.config, plain):
+        if not old.checkpoints() and not old.results():
+          log(f"{path} holds the config of a run that kept nothing (no checkpoint, no "
+              "result): replacing it with this config")
+          return False
       if old.experiment != experiment:
         raise ConfigMismatch(
             f"{path} holds a run of the experiment {old.experiment!r}, not {experiment!r}; "
@@ -118,8 +127,8 @@ class Workdir:
       diff = config_diff(old.config, plain)
       if diff:
         raise ConfigMismatch(
-            f"{path} holds a run made with another config ({'; '.join(diff)}); rerun with "
-            "the same config to resume it, or choose another workdir")
+            f"{path} holds a run made with another config ({'; '.join(diff)}) and keeps "
+            f"{old.kept()}; rerun with the same config to resume it, or choose another workdir")
       return True
     if os.path.isdir(path) and os.listdir(path):
       raise ConfigMismatch(f"{path} is not empty and has no {CONFIG}: choose another workdir")
@@ -258,27 +267,27 @@ def interruptible(path: str | os.PathLike, experiment: str = "the run"):
 _FLAGS: dict = {}
 
 
-def config_names(text, allowed, field: str) -> list[str]:
-  """A config's comma-separated list of names (``"a,b"``), each in ``allowed``,
-  duplicates dropped in order; a ValueError naming ``config.<field>`` otherwise."""
-  names = [t.strip() for t in str(text).split(",") if t.strip()]
-  bad = [n for n in names if n not in allowed]
-  if not names or bad:
-    raise ValueError(f"config.{field} must be a comma-separated list of {tuple(allowed)}, "
-                     f"got {text!r}")
-  return list(dict.fromkeys(names))
-
-
-def config_ints(text, lo: int, hi: int, field: str, note: str = "") -> list[int]:
-  """A config's comma-separated list of integers in ``lo..hi``, sorted, unique."""
-  try:
-    values = sorted({int(t) for t in str(text).split(",") if t.strip()})
-  except ValueError:
-    values = []
-  if not values or not all(lo <= v <= hi for v in values):
-    raise ValueError(f"config.{field} must be a comma-separated list of integers in {lo}..{hi}"
-                     f"{note}, got {text!r}")
-  return values
+def _flag_error(error: Exception, argv: list[str]) -> str:
+  """One line for an error of the command line: an override that names no
+  config field (ml_collections raises an AttributeError or KeyError whose
+  message is a quoted repr) names its flag and the suggestion; any other
+  message is folded onto one line."""
+  text = str(error)
+  if isinstance(error, (AttributeError, KeyError)):
+    try:
+      text = ast.literal_eval(text) if text[:1] in "'\"" else text
+    except (ValueError, SyntaxError):
+      pass
+    lines = [t.strip() for t in str(text).splitlines() if t.strip()]
+    name = lines[0].strip("'\"") if lines else "?"
+    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                 and a.split("=", 1)[0].rsplit(".", 1)[-1] == name), "--config.*")
+    hint = " ".join(lines[1:])
+    return f"{flag}: the config has no field {name!r}" + (f" ({hint})" if hint else "")
+  if "Traceback (most recent call last)" in text:  # a config file's own error: its last line
+    head = text.split("Traceback (most recent call last)")[0]
+    text = f"{head} {[t for t in text.splitlines() if t.strip()][-1]}"
+  return " ".join(text.split())
 
 
 def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
@@ -287,16 +296,38 @@ def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
   ``ml_collections`` config file, fields overridden as ``--config.train.epochs=3``)
   and ``--workdir``; calls ``run(config, workdir)``. A bad config or a workdir
   of another config is a usage error; an interrupt ends with one line saying
-  what the workdir keeps and that the same command resumes."""
+  what the workdir keeps and that the same command resumes.
+
+  Every error of the command line (an unknown field, a value of the wrong
+  type, a bad config argument) and every :class:`~bnjax.config.ConfigError`
+  (a value the experiment cannot run, found before anything is written) or
+  :class:`ConfigMismatch` is one line on stderr, ``error: ...``, and exit
+  status 2."""
   from absl import app, flags, logging
   from ml_collections import config_flags
 
   from bnjax import compiler
+  from bnjax.config import ConfigError
+
+  @contextlib.contextmanager
+  def one_line_errors(args):
+    try:
+      yield
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+      print(f"error: {_flag_error(e, args)}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  def parse(args):
+    with one_line_errors(args):
+      return flags.FLAGS(args)
 
   if not _FLAGS:  # defined once per process
-    _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", default_config, "An ml_collections config file (get_config()).",
-        lock_config=True)
+    # Defining the config flag loads the default file and applies the
+    # --config.* overrides of sys.argv already: its errors are the command line's.
+    with one_line_errors(sys.argv if argv is None else argv):
+      _FLAGS["config"] = config_flags.DEFINE_config_file(
+          "config", default_config, "An ml_collections config file (get_config()).",
+          lock_config=True)
     _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "The run directory (created).")
     flags.mark_flag_as_required("workdir")
 
@@ -313,8 +344,8 @@ def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
     try:
       with interruptible(workdir, experiment):
         run(_FLAGS["config"].value, workdir)
-    except ConfigMismatch as e:
+    except (ConfigError, ConfigMismatch) as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(2)
 
-  app.run(_main, argv=argv)
+  app.run(_main, argv=argv, flags_parser=parse)
