@@ -44,10 +44,16 @@ def per_call_blocks(fns, calls, rounds: int) -> list[np.ndarray]:
   return [np.asarray(t) for t in out]
 
 
-def row(benchmark: str, case: str, ours_s: float, ref_s: float, reference: str, goal: str = "") -> dict:
-  """One result: ``ratio`` = reference time / bnjax time (> 1: bnjax is faster)."""
-  return {"benchmark": benchmark, "case": case, "bnjax_s": ours_s, "reference": reference,
-          "reference_s": ref_s, "ratio": ref_s / ours_s, "goal": goal}
+def row(benchmark: str, case: str, ours_s: float, ref_s: float, reference: str, goal: str = "",
+        values: tuple[float, float] | None = None) -> dict:
+  """One result: ``ratio`` = reference time / bnjax time (> 1: bnjax is faster);
+  ``values``: what the two timed computations returned (bnjax, reference),
+  kept so that a run shows they computed the same thing."""
+  out = {"benchmark": benchmark, "case": case, "bnjax_s": ours_s, "reference": reference,
+         "reference_s": ref_s, "ratio": ref_s / ours_s, "goal": goal}
+  if values is not None:
+    out["value"], out["reference_value"] = (float(v) for v in values)
+  return out
 
 
 def print_table(rows: list[dict]) -> None:

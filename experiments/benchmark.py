@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import adapt, data, inference, methods, metrics, models, plots, shifts, stats, train
+from bnjax import adapt, data, inference, methods, metrics, plots, shifts, stats, train
 from bnjax import config as cfg
 from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress

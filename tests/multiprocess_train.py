@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from bnjax import data, models, train  # noqa: E402
+from bnjax import data, inference, models, train  # noqa: E402
 
 
 def main(out: str):
@@ -25,12 +25,15 @@ def main(out: str):
   model = models.UNet(features=4, depth=2)
   config = train.TrainConfig(epochs=2, batch_size=8, verbose=False, patience=None)
   variables, history = train.train_many(model, images, masks, config, strategy="vmap")
-  flat = traverse_util.flatten_dict(distributed.gather(variables), sep="/")
+  gathered = distributed.gather(variables)
+  flat = traverse_util.flatten_dict(gathered, sep="/")
+  # What the models predict on their training images (compared across runs).
+  predictions = inference.stacked_predict(model, gathered, images, strategy="unroll")
   print(f"process {jax.process_index()} of {jax.process_count()}, devices "
         f"{len(jax.devices())}: val_dice {np.round(history['val_dice'][-1], 4).tolist()}",
         flush=True)
   if distributed.is_primary():
-    np.savez(out, **flat, val_dice=history["val_dice"])
+    np.savez(out, **flat, val_dice=history["val_dice"], predictions=predictions, masks=masks)
 
 
 if __name__ == "__main__":

@@ -15,25 +15,38 @@ import sliced_wasserstein  # noqa: E402
 import train_step  # noqa: E402
 
 
-def check_rows(rows):
+def check_times(rows):
+  """Every timed call ran (a positive median); the ratios are what the table
+  prints, not checked here: speed is never asserted in a test."""
   for r in rows:
     assert r["bnjax_s"] > 0 and r["reference_s"] > 0
-    assert r["ratio"] == pytest.approx(r["reference_s"] / r["bnjax_s"])
 
 
-def test_small_benchmarks_run(root, capsys):
-  check_rows(frechet.run(n=300, d=8, reps=1))
-  assert "relative difference" in capsys.readouterr().out
-  check_rows(sliced_wasserstein.run(n=400, d=8, p=4, reps=1))
-  check_rows(data_gen.run(n=20, size=16, ref_n=4, reps=1))
-  # This version of adapt.py against itself loaded from its file, side by side.
+def test_small_benchmarks_run_and_compute_what_their_references_compute(root):
+  """Each benchmark times bnjax against a reference computation; at tiny
+  sizes, what the two return agrees (float64 Frechet vs SciPy's sqrtm
+  formula to 1e-6 as the benchmark's docstring requires; sliced W2 vs POT
+  on the same projections, float32 sums: 1e-4)."""
+  (f,) = frechet.run(n=300, d=8, reps=1)
+  check_times([f])
+  assert f["value"] == pytest.approx(f["reference_value"], rel=1e-6)
+  rows = sliced_wasserstein.run(n=400, d=8, p=4, reps=1)
+  check_times(rows)
+  (sw,) = [r for r in rows if r["benchmark"] == "sliced_w2"]
+  assert sw["value"] == pytest.approx(sw["reference_value"], rel=1e-4)
+  check_times(data_gen.run(n=20, size=16, ref_n=4, reps=1))
+  # This version of adapt.py against itself loaded from its file, side by
+  # side: the same statistics, bit for bit.
   rows = adapt_cost.run(width=2, size=32, n=8, reps=1,
                         compare_with=os.path.join(root, "src", "bnjax", "adapt.py"))
   assert [r["case"].endswith("vs other") for r in rows] == [False, True] * 4
-  check_rows(rows)
+  check_times(rows)
+  assert all(r["reference_value"] == 0.0 for r in rows if "reference_value" in r)
 
 
 def test_train_step_benchmark_runs(capsys):
+  """Runs end to end without PyTorch (a smoke test: no row without the
+  reference, the bnjax time printed)."""
   rows = train_step.run("2x16x4", blocks=1, block_s=0.01, torch_reference=False)
   assert rows == [] and "bnjax" in capsys.readouterr().out
 

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
-import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from bnjax import checkpoint, launch
+import tolerance
+from bnjax import checkpoint, inference, launch, models, workdir
+from experiments import benchmark, sweep
 
 PY = sys.executable
 
@@ -61,8 +63,11 @@ def _run(args, env_extra=None, devices=None, timeout=600):
   return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _rel(a, b):
-  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+def _budget(masks) -> int:
+  """Pixels of one set that two trainings equal up to float32 rounding may
+  predict differently: 0.2 % (tests/test_sweep.py: measured 0; a model of
+  another seed disagrees on 3-44 %)."""
+  return int(0.002 * np.asarray(masks).size)
 
 
 @pytest.mark.slow
@@ -78,8 +83,11 @@ def test_train_many_across_two_processes_equals_one_process(root, tmp_path):
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   a, b = np.load(two), np.load(one)
   assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
-  for k in a.files:
-    assert _rel(a[k], b[k]) <= 1e-5, k
+  # Trained models compared by what they predict: the same up to pixels that
+  # float32 rounding can flip (tests/tolerance.py; budget as in test_sweep).
+  assert a["predictions"].shape == a["masks"].shape == (4, 24, 16, 16)
+  assert tolerance.pixel_disagreement(a["predictions"], b["predictions"]) <= _budget(a["masks"][0])
+  np.testing.assert_array_equal(a["masks"], b["masks"])
   # Data that differ between processes are refused at the start, by both.
   r = _run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2", script,
             str(tmp_path / "bad.npz")], env_extra={"PERTURB_PROCESS": "1"})
@@ -128,12 +136,24 @@ def test_sweep_across_two_processes_equals_one_and_resumes_after_a_kill(root, tm
   assert outside(two) == outside(one) and "results/custom.json" in outside(two)
   assert not [f for f in _files(two) if "process_1" in f]
   read = lambda d: json.load(open(os.path.join(d, "results", "custom.json")))
+  # The target evaluation sets of the grid, regenerated from the run's config.
+  config = ml_collections.ConfigDict(workdir.Workdir.read(one).config)
+  (group,) = sweep.groups_of(config)
+  _, eval_masks = sweep._dataset(config, group.targets, "eval", config.data.n_eval)
+  # Each score within what the flip budget of one target set can move it.
   for key in ("source_iou", "iou_no_adapt", "iou_adapted"):
-    np.testing.assert_allclose(read(two)[key], read(one)[key], rtol=1e-5, atol=1e-6)
+    got, want = np.asarray(read(two)[key]), np.asarray(read(one)[key])
+    for m, masks in enumerate(np.asarray(eval_masks)):
+      tol = tolerance.iou_tolerance(masks, _budget(masks))
+      np.testing.assert_allclose(got[:, m], want[:, m], rtol=0, atol=tol, err_msg=key)
+  # The checkpoints of both runs compared by what they predict.
+  x = np.asarray(sweep._dataset(config, group.targets[:1], "eval", config.data.n_eval)[0][0])
+  model = models.UNet(**config.model)
   for chunk in ("chunk_0000", "chunk_0001"):
-    for a, b in zip(jax.tree_util.tree_leaves(checkpoint.restore(f"{two}/checkpoints/{chunk}")),
-                    jax.tree_util.tree_leaves(checkpoint.restore(f"{one}/checkpoints/{chunk}"))):
-      assert _rel(a, b) <= 1e-5
+    a, b = (inference.stacked_predict(model, checkpoint.restore(f"{d}/checkpoints/{chunk}"),
+                                      np.broadcast_to(x, (2, *x.shape)), strategy="unroll")
+            for d in (two, one))
+    assert tolerance.pixel_disagreement(a, b) <= 2 * _budget(x[..., 0]), chunk
   # Kill both processes (and the launcher) once the first stack is saved, relaunch.
   p = subprocess.Popen([*launcher, *SWEEP, f"--workdir={again}"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, start_new_session=True)
@@ -148,8 +168,8 @@ def test_sweep_across_two_processes_equals_one_and_resumes_after_a_kill(root, tm
   r = _run([*launcher, *SWEEP, f"--workdir={again}"])
   assert r.returncode == 0, r.stdout[-3000:]
   assert "restored" in r.stdout
-  np.testing.assert_allclose(read(again)["iou_adapted"], read(two)["iou_adapted"], rtol=1e-5,
-                             atol=1e-6)
+  # The same programs on the same machine: the same numbers, exactly.
+  np.testing.assert_array_equal(read(again)["iou_adapted"], read(two)["iou_adapted"])
 
 
 BENCH = ["experiments/benchmark.py", "--config=experiments/configs/benchmark.py",
@@ -173,7 +193,18 @@ def test_benchmark_across_two_processes_equals_one(root, tmp_path):
   a, b = rows(two), rows(one)
   assert [r_[k] for r_ in a for k in ("variant", "shift", "severity", "method", "seed")] == [
       r_[k] for r_ in b for k in ("variant", "shift", "severity", "method", "seed")]
-  np.testing.assert_allclose([r_["iou"] for r_ in a], [r_["iou"] for r_ in b], rtol=1e-5,
-                             atol=1e-6)
+  # Each row within what the flip budget can move its IoU, on its own
+  # evaluation masks (regenerated from the run's config: geometry shifts
+  # move the masks).
+  config = ml_collections.ConfigDict(workdir.Workdir.read(one).config)
+  plan = benchmark.plan_of(config)
+  src = benchmark._source_sets(config, plan.source, "eval", config.data.n_eval)
+  masks = {("source", 0): np.asarray(src[1])}
+  for shift in plan.shifts:
+    for sev in plan.severities:
+      masks[(shift, sev)] = np.asarray(benchmark._shifted(config, shift, sev, "eval", *src)[1])
+  for r_, q in zip(a, b):
+    m = masks[(r_["shift"], r_["severity"])][r_["seed"]]
+    assert abs(r_["iou"] - q["iou"]) <= tolerance.iou_tolerance(m, _budget(m)), r_
   outside = lambda d: [f for f in _files(d) if "/variables/" not in f]
   assert outside(two) == outside(one)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import bnjax
+import tolerance
 from bnjax import adapt, data, inference, metrics, models, plots, train
 
 TINY = models.UNet(features=4, depth=2)
@@ -31,21 +32,57 @@ def trained(stack):
   return train.train_many(TINY, *stack, CONFIG)
 
 
+def _leaves(tree):
+  return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+def test_one_step_of_a_stack_equals_one_step_alone(stack):
+  """Model i of a stack starts where fit with seed + i starts and takes the
+  same first batch: one SGD step (an update lr * g, no normalisation that
+  would amplify a tiny gradient's rounding into a full step, as Adam's
+  first step g / |g| does) differs only by the float32 rounding of g. Each
+  kernel-gradient element sums N <= 40 * 16 * 16 = 10 240 products, so its
+  rounding is at most about N * eps = 6e-4 of the sum of their magnitudes:
+  bounded here by 1e-3 of the leaf's largest update (measured: 1.2e-4 at
+  most); another initialisation or batch differs by the update itself."""
+  x, y = stack
+  cfg = dataclasses.replace(CONFIG, epochs=1, batch_size=40, learning_rate=0.1, optimizer="sgd",
+                            momentum=0.0, grad_clip=None, patience=None)
+  assert cfg.split_sizes(48) == (43, 5)  # one step per epoch
+  stacked, _ = train.train_many(TINY, x, y, cfg)
+  for i in range(3):
+    alone, _ = train.fit(TINY, x[i], y[i], dataclasses.replace(cfg, seed=CONFIG.seed + i))
+    start = models.init_variables(TINY, train._seed_keys(CONFIG.seed + i)[0], (16, 16, 1))
+    for a, b, p0 in zip(_leaves(jax.tree_util.tree_map(lambda t: t[i], stacked)), _leaves(alone),
+                        _leaves(start)):
+      update = np.max(np.abs(b - p0))
+      assert update > 0
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * update + 1e-7 * np.max(np.abs(p0)))
+
+
 def test_train_many_equals_fit(stack, trained):
+  """Four epochs: the same decisions (epochs run, best epoch) and the same
+  predictions up to pixels that float32 rounding can flip. Budget: 0.2 % of
+  the 12 288 pixels of a set (measured here: 0; a model of another seed
+  disagrees on 3-44 %); the validation Dice within the flips of that budget
+  (tolerance.dice_tolerance)."""
   x, y = stack
   variables, history = trained
   assert all(a.shape[0] == 3 for a in jax.tree_util.tree_leaves(variables))
   assert history["train_loss"].shape[1] == 3
+  budget = int(0.002 * y[0].size)
   for i in range(3):
     v, h = train.fit(TINY, x[i], y[i], dataclasses.replace(CONFIG, seed=CONFIG.seed + i))
     vi = jax.tree_util.tree_map(lambda a: a[i], variables)
-    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(vi)):
-      np.testing.assert_allclose(a, b, atol=1e-5)
     assert h["epochs_run"] == history["epochs_run"][i]
     assert h["best_epoch"] == history["best_epoch"][i]
-    np.testing.assert_allclose(h["val_dice"], history["val_dice"][:h["epochs_run"], i], atol=1e-4)
-    assert abs(metrics.iou(bnjax.predict(TINY, v, x[i]), y[i])
-               - metrics.iou(bnjax.predict(TINY, vi, x[i]), y[i])) < 0.01
+    pa, pb = bnjax.predict(TINY, v, x[i]), bnjax.predict(TINY, vi, x[i])
+    assert tolerance.pixel_disagreement(pa, pb) <= budget
+    _, n_val = CONFIG.split_sizes(48)
+    val_masks = np.asarray(y[i])[np.asarray(jax.random.permutation(
+        train._seed_keys(CONFIG.seed + i)[1], 48))[48 - n_val:]]
+    np.testing.assert_allclose(h["val_dice"], history["val_dice"][:h["epochs_run"], i],
+                               rtol=0, atol=tolerance.dice_tolerance(val_masks, budget))
   # Early stopping is per model: a stopped model's history is NaN afterwards.
   stopped = history["epochs_run"] < history["train_loss"].shape[0]
   assert stopped.any()
@@ -55,15 +92,32 @@ def test_train_many_equals_fit(stack, trained):
 
 @pytest.mark.slow
 def test_vmap_strategy_matches_unroll(stack):
+  """The two mappings of a stack: the same predictions after an epoch, up to
+  the flip budget of test_train_many_equals_fit."""
   x, y = stack
   cfg = dataclasses.replace(CONFIG, epochs=1)
   a, _ = train.train_many(TINY, x[:2], y[:2], cfg, strategy="unroll")
   b, _ = train.train_many(TINY, x[:2], y[:2], cfg, strategy="vmap")
-  for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(p, q, atol=1e-4)
+  pa = inference.stacked_predict(TINY, a, x[:2], strategy="unroll")
+  pb = inference.stacked_predict(TINY, b, x[:2], strategy="unroll")
+  assert tolerance.pixel_disagreement(pa, pb) <= int(0.002 * y[:2].size)
+
+
+def _iou_and_tolerance(variables, x, y):
+  """IoU of a model on (x, y) computed from its logits here (argmax of
+  model.apply), and how far another evaluation of the same variables may be
+  from it (the near-boundary pixels, tests/tolerance.py)."""
+  z = np.asarray(TINY.apply(variables, x, train=False))
+  pred = np.argmax(z, -1) == 1
+  # + 1e-7: the mean over images is a float32 sum in either program.
+  return metrics.iou(pred, y), tolerance.iou_tolerance_at(pred, y, tolerance.near_boundary(z)) + 1e-7
 
 
 def test_evaluate_grid_matches_pairwise_loop(stack, trained):
+  """The stacked grid against a loop over pairs written here (model.apply
+  and argmax, recompute_batch_stats per pair): the two programs agree to
+  float32 rounding in every logit, so their IoUs differ at most by what the
+  pixels near the decision boundary can move (often exactly 0)."""
   x, y = stack
   variables, _ = trained
   out = inference.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), mode="train_pass",
@@ -71,17 +125,19 @@ def test_evaluate_grid_matches_pairwise_loop(stack, trained):
   assert set(out) == {"source_iou", "iou_no_adapt", "iou_adapted"}
   for k in range(3):
     vk = jax.tree_util.tree_map(lambda a: a[k], variables)
-    assert out["source_iou"][k, 0] == pytest.approx(
-        metrics.iou(bnjax.predict(TINY, vk, x[k]), y[k]), abs=1e-6)
+    want, tol = _iou_and_tolerance(vk, x[k], y[k])
+    assert out["source_iou"][k, 0] == pytest.approx(want, abs=tol)
     for m in range(2):
+      want, tol = _iou_and_tolerance(vk, x[m], y[m])
+      assert out["iou_no_adapt"][k, m] == pytest.approx(want, abs=tol)
       ad = adapt.recompute_batch_stats(TINY, vk, x[m], mode="train_pass", batch_size=16)
-      assert out["iou_no_adapt"][k, m] == pytest.approx(
-          metrics.iou(bnjax.predict(TINY, vk, x[m]), y[m]), abs=1e-6)
-      assert out["iou_adapted"][k, m] == pytest.approx(
-          metrics.iou(bnjax.predict(TINY, ad, x[m]), y[m]), abs=2e-3)
+      want, tol = _iou_and_tolerance(ad, x[m], y[m])
+      assert out["iou_adapted"][k, m] == pytest.approx(want, abs=tol)
   oracle = jax.tree_util.tree_map(lambda a: a[:2], variables)
   with_oracle = inference.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), oracle=oracle)
-  np.testing.assert_allclose(with_oracle["iou_oracle"][0], out["source_iou"][:2, 0], atol=1e-6)
+  for m in range(2):  # oracle m on target m is source model m on its own set here
+    want, tol = _iou_and_tolerance(jax.tree_util.tree_map(lambda a: a[m], variables), x[m], y[m])
+    assert with_oracle["iou_oracle"][0, m] == pytest.approx(want, abs=tol)
 
 
 def test_input_errors(stack):
@@ -166,27 +222,34 @@ def test_channel_histograms_drop_constant_channels(tmp_path):
 
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from bnjax import data, models, train
+    import tolerance
+    from bnjax import data, inference, models, train
     assert jax.device_count() == 4, jax.devices()
     model = models.UNet(features=2, depth=1)
     doms = [data.Domain(60, 30, 200, 30), data.Domain(100, 30, 180, 30), data.Domain(20, 30, 220, 30)]
     pairs = [data.make_dataset(jax.random.key(i), d, 20, size=8) for i, d in enumerate(doms)]
     x, y = jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
     cfg = train.TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, verbose=False)
+    budget = int(0.002 * y.size) + 1  # as tests/test_sweep.py's budget: rounding flips only
+    n_train, n_val = cfg.split_sizes(20)
     for strategy in ("unroll", "vmap"):
       a, ha = train.train_many(model, x, y, cfg, strategy=strategy)
       b, hb = train.train_many(model, x, y, cfg, strategy=strategy, devices=jax.devices()[:1])
       assert all(l.shape[0] == 3 for l in jax.tree_util.tree_leaves(a))
-      for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(p), np.asarray(q), atol=1e-5)
-      np.testing.assert_allclose(ha["val_dice"], hb["val_dice"], atol=1e-5)
+      pa = inference.stacked_predict(model, a, x, strategy=strategy)
+      pb = inference.stacked_predict(model, b, x, strategy=strategy)
+      assert tolerance.pixel_disagreement(pa, pb) <= budget, tolerance.pixel_disagreement(pa, pb)
+      for i in range(3):
+        val = np.asarray(y[i])[np.asarray(jax.random.permutation(train._seed_keys(i)[1], 20))[n_train:]]
+        np.testing.assert_allclose(ha["val_dice"][:, i], hb["val_dice"][:, i], rtol=0,
+                                   atol=tolerance.dice_tolerance(val, budget))
     print("SHARDED-OK")
 """)
 
 
 @pytest.mark.slow
 def test_four_device_sharding_equals_one_device(root):
-  env = {**os.environ, "PYTHONPATH": root,
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")]),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                         env=env, timeout=600)
@@ -230,7 +293,9 @@ def test_sweep_killed_then_resumed(root, tmp_path):
   a = json.loads((out / "results" / "custom.json").read_text())
   b = json.loads((tmp_path / "fresh" / "results" / "custom.json").read_text())
   for key in ("source_iou", "iou_no_adapt", "iou_adapted"):
-    np.testing.assert_allclose(a[key], b[key], atol=1e-6)
+    # The same programs on the same machine (the restored chunk is the saved
+    # one bit for bit): the same numbers, exactly.
+    np.testing.assert_array_equal(a[key], b[key])
   for name in ("custom_heatmaps.png", "custom_surface.png", "histories.png", "summary.md",
                "custom_heatmaps_adapted.csv"):
     assert (out / name).exists()

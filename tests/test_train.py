@@ -2,7 +2,10 @@ import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+
+import tolerance
 
 import bnjax
 from bnjax import adapt, data, metrics, models, train
@@ -24,8 +27,12 @@ def test_fit_learns_and_is_deterministic(tiny_data):
   x, y = tiny_data
   v1, h1 = train.fit(TINY, x, y, config(epochs=6, patience=None))
   v2, h2 = train.fit(TINY, x, y, config(epochs=6, patience=None))
-  assert h1["train_loss"][-1] < 0.6 * h1["train_loss"][0]
-  assert h1["val_dice"][-1] > 0.6
+  # Measured (seeds 0, 1, 2): last training loss 0.38 / 0.35 / 0.15 from about
+  # 1.2 untrained (learning_rate 0 or 1e-4 stays at 1.2 / 1.15), validation
+  # Dice 0.93 / 0.96 / 0.95, IoU 0.89 / 0.93 / 0.93; trained parameters with
+  # the initial BatchNorm statistics score IoU 0.22.
+  assert h1["train_loss"][-1] < 0.5
+  assert h1["val_dice"][-1] > 0.85
   assert set(h1) >= {"train_loss", "val_loss", "val_dice", "seconds", "best_epoch", "epochs_run"}
   for a, b in zip(jax.tree_util.tree_leaves(v1), jax.tree_util.tree_leaves(v2)):
     np.testing.assert_array_equal(a, b)
@@ -33,7 +40,7 @@ def test_fit_learns_and_is_deterministic(tiny_data):
   assert not np.array_equal(v3["params"]["head"]["kernel"], v1["params"]["head"]["kernel"])
   pred = bnjax.predict(TINY, v1, x)
   assert pred.shape == y.shape and pred.dtype == bool
-  assert metrics.iou(pred, y) > 0.5
+  assert metrics.iou(pred, y) > 0.8
 
 
 def test_early_stopping_keeps_best(tiny_data):
@@ -181,3 +188,97 @@ def test_second_fit_and_predict_do_not_compile_again(tiny_data):
                             jax.tree_util.tree_leaves(v2["params"])[0])
   train.fit(model, x, y, config(epochs=1, learning_rate=3e-3))  # other settings: compiled anew
   assert _TinySeg.traces[0] > before
+
+
+def _hand_loss(logits, masks):
+  """Cross-entropy + (1 - soft Dice), written out here: the mean over pixels
+  of -log softmax at the true class, and the mean over images and both
+  classes of (2 sum p t + 1e-6) / (sum p + sum t + 1e-6)."""
+  logp = jax.nn.log_softmax(logits)
+  t = jnp.stack([~masks, masks], -1).astype(logits.dtype)
+  ce = -jnp.mean(jnp.sum(t * logp, -1))
+  p = jnp.exp(logp)
+  dice = (2 * jnp.sum(p * t, (1, 2)) + 1e-6) / (jnp.sum(p, (1, 2)) + jnp.sum(t, (1, 2)) + 1e-6)
+  return ce + 1.0 - jnp.mean(dice)
+
+
+def test_fit_equals_a_hand_written_optax_loop(tiny_data):
+  """Two epochs of fit against a loop written here with optax, model.apply
+  and the documented seed schedule (a key split in three: initialisation,
+  validation split, batch order; epoch e's batches a permutation from
+  fold_in(shuffle key, e), the last incomplete batch dropped), validation
+  Dice per epoch and the best epoch's variables returned.
+
+  SGD with momentum keeps the two programs' rounding differences linear in
+  the gradient's (Adam's first steps would turn a near-zero gradient's
+  rounding into a full step): over 2 x 7 steps the parameters agree to 1e-4
+  of each leaf's total change (measured: 2e-6); another batch order or
+  initialisation differs by the change itself."""
+  x, y = (np.asarray(a) for a in tiny_data)
+  cfg = config(epochs=2, optimizer="sgd", momentum=0.9, learning_rate=0.05, grad_clip=1.0,
+               val_fraction=0.2, patience=None, seed=5)
+  got, history = train.fit(TINY, x, y, cfg)
+
+  k_init, k_split, k_shuffle = jax.random.split(jax.random.key(5), 3)
+  n = len(x)
+  n_val = round(0.2 * n)
+  order = np.asarray(jax.random.permutation(k_split, n))
+  xt, yt = x[order[:n - n_val]], y[order[:n - n_val]]
+  xv, yv = x[order[n - n_val:]], y[order[n - n_val:]]
+  variables = TINY.init(k_init, jnp.zeros((1, 16, 16, 1)), train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, opt, xb, yb):
+    def loss_fn(p):
+      logits, new = TINY.apply({"params": p, "batch_stats": stats}, xb, train=True,
+                               mutable=["batch_stats"])
+      return _hand_loss(logits, yb), new["batch_stats"]
+    (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), stats, opt, loss
+
+  best, best_dice, losses, dices = None, -1.0, [], []
+  for epoch in range(2):
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_shuffle, epoch), len(xt)))
+    steps = len(xt) // 8
+    epoch_losses = []
+    for b in perm[:steps * 8].reshape(steps, 8):
+      params, stats, opt, loss = step(params, stats, opt, xt[b], yt[b])
+      epoch_losses.append(float(loss))
+    losses.append(np.mean(epoch_losses))
+    logits = TINY.apply({"params": params, "batch_stats": stats}, xv, train=False)
+    pred = np.argmax(np.asarray(logits), -1) == 1
+    inter = (pred & yv).sum((1, 2))
+    total = pred.sum((1, 2)) + yv.sum((1, 2))
+    dices.append(np.mean(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)))
+    if dices[-1] > best_dice:
+      best_dice, best = dices[-1], {"params": params, "batch_stats": stats}
+
+  assert history["best_epoch"] == int(np.argmax(dices)) + 1
+  np.testing.assert_allclose(history["train_loss"], losses, rtol=1e-5)
+  np.testing.assert_allclose(history["val_dice"], dices, rtol=0,
+                             atol=tolerance.dice_tolerance(yv, 1))
+  start = TINY.init(k_init, jnp.zeros((1, 16, 16, 1)), train=False)
+  for a, b, p0 in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(best),
+                      jax.tree_util.tree_leaves(start)):
+    change = np.max(np.abs(np.asarray(b) - np.asarray(p0)))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * change + 1e-7)
+
+
+def test_predict_is_the_argmax_of_the_logits(tiny_data):
+  """predict (jitted, in padded batches) against argmax(model.apply(...)) on
+  the whole set: equal except where the two class logits are within float32
+  rounding of each other (tests/tolerance.py)."""
+  x, y = tiny_data
+  v, _ = train.fit(TINY, x, y, config(epochs=4, seed=2, patience=None))
+  logits = np.asarray(TINY.apply(v, x, train=False))
+  want = np.argmax(logits, -1) == 1
+  near = tolerance.near_boundary(logits)
+  for batch_size in (64, 5):  # one batch; batches of 5, the last one padded
+    got = bnjax.predict(TINY, v, x, batch_size=batch_size)
+    assert got.shape == want.shape and got.dtype == bool
+    assert not np.any((got != want) & ~near)
+  assert 0.05 < want.mean() < 0.5  # a trained model's masks, not all one class
