@@ -119,6 +119,21 @@ def test_mmd_against_loop():
   yy = np.mean([k(y[i], y[j]) for i in range(9) for j in range(9) if i != j])
   xy = np.mean([k(a, b) for a in x for b in y])
   assert distances.mmd(x, y, h, dtype=np.float64) == pytest.approx(xx + yy - 2 * xy, rel=1e-6)
+  # The default bandwidth: the median nonzero distance of the pooled rows,
+  # both sides represented however many rows x has.
+  big = rng.normal(size=(1200, 3))
+  z = np.concatenate([big[:500], y])
+  d = [np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))]
+  h = float(np.median(d))
+  k = lambda a, b: np.exp(-np.sum((a - b) ** 2, -1) / (2 * h * h))
+  kxx = k(big[:, None], big[None])
+  xx = (kxx.sum() - np.trace(kxx)) / (1200 * 1199)
+  kyy = k(y[:, None], y[None])
+  yy = (kyy.sum() - np.trace(kyy)) / (9 * 8)
+  xy = k(big[:, None], y[None]).mean()
+  assert distances.mmd(big, y, dtype=np.float64) == pytest.approx(xx + yy - 2 * xy, rel=1e-6)
+  # Collapsed features (every row one point): 0, not an error.
+  assert distances.mmd(np.ones((6, 2)), np.ones((4, 2))) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sinkhorn_divergence_of_a_translation():

@@ -294,17 +294,25 @@ def histogram_bhattacharyya(x, y, bins: int = 64) -> float:
   return float(np.mean(out))
 
 
+def _median_distance(z) -> float:
+  """The median of the nonzero pairwise distances of the rows of ``z`` (1.0
+  when there are none: collapsed features)."""
+  sq = (z * z).sum(1)
+  d2 = np.maximum(sq[:, None] + sq[None] - 2 * z @ z.T, 0)[np.triu_indices(len(z), 1)]
+  d2 = d2[d2 > 0]
+  return float(np.sqrt(np.median(d2))) if len(d2) else 1.0
+
+
 def mmd(x, y, bandwidth: float | None = None, *, dtype=None) -> float:
   """Unbiased squared MMD with the RBF kernel k(a, b) = exp(-|a - b|² / (2 h²))
   (Gretton et al. 2012, eq. 3): mean off-diagonal k(x, x') + mean off-diagonal
-  k(y, y') - 2 mean k(x, y). ``bandwidth`` h defaults to the median pairwise
-  distance of the pooled sample. Squared; can be slightly negative."""
+  k(y, y') - 2 mean k(x, y). ``bandwidth`` h defaults to the median nonzero
+  pairwise distance of the pooled sample (up to 500 rows of each side; 1
+  when every row is the same point, where the MMD is 0 for any h).
+  Squared; can be slightly negative."""
   x, y = _pair(x, y)
   if bandwidth is None:
-    z = np.concatenate([x, y])[:1000].astype(np.float64)
-    sq = (z * z).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None] - 2 * z @ z.T, 0)
-    bandwidth = float(np.sqrt(np.median(d2[np.triu_indices(len(z), 1)])))
+    bandwidth = _median_distance(np.concatenate([x[:500], y[:500]]).astype(np.float64))
   if not bandwidth > 0:
     raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
 
