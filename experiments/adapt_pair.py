@@ -102,13 +102,16 @@ def figure(rows, path, title):
       ax.set_xticks([]), ax.set_yticks([])
       if name not in row["panels"]:
         ax.axis("off")
+        ax.text(0.5, 0.5, "not applicable\n(the source itself)", ha="center", va="center",
+                fontsize=8, color="0.4", transform=ax.transAxes)
         continue
       ax.imshow(row["panels"][name], cmap="gray", vmin=0, vmax=1)
       if name in row["titles"]:
         ax.set_title(row["titles"][name], fontsize=8)
     axes[r, 0].set_ylabel(row["label"], fontsize=8)
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig.text(0.01, 0.005, plots.DOMAIN_NOTE, fontsize=7, color="0.25")
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -200,7 +203,8 @@ def run(config, workdir: str) -> dict:
   epochs = max(len(h["train_loss"]) for h in histories.values())
   padded = {key: np.array([h[key] + [np.nan] * (epochs - len(h[key])) for h in histories.values()]).T
             for key in ("train_loss", "val_loss", "val_dice")}
-  plots.histories(padded, list(histories), wd.file("history.png"), "training of each model")
+  plots.histories(padded, list(histories), wd.file("history.png"), "training of each model",
+                  note=plots.DOMAIN_NOTE)
   print(f"wrote {wd.path}/results/results.json, results.md, adapt_pair.png, history.png "
         f"({results['seconds']:.0f} s)")
   return results

@@ -310,7 +310,7 @@ def report(wd, config, plan, rows) -> str:
       margins.append([margin for _, margin in cell])
     lines.append("")
     plots.severity_curves(curves, ms, wd.file(f"{variant}_severity.png"),
-                          f"{variant} U-Net: IoU against severity (band: 95 % interval, "
+                          f"{variant} U-Net: IoU against severity (mean over "
                           f"{config.seeds} seeds)")
     heat = np.array([[np.mean([iou[(variant, s, v, m)].mean() for v in plan.severities])
                       for s in plan.shifts] for m in ms])

@@ -38,6 +38,7 @@ import numpy as np
 
 from bnjax import adapt, data, distances, features, models, plots
 from bnjax import config as cfg
+from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
 from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
 from bnjax.workdir import Workdir, main
@@ -106,7 +107,6 @@ def run(config, workdir: str) -> list[dict]:
   _, model, taps = plan_of(config)
   sweep, domains, stacked, results = load_sweep(config.sweep_dir)
   wd = Workdir.open(workdir, "predict_gain", config)
-  out = wd.path
   size = sweep["data"]["size"]
   position = {d: i for i, d in enumerate(domains)}
   key = jax.random.key(config.seed)
@@ -168,7 +168,7 @@ def run(config, workdir: str) -> list[dict]:
 
   predictors = [c for c in rows[0] if c not in ("group", "source", "target", "iou_no_adapt",
                                                 "iou_adapted", "gain", "source_overlap")]
-  with open(os.path.join(out, "distances.csv"), "w", newline="") as f:
+  with open(wd.file("distances.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, list(rows[0]))
     w.writeheader()
     w.writerows(rows)
@@ -221,8 +221,9 @@ def run(config, workdir: str) -> list[dict]:
         {"source": source_cache[src][hist_tap],
          "target, unadapted": features.extract(model, v_src, x_tgt, hist_tap),
          "target, adapted": features.extract(model, v_ad, x_tgt, hist_tap)},
-        os.path.join(out, f"histograms_{label}.png"),
-        title=f"{hist_tap}: {r['source']} -> {r['target']} (gain {r['gain']:+.2f})")
+        wd.file(f"histograms_{label}.png"),
+        title=f"{hist_tap}: {r['source']} -> {r['target']} (gain {r['gain']:+.2f})",
+        note=plots.DOMAIN_NOTE)
 
   fmt = lambda v, ci: f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
   lines = [f"# Predictors of BN adaptation ({len(rows)} pairs from {config.sweep_dir})", "",
@@ -248,7 +249,7 @@ def run(config, workdir: str) -> list[dict]:
   lines.append(f"\n({time.perf_counter() - start:.0f} s)")
   text = "\n".join(lines)
   wd.write_text("ranking.md", text + "\n")
-  scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], os.path.join(out, "scatter_top6.png"))
+  scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], wd.file("scatter_top6.png"))
   print(text)
   return ranking
 
@@ -258,7 +259,8 @@ def scatter(rows, log_x, names, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(2, 3, figsize=(12, 7), squeeze=False)
+  # constrained layout keeps each row's titles clear of the x labels above
+  fig, axes = plt.subplots(2, 3, figsize=(12, 7.5), squeeze=False, layout="constrained")
   colour = np.array([r["overlap"] for r in rows])
   iou_ad = np.array([r["iou_adapted"] for r in rows])
   for ax, name in zip(axes.flat, names):
@@ -274,6 +276,9 @@ def scatter(rows, log_x, names, path):
                "(one point per source/target pair)", fontsize=10)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  write_json_atomic(os.path.splitext(path)[0] + ".json", {
+      "iou_adapted": iou_ad.tolist(), "target_overlap": colour.tolist(),
+      "log1p_predictors": {n: np.asarray(log_x[n]).tolist() for n in names}})
 
 
 if __name__ == "__main__":

@@ -195,6 +195,7 @@ def _figures(wd, group, res, grid_name):
   targets = [data.Domain.from_json(d) for d in res["targets"]]
   rows, cols = [label(d) for d in sources], [label(d) for d in targets]
   none, adapted = np.asarray(res["iou_no_adapt"]), np.asarray(res["iou_adapted"])
+  name = grid_name if group.label == grid_name else f"{grid_name} {group.label}"
   if group.layout == "sigma_panels":
     plots.sigma_panels(targets, adapted[0], wd.file(f"{group.label}_panels_adapted.png"),
                        f"{grid_name}: IoU with BN adaptation, source {rows[0]}")
@@ -202,9 +203,9 @@ def _figures(wd, group, res, grid_name):
                        f"{grid_name}: IoU without adaptation, source {rows[0]}")
   else:
     plots.heatmaps(none, adapted, rows, cols, wd.file(f"{group.label}_heatmaps.png"),
-                   f"{grid_name} {group.label}: IoU of each source model on each target")
+                   f"{name}: IoU of each source model on each target", note=plots.DOMAIN_NOTE)
     plots.surface(adapted, rows, cols, wd.file(f"{group.label}_surface.png"),
-                  "IoU adapted", f"{grid_name} {group.label}: IoU with BN adaptation")
+                  "IoU adapted", f"{name}: IoU with BN adaptation", note=plots.DOMAIN_NOTE)
   src_iou = np.asarray(res["source_iou"])[:, 0]
   return [f"## {group.label}: {len(rows)} sources x {len(cols)} targets, "
           f"target mask fraction {res['mask_fraction']:.3f}", "",
@@ -235,7 +236,8 @@ def run(config, workdir: str) -> dict:
       "groups": [g.label for g in groups],
       "model": {"features": config.model.features, "depth": config.model.depth}})
   plots.histories(history, [label(d) for d in trained], wd.file("histories.png"),
-                  f"{config.grid}: training of the {len(trained)} models")
+                  f"{config.grid}: training of the {len(trained)} models",
+                  note=plots.DOMAIN_NOTE)
   index = {d: i for i, d in enumerate(trained)}
   take = lambda doms: jax.tree_util.tree_map(lambda a: a[np.array([index[d] for d in doms])],
                                              variables)

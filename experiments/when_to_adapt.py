@@ -513,7 +513,11 @@ def report(wd, config, plan, rows, analysis) -> str:
           "xscale": "symlog" if p in ("bn_w2", "frechet", "sliced_w2") else "linear"}
     plots.predictor_scatter(panels, fams, wd.file(f"scatter_{method}.png"),
                             f"{method}: gain (IoU adapted - unadapted) against each predictor "
-                            "(one point per pair and seed)", ylabel="gain")
+                            "(one point per pair and seed)", ylabel="gain",
+                            note="crosses: each row's gain predicted by the isotonic fit on the "
+                                 "other families (leave one family out); line: the fit on every "
+                                 "row; † needs the target masks (a reference, not a label-free "
+                                 "score)")
   return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -13,7 +14,8 @@ from bnjax.checkpoint import write_json_atomic
 from bnjax.features import constant_dims
 
 __all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms",
-           "severity_curves", "labelled_heatmap", "winner_grid", "predictor_scatter"]
+           "severity_curves", "labelled_heatmap", "winner_grid", "predictor_scatter",
+           "DOMAIN_NOTE"]
 
 
 def _plt():
@@ -27,6 +29,24 @@ def _stem(path):
   return os.path.splitext(os.fspath(path))[0]
 
 
+# What the four numbers of a domain label mean, for every figure that shows one.
+DOMAIN_NOTE = ("domain (μ1,σ1,μ2,σ2): mean and standard deviation of the background (μ1, σ1) "
+               "and of the foreground (μ2, σ2) pixels, 0-255 scale")
+
+
+def _footnote(fig, note: str) -> float:
+  """``note`` in small type along the bottom of ``fig``; returns the height
+  (figure fraction) to keep free for it (0 without a note)."""
+  if not note:
+    return 0.0
+  width, height = fig.get_size_inches()
+  chars = max(40, int(width * 72 / (7 * 0.55)))  # 7 pt characters across the figure
+  note = "\n".join(textwrap.fill(part, chars) for part in note.split("\n"))
+  lines = note.count("\n") + 1
+  fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", color="0.25")
+  return (lines * 7 * 1.5 / 72 + 0.05) / height  # 7 pt lines, in inches
+
+
 def _write_matrix_csv(path, matrix, rows, cols, corner="source \\ target"):
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
@@ -36,8 +56,9 @@ def _write_matrix_csv(path, matrix, rows, cols, corner="source \\ target"):
 
 
 def heatmaps(no_adapt, adapted, rows: Sequence[str], cols: Sequence[str], path,
-             title: str = "") -> str:
-  """Three panels: IoU without adaptation, with, and the difference."""
+             title: str = "", note: str = "") -> str:
+  """Three panels: IoU without adaptation, with, and the difference;
+  ``note`` in small type below (e.g. :data:`DOMAIN_NOTE`)."""
   plt = _plt()
   no_adapt, adapted = np.asarray(no_adapt), np.asarray(adapted)
   diff = adapted - no_adapt
@@ -63,7 +84,7 @@ def heatmaps(no_adapt, adapted, rows: Sequence[str], cols: Sequence[str], path,
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, _footnote(fig, note), 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
   stem = _stem(path)
@@ -75,9 +96,10 @@ def heatmaps(no_adapt, adapted, rows: Sequence[str], cols: Sequence[str], path,
   return path
 
 
-def sigma_panels(targets, values, path, title: str = "") -> str:
+def sigma_panels(targets, values, path, title: str = "", label: str = "IoU") -> str:
   """One source, many targets: subplot rows sigma1, columns sigma2; inside,
-  rows mu1, columns mu2 - mu1; blank where a combination is not in the grid.
+  rows mu1, columns mu2 - mu1; blank (grey hatching) where a combination is
+  not in the grid, as a note below the panels says.
 
   ``targets`` are Domains; ``values`` float[len(targets)] (e.g. adapted IoU).
   """
@@ -87,8 +109,8 @@ def sigma_panels(targets, values, path, title: str = "") -> str:
   s2s = sorted({t.sigma2 for t in targets})
   mus = sorted({t.mu1 for t in targets})
   deltas = sorted({t.mu2 - t.mu1 for t in targets})
-  fig, axes = plt.subplots(len(s1s), len(s2s), figsize=(2.2 * len(s2s) + 1, 2.2 * len(s1s)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(s1s), len(s2s), squeeze=False,
+                           figsize=(max(2.2 * len(s2s) + 1.8, 6.5), 2.2 * len(s1s) + 1.2))
   table = []
   for t, v in zip(targets, values):
     table.append({"mu1": t.mu1, "sigma1": t.sigma1, "mu2": t.mu2, "sigma2": t.sigma2,
@@ -101,6 +123,9 @@ def sigma_panels(targets, values, path, title: str = "") -> str:
         if t.sigma1 == s1 and t.sigma2 == s2:
           mat[mus.index(t.mu1), deltas.index(t.mu2 - t.mu1)] = v
       ax = axes[a, b]
+      ax.set_facecolor("0.92")
+      ax.patch.set_hatch("//")
+      ax.patch.set_edgecolor("0.75")
       im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=1)
       ax.set_xticks(range(len(deltas)), [f"{d:g}" for d in deltas], fontsize=5, rotation=90)
       ax.set_yticks(range(len(mus)), [f"{m:g}" for m in mus], fontsize=5)
@@ -110,9 +135,12 @@ def sigma_panels(targets, values, path, title: str = "") -> str:
         ax.set_ylabel(f"σ1 = {s1:g}\nμ1", fontsize=8)
       if a == len(s1s) - 1:
         ax.set_xlabel("μ2 − μ1", fontsize=7)
-  fig.colorbar(im, ax=axes, fraction=0.02)
   if title:
     fig.suptitle(title, fontsize=10)
+  bottom = _footnote(fig, "hatched: no target of the grid has these values (e.g. μ2 beyond the "
+                          "grid's limit)\n" + DOMAIN_NOTE)
+  fig.subplots_adjust(left=0.14, right=0.84, top=0.88, bottom=bottom + 0.1, hspace=0.35)
+  fig.colorbar(im, cax=fig.add_axes([0.87, bottom + 0.1, 0.02, 0.78 - bottom]), label=label)
   fig.savefig(path, dpi=120)
   plt.close(fig)
   write_json_atomic(f"{_stem(path)}.json", table)
@@ -124,7 +152,7 @@ def sigma_panels(targets, values, path, title: str = "") -> str:
 
 
 def surface(matrix, rows: Sequence[str], cols: Sequence[str], path, zlabel="IoU",
-            title: str = "") -> str:
+            title: str = "", note: str = "") -> str:
   """A 3-D surface of a source x target matrix."""
   plt = _plt()
   matrix = np.asarray(matrix, float)
@@ -140,6 +168,7 @@ def surface(matrix, rows: Sequence[str], cols: Sequence[str], path, zlabel="IoU"
   ax.set_zlim(0, 1)
   if title:
     ax.set_title(title, fontsize=9)
+  _footnote(fig, note)
   fig.savefig(path, dpi=120)
   plt.close(fig)
   _write_matrix_csv(f"{_stem(path)}.csv", matrix, rows, cols)
@@ -154,7 +183,8 @@ def _colours(n: int):
   return [plt.get_cmap("viridis")(i / max(n - 1, 1)) for i in range(n)]
 
 
-def histories(history: dict, labels: Sequence[str], path, title: str = "") -> str:
+def histories(history: dict, labels: Sequence[str], path, title: str = "",
+              note: str = "") -> str:
   """Training (solid) and validation (dashed, when ``history`` has
   ``val_loss``) loss and validation Dice of every model, one colour per model
   in both panels. ``history`` arrays are float[epochs, K] (NaN after a model
@@ -178,7 +208,7 @@ def histories(history: dict, labels: Sequence[str], path, title: str = "") -> st
     axes[1].legend(fontsize=6)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, _footnote(fig, note), 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   clean = lambda a: np.where(np.isnan(a), None, a).tolist()
@@ -190,7 +220,8 @@ def histories(history: dict, labels: Sequence[str], path, title: str = "") -> st
 
 
 def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constant: bool = True,
-                       bins: int = 40, title: str = "") -> str:
+                       bins: int = 40, title: str = "", note: str = "",
+                       xlabel: str = "feature value") -> str:
   """Per-dimension histograms: a grid of channels, one outline per sample
   (e.g. ``{"source": fs, "target": ft, "adapted": fa}``, each [N, C] from
   :func:`bnjax.features.extract`), on shared bins per channel. With
@@ -220,16 +251,22 @@ def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constan
   rows = int(np.ceil(max(len(shown), 1) / cols))
   fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False)
   record = []
-  for ax, ch in zip(axes.flat, shown):
+  styles = [dict(lw=2.2, alpha=0.45, ls="-"), dict(lw=1.1, ls="--"), dict(lw=1.1, ls=":")]
+  for i, (ax, ch) in enumerate(zip(axes.flat, shown)):
     lo = min(a[:, ch].min() for a in arrays.values())
     hi = max(a[:, ch].max() for a in arrays.values())
     edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
     counts = {}
-    for label, a in arrays.items():
+    for j, (label, a) in enumerate(arrays.items()):
       counts[label], _ = np.histogram(a[:, ch], edges, density=False)
-      ax.stairs(counts[label] / len(a), edges, label=label)
+      # Each sample its own line style, so that coinciding outlines stay visible.
+      ax.stairs(counts[label] / len(a), edges, label=label, **styles[j % len(styles)])
     ax.set_title(f"channel {ch}", fontsize=7)
     ax.tick_params(labelsize=5)
+    if i % cols == 0:
+      ax.set_ylabel("fraction of rows", fontsize=6)
+    if i // cols == rows - 1 or i + cols >= len(shown):
+      ax.set_xlabel(xlabel, fontsize=6)
     record.append({"channel": int(ch), "edges": edges.tolist(),
                    "counts": {k: v.tolist() for k, v in counts.items()}})
   for ax in list(axes.flat)[len(shown):]:
@@ -238,7 +275,7 @@ def channel_histograms(samples: dict, path, max_channels: int = 16, drop_constan
     axes.flat[0].legend(fontsize=5)
   fig.suptitle(f"{title} ({len(dropped)} constant channels dropped)" if drop_constant else title,
                fontsize=8)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, _footnote(fig, note), 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   write_json_atomic(f"{_stem(path)}.json", {"dropped_constant": dropped, "histograms": record})
@@ -256,15 +293,18 @@ def _panel_grid(n: int, width: float, height: float):
   return fig, axes
 
 
-def _finish_panels(fig, axes, path, title: str, bottom: float, dpi: int, **legend) -> None:
-  """The first panel's legend below the grid, the title above, saved and closed."""
+def _finish_panels(fig, axes, path, title: str, bottom: float, dpi: int, note: str = "",
+                   **legend) -> None:
+  """The first panel's legend below the grid (above ``note``), the title
+  above, saved and closed."""
   plt = _plt()
   handles, labels = axes.flat[0].get_legend_handles_labels()
+  below = _footnote(fig, note)
   fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), legend.pop("ncol", 99)),
-             fontsize=8, frameon=False, **legend)
+             fontsize=8, frameon=False, bbox_to_anchor=(0.5, below), **legend)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout(rect=(0, bottom, 1, 1))
+  fig.tight_layout(rect=(0, bottom + below, 1, 1))
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
 
@@ -277,7 +317,7 @@ def _fixed_colours(names: Sequence[str]) -> dict:
 def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
                     ylabel: str = "IoU") -> str:
   """One panel per shift, IoU against severity, one line per method (mean
-  with its 95 % interval as a band), as the corruption benchmarks plot.
+  with its 95 % interval as a bar), as the corruption benchmarks plot.
 
   ``curves[panel][method] = (severities, mean, half_width)``; ``methods``
   fixes the colours (and the legend's order) across panels.
@@ -285,17 +325,26 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
   panels = list(curves)
   fig, axes = _panel_grid(len(panels), 3.2, 2.6)
   colour = _fixed_colours(methods)
+  # Methods that coincide (AdaBN and TENT often do) would hide each other:
+  # each gets its own marker and line style and a small offset along x.
+  markers, dashes = "osD^vP*X", ["-", "--", "-.", ":"]
+  offset = {m: 0.08 * (i - (len(methods) - 1) / 2) for i, m in enumerate(methods)}
   for ax, panel in zip(axes.flat, panels):
-    for method in methods:
+    for i, method in enumerate(methods):
       if method not in curves[panel]:
         continue
       sev, mean, half = (np.asarray(a, float) for a in curves[panel][method])
-      ax.plot(sev, mean, "o-", color=colour[method], label=method, lw=1.2, ms=3)
+      x = sev + offset[method]
+      ax.plot(x, mean, marker=markers[i % len(markers)], ls=dashes[i % len(dashes)],
+              color=colour[method], label=method, lw=1.2, ms=3.5)
       if np.isfinite(half).any():
-        ax.fill_between(sev, mean - half, mean + half, color=colour[method], alpha=0.15, lw=0)
+        ax.errorbar(x, mean, yerr=half, fmt="none", ecolor=colour[method], elinewidth=0.8,
+                    capsize=1.5, alpha=0.7)
     ax.set(title=panel, xlabel="severity", ylabel=ylabel, ylim=(0, 1))
     ax.title.set_fontsize(9)
-  _finish_panels(fig, axes, path, title, 0.05, 110)
+  _finish_panels(fig, axes, path, title, 0.05, 110,
+                 note="bars: 95 % interval over seeds; the methods are offset by a few "
+                      "hundredths of a severity step so that coinciding lines stay visible")
   write_json_atomic(f"{_stem(path)}.json", {
       panel: {m: [np.asarray(a, float).tolist() for a in v] for m, v in c.items()}
       for panel, c in curves.items()})
@@ -363,15 +412,37 @@ def winner_grid(winners: Sequence[Sequence[str]], margins, rows: Sequence[str],
   return path
 
 
+def _symlog_axis(ax, x) -> str:
+  """A symmetric-log x axis for non-negative, heavy-tailed values: linear
+  below the smallest positive value (zeros kept), ticks at 0 and at the
+  decades from three times that on, so that 0 and the first decade never
+  print over each other. Returns the axis-label suffix."""
+  from matplotlib import ticker
+
+  positive = x[x > 0]
+  threshold = float(np.min(positive)) if len(positive) else 1.0
+  ax.set_xscale("symlog", linthresh=threshold, linscale=0.6)
+  if len(x) and x.min() >= 0:
+    ax.set_xlim(left=0)
+    top = float(np.max(x)) if len(x) else 1.0
+    # Decades from 3x the linear threshold on: at least a decade of axis from 0.
+    first = int(np.ceil(np.log10(threshold * 3)))
+    decades = [10.0 ** k for k in range(first, int(np.floor(np.log10(max(top, threshold)))) + 1)]
+    ax.set_xticks([0.0] + decades)
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+  return f" (log scale, linear below {threshold:.2g})"
+
+
 def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = "",
-                      ylabel: str = "gain") -> str:
+                      ylabel: str = "gain", note: str = "") -> str:
   """One panel per predictor: an outcome against the predictor, one point per
   row coloured by its group (the same colours in every panel), a fitted
   monotone step drawn as a line, held-out predictions as black crosses.
 
   ``panels[name] = {"x", "y", "group", "heldout" (or None), "fit": (edges,
   values) (or None), "note", "xscale" (optional, e.g. "symlog" for
-  heavy-tailed distances)}``; the numbers go beside the figure as JSON.
+  heavy-tailed distances)}``; the numbers go beside the figure as JSON;
+  ``note`` is printed below the legend.
   """
   names = list(panels)
   fig, axes = _panel_grid(len(names), 3.3, 2.7)
@@ -386,21 +457,17 @@ def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = ""
         ax.scatter(x[m], y[m], s=7, color=colour[group], alpha=0.7, lw=0, label=group)
     if p.get("heldout") is not None:
       ax.scatter(x, np.asarray(p["heldout"], float), s=9, marker="x", color="k", lw=0.6,
-                 label="held out (fit without the family)")
+                 label="a row's predicted gain, fitted without its group")
     if p.get("fit") is not None:
       edges, values = (np.asarray(a, float) for a in p["fit"])
       ax.step(edges, values, where="pre", color="0.3", lw=1.2, label="fit on every row")
     ax.axhline(0.0, color="0.6", lw=0.6, ls=":")
-    if p.get("xscale") == "symlog":
-      positive = x[x > 0]
-      ax.set_xscale("symlog", linthresh=float(np.min(positive)) if len(positive) else 1.0)
-      if len(x) and x.min() >= 0:
-        ax.set_xlim(left=0)
-    ax.set_xlabel(name + (" (log scale)" if p.get("xscale") == "symlog" else ""), fontsize=8)
+    suffix = _symlog_axis(ax, x) if p.get("xscale") == "symlog" else ""
+    ax.set_xlabel(name + suffix, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(p.get("note", ""), fontsize=8)
-  _finish_panels(fig, axes, path, title, 0.06, 100, ncol=6, markerscale=2)
+  _finish_panels(fig, axes, path, title, 0.06, 100, note=note, ncol=6, markerscale=2)
   write_json_atomic(f"{_stem(path)}.json", {
       n: {k: (v if isinstance(v, str) else np.asarray(v).tolist()) for k, v in p.items()}
       for n, p in panels.items()})
