@@ -317,7 +317,28 @@ def named_key(seed: int, *names) -> jax.Array:
 def make_dataset(key: jax.Array, domain: Domain, n: int, size: int = 64,
                  kind: RenderKind = "white_noise", res: int = 2,
                  threshold: float = 0.4, quantize: bool = False):
-  """``n`` images and masks of a domain: (float32[n, size, size, 1], bool[n, size, size])."""
+  """``n`` images and masks of a domain: (float32[n, size, size, 1], bool[n, size, size]).
+
+  Args:
+    key: PRNG key; the same key gives the same set (split into a mask key and
+      a rendering key).
+    domain: the class intensities (:class:`Domain`, 0-255 scale).
+    n: number of images, >= 1.
+    size: image side in pixels; a multiple of ``res``.
+    kind: the renderer (:func:`render`): ``"white_noise"`` (the study's
+      default: background ~ N(mu1, sigma1), mask ~ N(mu2, sigma2)),
+      ``"gradient"`` or ``"edges"`` (these two ignore the intensities).
+    res: Perlin lattice cells across the image (:func:`perlin_masks`); larger
+      values give smaller, more numerous foreground blobs (2: the study's).
+    threshold: the mask is ``|noise| > threshold``, in [0, 1.5); a higher
+      threshold gives less foreground (0.4: the study's, about 20 %).
+    quantize: truncate pixels to integers before scaling, as the original
+      uint8 storage did.
+
+  Returns:
+    (images, masks): images float32 in [0, 1] (clipped at 0 and 255, then
+    divided by 255), masks bool.
+  """
   _checks.key(key)
   k_mask, k_render = jax.random.split(key)
   masks = perlin_masks(k_mask, n, size, res, threshold)

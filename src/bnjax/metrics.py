@@ -48,7 +48,19 @@ def iou_per_image(pred, masks, empty: float = 1.0) -> jax.Array:
 
 
 def iou(pred, masks, empty: float = 1.0) -> float:
-  """Per-image foreground IoU averaged over images (the study's metric)."""
+  """Per-image foreground IoU averaged over images (the study's metric).
+
+  Args:
+    pred: the predicted masks, bool[n, H, W] (or integers in {0, 1}; float
+      scores are refused: threshold them first, e.g. ``probs > 0.5``).
+    masks: the true masks, the same shape and types.
+    empty: the score of an image whose prediction and mask are both empty
+      (IoU 0 / 0), in [0, 1]: 1.0 (default: a correct empty prediction is
+      perfect) or 0.0 (the original study's code).
+
+  Returns:
+    The mean over the ``n`` images of |pred & mask| / |pred | mask|, a float.
+  """
   return float(jnp.mean(iou_per_image(pred, masks, empty)))
 
 

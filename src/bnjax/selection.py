@@ -209,6 +209,17 @@ class Rule:
 
 
 class Decision(NamedTuple):
+  """What :func:`should_adapt` decided, and from what.
+
+  Attributes:
+    adapt: True to adapt (the predicted gain exceeds the rule's margin).
+    method: the adaptation the rule is about (e.g. ``"adabn"``).
+    score: the name of the label-free score the rule reads (e.g. ``"agreement"``).
+    value: that score's value for this target set.
+    predicted_gain: the rule's fitted gain (IoU adapted - IoU unadapted) at
+      ``value``; ``adapt`` is ``predicted_gain > margin``.
+  """
+
   adapt: bool
   method: str
   score: str
@@ -245,7 +256,18 @@ def fit_rule(values, gains, *, score: str, method: str, increasing: bool | None 
 
 def should_adapt(rule: Rule, scores_: Mapping[str, float]) -> Decision:
   """Whether to adapt, by ``rule``, given the :func:`scores` of a target set
-  (or any mapping holding the rule's score)."""
+  (or any mapping holding the rule's score).
+
+  Args:
+    rule: a fitted :class:`Rule` (:func:`fit_rule`, or ``Rule.load(path)``).
+    scores_: the target set's scores; must hold ``rule.score``, finite.
+
+  Returns:
+    A :class:`Decision`: ``adapt`` (True iff the rule's predicted gain at the
+    score's value exceeds its margin), the method and score, the score's
+    value and the predicted gain. A missing or non-finite score is a
+    ValueError.
+  """
   if not isinstance(rule, Rule):
     raise ValueError(f"rule must be a bnjax.selection.Rule (Rule.load(path)), got "
                      f"{type(rule).__name__}")
