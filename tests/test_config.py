@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bnjax import config as cfg
-from bnjax import models, train
+from bnjax import models, train, workdir
 from experiments import adapt_pair, benchmark, predict_gain, sweep, when_to_adapt
 from experiments.configs import adapt_pair as adapt_pair_config
 from experiments.configs import benchmark as benchmark_config
@@ -123,6 +123,18 @@ def test_predict_gain_checks_its_taps_before_reading_the_sweep(tmp_path):
     predict_gain.run(config, str(tmp_path / "gain"))
   config.sweep_dir = str(tmp_path / "nowhere")
   with pytest.raises(cfg.ConfigError, match=r"^config\.sweep_dir: .* not a bnjax workdir"):
+    predict_gain.run(config, str(tmp_path / "gain"))
+  # A sweep's workdir holding its config only: the taps are checked against
+  # its model before any checkpoint is read.
+  sweep_cfg = sweep_config.get_config("geometric")
+  sweep_cfg.model.depth = 2
+  workdir.Workdir.open(tmp_path / "sweep", "sweep", sweep_cfg, log=lambda *_: None)
+  config.sweep_dir, config.taps = str(tmp_path / "sweep"), ("bottle",)
+  with pytest.raises(cfg.ConfigError, match=r"^config\.taps must name taps of the model, "
+                                            r"\('enc0', 'enc1', 'bottleneck', .*got 'bottle'"):
+    predict_gain.run(config, str(tmp_path / "gain"))
+  config.taps, config.hist_tap = ("enc0",), "bottleneck"
+  with pytest.raises(cfg.ConfigError, match=r"^config\.hist_tap must be one of the taps used"):
     predict_gain.run(config, str(tmp_path / "gain"))
   assert not (tmp_path / "gain").exists()
 
