@@ -210,8 +210,8 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   first = stacking.tree_index(variables, 0) if stacked else variables
   image_range = _checks.image_range_of(model, image_range)
   if image_range is not None:  # one set of images, checked as every image entry point does
-    images = _checks.images(images, image_range=image_range,
-                            stacked=stacked and jnp.ndim(images) == 5)
+    per_model_set = stacked and not isinstance(images, (tuple, list)) and np.ndim(images) == 5
+    images = _checks.images(images, image_range=image_range, stacked=per_model_set)
   inputs = tuple(images) if isinstance(images, (tuple, list)) else (images,)
   per_model = stacked and len(inputs) == 1 and jnp.ndim(inputs[0]) == 5
   check = _checks.inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images")
