@@ -27,6 +27,7 @@ import conv_parts  # noqa: E402
 import data_gen  # noqa: E402
 import frechet  # noqa: E402
 import sliced_wasserstein  # noqa: E402
+import streams_many  # noqa: E402
 import train_many  # noqa: E402
 import train_step  # noqa: E402
 
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "frechet": lambda: frechet.run(reps=2),
     "sliced_w2": lambda: sliced_wasserstein.run(reps=2),
     "train_many": lambda: train_many.run(ks="4,8", strategies="auto", reps=7),
+    "streams": lambda: streams_many.run(),
 }
 
 

@@ -7,10 +7,10 @@ import bnjax
 
 MODULES = ["adapt", "checkpoint", "compiler", "config", "data", "distances", "distributed", "features",
            "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
-           "shifts", "stacking", "stats", "train", "workdir"]
+           "shifts", "stacking", "stats", "streams", "train", "workdir"]
 # Each module may import only modules above it in this order (and private ones).
 ORDER = ["launch", "distributed", "compiler", "data", "shifts", "models", "stacking", "adapt",
-         "methods", "metrics", "inference", "train", "features", "config", "distances", "stats", "checkpoint",
+         "methods", "metrics", "inference", "streams", "train", "features", "config", "distances", "stats", "checkpoint",
          "selection", "workdir", "plots", "progress"]
 
 

@@ -12,6 +12,7 @@ import conv_parts  # noqa: E402
 import data_gen  # noqa: E402
 import frechet  # noqa: E402
 import sliced_wasserstein  # noqa: E402
+import streams_many  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -76,3 +77,11 @@ def test_numpy_perlin_reference_matches_bnjax_statistics():
   rng = np.random.default_rng(0)
   fraction = np.mean([np.mean(np.abs(data_gen.numpy_perlin(rng)) > 0.4) for _ in range(400)])
   assert 0.17 < fraction < 0.24
+
+
+def test_streams_benchmark_runs_both_sides_to_the_same_masks():
+  """run_many against a loop of run: the same masks (ema_bn: every step's
+  statistics are the same sums either way)."""
+  rows = streams_many.run(m=2, batch_sizes="1,2", images=4, features=2, size=16, reps=1)
+  check_times(rows)
+  assert [r["value"] for r in rows] == [0.0, 0.0]

@@ -11,7 +11,8 @@ Perlin masks, rendering), ``shifts`` (controlled shifts of a set, severity
 0..5), ``models`` (the U-Net), ``stacking`` (stacks of models, devices),
 ``adapt`` (BatchNorm adaptation of any Flax model), ``methods`` (TENT,
 histogram matching), ``metrics``, ``inference`` (predictions, stacked
-scores), ``train`` (one loop for K >= 1 models), ``features`` and
+scores), ``streams`` (online adaptation on streams of batches),
+``train`` (one loop for K >= 1 models), ``features`` and
 ``distances`` (latent spaces and OT), ``stats``, ``checkpoint``,
 ``selection`` (label-free scores of an adaptation, rules of when to adapt),
 ``config`` (an experiment's config checked whole before it runs), ``workdir`` (the run-directory contract of the experiments), ``plots``, ``compiler``, ``progress``,
@@ -21,7 +22,7 @@ scores), ``train`` (one loop for K >= 1 models), ``features`` and
 
 from bnjax import (adapt, checkpoint, compiler, config, data, distances, distributed, features,
                    inference, launch, methods, metrics, models, plots, progress, selection,
-                   shifts, stacking, stats, train, workdir)
+                   shifts, stacking, stats, streams, train, workdir)
 from bnjax.adapt import recompute_batch_stats, recompute_batch_stats_nnx
 from bnjax.data import Domain
 from bnjax.inference import evaluate_grid, predict
@@ -32,7 +33,7 @@ __all__ = [
     # modules
     "adapt", "checkpoint", "compiler", "config", "data", "distances", "distributed", "features",
     "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
-    "shifts", "stacking", "stats", "train", "workdir",
+    "shifts", "stacking", "stats", "streams", "train", "workdir",
     # the names most programs need
     "Domain", "UNet", "TrainConfig", "fit", "train_many", "predict", "evaluate_grid",
     "recompute_batch_stats", "recompute_batch_stats_nnx",

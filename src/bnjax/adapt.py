@@ -265,6 +265,16 @@ def _linen_runner(model, kind: str, policy: _Policy, kw: _m.Kwargs, is_batch_nor
   return _m.cached(model, ("linen", kind, policy, kw.key(), is_batch_norm, strategy), build)
 
 
+def _policy_apply(model, variables, inputs, kwargs, policy: _Policy, is_batch_norm=None):
+  """``(output, {layer: (mean, var, count)})``: ``model.apply(variables,
+  *inputs, **kwargs)`` with the BatchNorm layers normalising as ``policy``
+  says, and the moments of each layer's input (traceable; for the online
+  methods of :mod:`bnjax.streams`)."""
+  with nn.intercept_methods(_linen_interceptor(policy, is_batch_norm)):
+    out, state = model.apply(variables, *inputs, mutable=["batch_stats"], **kwargs)
+  return out, _records(state["batch_stats"])
+
+
 def _batch_normalised_apply(model, variables, inputs, kwargs, is_batch_norm=None):
   """``model.apply(variables, *inputs, **kwargs)`` with every BatchNorm layer
   normalising with the moments of its input (as in train mode, gradients
@@ -273,9 +283,7 @@ def _batch_normalised_apply(model, variables, inputs, kwargs, is_batch_norm=None
   optimise through batch statistics (TENT)."""
   names = _m.stats_paths(variables["batch_stats"])
   policy = _Policy("batch", frozenset(names))
-  with nn.intercept_methods(_linen_interceptor(policy, is_batch_norm)):
-    out, _ = model.apply(variables, *inputs, mutable=["batch_stats"], **kwargs)
-  return out
+  return _policy_apply(model, variables, inputs, kwargs, policy, is_batch_norm)[0]
 
 
 # --------------------------------------------------------------------------

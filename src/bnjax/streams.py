@@ -1,0 +1,559 @@
+"""Adaptation on a stream: batches that arrive one at a time, small, from a
+domain that changes, with a label distribution that drifts.
+
+A :class:`Stream` is built by :func:`make` from a pool of source-domain
+images and the shifts of :mod:`bnjax.shifts`, keyed and reproducible, in one
+of the :data:`SETTINGS` of the test-time-adaptation benchmarks (Döbler et
+al.'s settings, with a segmentation label drift):
+
+``"iid"``
+  one shift at one severity, the pool shuffled and cut into batches;
+``"episodic"``
+  the same batches, every batch adapted from the source model (the method's
+  state is reset before each batch);
+``"continual"``
+  a sequence of shifts (default: every shift of :data:`bnjax.shifts.SHIFTS`)
+  at one severity, each a block of batches, no reset between blocks;
+``"gradual"``
+  per shift, severity 1, 2, 3, 4, 5, 4, 3, 2, 1 over consecutive blocks;
+``"mixed"``
+  every image draws its shift (and its severity, from those given) at
+  random, so one batch mixes domains;
+``"correlated"``
+  the images of ``"iid"`` ordered by their foreground fraction, so that
+  consecutive batches share a label distribution that drifts over time
+  (the segmentation counterpart of label-sorted streams).
+
+An online method is one pure step ``(state, inputs) -> (state, logits)``
+(:func:`online`): the logits of a batch come from the state *at the time the
+batch arrives*, before any update on it (the online protocol: predictions
+count as they are made; TENT's own code returns the outputs of the forward
+pass it then updates from). :func:`run` scans the step over time (one
+``jax.lax.scan``, compiled once per method, options, batch size and shape);
+:func:`run_many` maps it over K models and M streams in one compiled call.
+
+Methods (:data:`METHODS`), on any linen model with BatchNorm layers (the
+any-model machinery of :mod:`bnjax.adapt`: the layers normalise themselves
+with the statistics put into them):
+
+``"source"``
+  no adaptation: the stored statistics.
+``"bn_test"``
+  every BatchNorm layer normalises with the current batch's moments only
+  (test-time BN; Nado et al. 2020, Schneider et al. 2020).
+``"bn_alpha"``
+  the current batch's moments mixed with the source statistics,
+  ``alpha * batch + (1 - alpha) * source`` (``alpha`` weighs the *batch*,
+  as in :func:`bnjax.adapt.recompute_batch_stats` and as the BN-α of the
+  TTA benchmark of Döbler et al., whose default is 0.1, used here), or with
+  ``prior=N`` the source counted as ``N`` examples against the batch's
+  ``B``: ``alpha = B / (B + N)`` (Schneider et al. 2020). Note that robusta's
+  ``prior`` argument is the *source's* weight, ``1 - alpha`` here.
+``"ema_bn"``
+  running statistics that start from the source's and follow every batch,
+  ``running = (1 - momentum) running + momentum batch``, used to normalise
+  that batch (robust BN; RoTTA, Yuan et al. 2023, momentum 0.05, the
+  default). Variances are biased, as Flax stores them.
+``"tent"``
+  one entropy-minimisation step on the BatchNorm scale and bias per batch,
+  the layers normalising with the batch's moments (Wang et al. 2021;
+  default Adam, learning rate 1e-3, their CIFAR setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from bnjax import _checks
+from bnjax import _modules as _m
+from bnjax import adapt as _adapt
+from bnjax import compiler
+from bnjax import methods as _methods
+from bnjax import shifts as _shifts
+from bnjax import stacking
+from bnjax.inference import logits_to_masks
+
+__all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
+           "SETTINGS", "METHODS", "GRADUAL"]
+
+SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
+METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "tent")
+GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
+_ONE_SHIFT = ("iid", "episodic", "correlated")
+
+
+# --------------------------------------------------------------------------
+# Streams
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """T batches of B images, in the order they arrive.
+
+  Attributes:
+    images: float32[T, B, H, W, C] in [0, 1].
+    masks: bool[T, B, H, W] (for scoring; never given to a method).
+    shift: int[T, B], each image's shift as an index into ``shifts``.
+    severity: int[T, B], each image's severity (0..5).
+    block: int[T], the block (one domain segment) each batch belongs to.
+    reset: bool[T], whether the method starts again from the source model
+      before that batch (every batch in ``"episodic"``).
+    shifts: the shift names ``shift`` indexes.
+    setting: the setting it was built in.
+  """
+
+  images: Any
+  masks: Any
+  shift: np.ndarray
+  severity: np.ndarray
+  block: np.ndarray
+  reset: np.ndarray
+  shifts: tuple
+  setting: str
+
+  @property
+  def steps(self) -> int:
+    return int(self.images.shape[0])
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.images.shape[1])
+
+
+def _severities(value, name: str = "severity") -> tuple[int, ...]:
+  values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+  if not values:
+    raise ValueError(f"{name} must be an integer in 0..5 or a non-empty sequence of them")
+  for v in values:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 5:
+      raise ValueError(f"{name} must be an integer in 0..5 (or, for 'mixed', a sequence of "
+                       f"them), got {value!r}")
+  return tuple(int(v) for v in values)
+
+
+def _order(key, n: int, count: int) -> jax.Array:
+  """``count`` indices into a pool of ``n``: consecutive permutations of it."""
+  perms = [jax.random.permutation(jax.random.fold_in(key, r), n) for r in range(-(-count // n))]
+  return jnp.concatenate(perms)[:count]
+
+
+def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
+         shifts: Sequence[str] | str | None = None, severity=5,
+         block_steps: int | None = None) -> Stream:
+  """A stream of batches from a pool of source-domain images (see the module
+  docstring for the settings).
+
+  Args:
+    key: PRNG key; the same key gives the same stream.
+    images: the pool, float[N, H, W, C] (or [N, H, W]) in [0, 1].
+    masks: bool[N, H, W].
+    setting: one of :data:`SETTINGS`.
+    batch_size: images per batch, in 1..N.
+    shifts: shift names of :data:`bnjax.shifts.SHIFTS`: one for ``"iid"``,
+      ``"episodic"`` and ``"correlated"`` (default ``"brightness"``), the
+      sequence for ``"continual"`` and ``"gradual"`` and the choices of
+      ``"mixed"`` (default: all of them).
+    severity: 0..5 (0: the source itself); for ``"mixed"`` also a sequence
+      to draw from; ``"gradual"`` runs its own sequence :data:`GRADUAL`.
+    block_steps: batches per block (default: the pool once, N // B); the
+      images of a block are a fresh permutation of the pool (repeated when
+      the block needs more than N images).
+
+  Returns:
+    A :class:`Stream` of T = blocks x block_steps batches.
+  """
+  _checks.key(key)
+  _checks.choice("setting", setting, SETTINGS)
+  images, masks = _checks.images(images, masks)
+  n = images.shape[0]
+  batch_size = _checks.positive_int("batch_size", batch_size)
+  if batch_size > n:
+    raise ValueError(f"batch_size must be in 1..{n} (the pool's images), got {batch_size}")
+  steps = (n // batch_size if block_steps is None
+           else _checks.positive_int("block_steps", block_steps))
+  if shifts is None:
+    names = ("brightness",) if setting in _ONE_SHIFT else _shifts.SHIFTS
+  else:
+    names = (shifts,) if isinstance(shifts, str) else tuple(shifts)
+  if not names:
+    raise ValueError("shifts must name at least one shift")
+  for s in names:
+    _checks.choice("shifts", s, _shifts.SHIFTS)
+  if setting in _ONE_SHIFT and len(names) != 1:
+    raise ValueError(f"setting {setting!r} streams one shift; got shifts={names}")
+  sevs = _severities(severity)
+  if setting != "mixed" and len(sevs) != 1:
+    raise ValueError(f"severity must be one integer for setting {setting!r}, got {severity!r}")
+  if setting == "gradual":
+    blocks = [(s, v) for s in names for v in GRADUAL]
+  elif setting == "mixed":
+    blocks = [(None, None)]
+  else:
+    blocks = [(s, sevs[0]) for s in (names if setting == "continual" else names[:1])]
+
+  count = steps * batch_size
+  xs, ys, shift_idx, sev = [], [], [], []
+  for b, (s, v) in enumerate(blocks):
+    k_order, k_shift, k_draw = jax.random.split(jax.random.fold_in(key, b), 3)
+    order = _order(k_order, n, count)
+    x, y = images[order], masks[order]
+    if setting == "mixed":
+      k_s, k_v = jax.random.split(k_draw)
+      si = np.asarray(jax.random.randint(k_s, (count,), 0, len(names)))
+      vi = np.asarray(sevs)[np.asarray(jax.random.randint(k_v, (count,), 0, len(sevs)))]
+      x, y = np.array(x), np.array(y)
+      for g, (a, c) in enumerate(sorted(set(zip(si.tolist(), vi.tolist())))):
+        where = np.flatnonzero((si == a) & (vi == c))
+        gx, gy = _shifts.apply(jax.random.fold_in(k_shift, g), x[where], y[where], names[a],
+                               int(c))
+        x[where], y[where] = np.asarray(gx), np.asarray(gy)
+    else:
+      x, y = _shifts.apply(k_shift, x, y, s, v)
+      si, vi = np.full(count, names.index(s)), np.full(count, v)
+    xs.append(jnp.asarray(x))
+    ys.append(jnp.asarray(y))
+    shift_idx.append(si)
+    sev.append(vi)
+  x, y = jnp.concatenate(xs), jnp.concatenate(ys)
+  si, vi = np.concatenate(shift_idx), np.concatenate(sev)
+  if setting == "correlated":
+    # Ascending foreground fraction (stable): the labels drift, the images
+    # are those of "iid" reordered.
+    by = np.argsort(np.asarray(jnp.mean(y, axis=(1, 2))), kind="stable")
+    x, y, si, vi = x[by], y[by], si[by], vi[by]
+  t = len(blocks) * steps
+  shape = (t, batch_size)
+  return Stream(images=x.reshape(shape + x.shape[1:]), masks=y.reshape(shape + y.shape[1:]),
+                shift=si.reshape(shape), severity=vi.reshape(shape),
+                block=np.repeat(np.arange(len(blocks)), steps),
+                reset=np.full(t, setting == "episodic"), shifts=names, setting=setting)
+
+
+# --------------------------------------------------------------------------
+# Online methods: one pure step
+
+
+@dataclasses.dataclass(frozen=True)
+class Online:
+  """An online method: ``init(variables) -> state`` and the pure step
+  ``step(state, inputs) -> (state, logits)``, ``inputs`` a tuple of the
+  batch's arrays ``[B, ...]``; the logits are the state's prediction of the
+  batch before any update on it."""
+
+  name: str
+  init: Callable
+  step: Callable
+  options: tuple = ()  # the checked options, defaults filled in
+
+
+def _check_number(name, value, lo, hi, closed_lo=True):
+  v = _checks.number(name, value, minimum=-np.inf)
+  if not (lo <= v if closed_lo else lo < v) or v > hi:
+    raise ValueError(f"{name} must be in {'[' if closed_lo else '('}{lo:g}, {hi:g}], got {value!r}")
+  return v
+
+
+def _options(method: str, options: dict) -> tuple:
+  """The checked options of ``method`` as a hashable tuple (its defaults
+  filled in)."""
+  allowed = {"source": {}, "bn_test": {},
+             "bn_alpha": {"alpha": 0.1, "prior": None},
+             "ema_bn": {"momentum": 0.05},
+             "tent": {"learning_rate": 1e-3, "optimizer": None}}[method]
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"method {method!r} takes the options {sorted(allowed) or 'none'}, got "
+                     f"{unknown}")
+  out = {**allowed, **options}
+  if method == "bn_alpha":
+    if options.get("prior") is not None:
+      if "alpha" in options:
+        raise ValueError("bn_alpha takes alpha or prior, not both")
+      out["prior"] = _checks.number("prior", out["prior"],
+                                    what=", the source statistics' weight in examples")
+      out["alpha"] = None
+    else:
+      out["alpha"] = _check_number("alpha", out["alpha"], 0.0, 1.0)
+  if method == "ema_bn":
+    out["momentum"] = _check_number("momentum", out["momentum"], 0.0, 1.0, closed_lo=False)
+  if method == "tent":
+    out["learning_rate"] = _checks.number("learning_rate", out["learning_rate"])
+    if out["optimizer"] is not None and not isinstance(out["optimizer"],
+                                                       optax.GradientTransformation):
+      raise ValueError(f"optimizer must be an optax.GradientTransformation or None, got "
+                       f"{type(out['optimizer']).__name__}")
+  return tuple(sorted(out.items()))
+
+
+def _stats_of(variables) -> dict:
+  return _adapt._stats_of(variables["batch_stats"])
+
+
+def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> Online:
+  opts = dict(options)
+  apply = lambda v, x, arrays, policy: _adapt._policy_apply(model, v, x, kw.join(arrays), policy,
+                                                            is_batch_norm)
+
+  def layers(v):
+    return frozenset(_m.stats_paths(v["batch_stats"]))
+
+  if method == "source":
+    def step(state, x):
+      return state, model.apply(state["variables"], *x, **kw.join(state["arrays"]))
+    return Online(method, None, step)
+
+  if method in ("bn_test", "bn_alpha"):
+    def step(state, x):
+      v = state["variables"]
+      alpha = 1.0 if method == "bn_test" else opts["alpha"]
+      if alpha is None:  # prior N against the batch's B examples (static shapes)
+        b = x[0].shape[0]
+        alpha = b / (b + opts["prior"])
+      out, _ = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), float(alpha)))
+      return state, out
+    return Online(method, None, step)
+
+  if method == "ema_bn":
+    m = opts["momentum"]
+
+    def step(state, x):
+      v = state["variables"]
+      out, records = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), m))
+      current = _stats_of(v)
+      new = {name: _adapt._mix(records[name][0], records[name][1], *current[name], m, "both")
+             for name in current}
+      paths = _m.stats_paths(v["batch_stats"])
+      v = {**v, "batch_stats": _adapt._nest_stats(v["batch_stats"], paths, new)}
+      return {**state, "variables": v}, out
+    return Online(method, None, step)
+
+  if method == "tent":
+    tx = opts["optimizer"] if opts["optimizer"] is not None else optax.adam(opts["learning_rate"])
+
+    def init_extra(variables):
+      paths = _methods.bn_affine_paths(variables)
+      flat = traverse_util.flatten_dict(variables["params"])
+      return {"opt": tx.init({"/".join(map(str, p)): flat[p] for p in paths})}
+
+    def step(state, x):
+      v = state["variables"]
+      flat = traverse_util.flatten_dict(v["params"])
+      paths = _methods.bn_affine_paths(v)
+      theta = {"/".join(map(str, p)): flat[p] for p in paths}
+
+      def loss(theta):
+        params = traverse_util.unflatten_dict(
+            {**flat, **{p: theta["/".join(map(str, p))] for p in paths}})
+        out = _adapt._batch_normalised_apply(model, {**v, "params": params}, x,
+                                             kw.join(state["arrays"]), is_batch_norm)
+        return _methods.mean_entropy(out), out
+
+      (_, out), grads = jax.value_and_grad(loss, has_aux=True)(theta)
+      updates, opt = tx.update(grads, state["opt"], theta)
+      theta = optax.apply_updates(theta, updates)
+      params = traverse_util.unflatten_dict(
+          {**flat, **{p: theta["/".join(map(str, p))] for p in paths}})
+      return {**state, "variables": {**v, "params": params}, "opt": opt}, out
+    return Online(method, init_extra, step)
+
+  raise ValueError(f"method must be one of {METHODS}, got {method!r}")  # pragma: no cover
+
+
+def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None,
+           is_batch_norm: Callable | None = None, **options) -> Online:
+  """The pure step of ``method`` (:data:`METHODS`, options as the module
+  docstring lists them) for ``model``: ``state = online_.init(variables)``,
+  then ``state, logits = online_.step(state, (batch,))`` per batch.
+  ``apply_kwargs`` and ``is_batch_norm`` are as in
+  :func:`bnjax.adapt.recompute_batch_stats` (one model input assumed by
+  ``init``'s check; several are passed as a longer tuple)."""
+  _checks.choice("method", method, METHODS)
+  opts = _options(method, dict(options))
+  kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
+  kw, arrays = _m.Kwargs.split(kwargs)
+  built = _build(model, method, opts, kw, is_batch_norm)
+
+  def init(variables):
+    if not isinstance(variables, Mapping) or "params" not in variables:
+      raise ValueError("variables must be a dict {'params': ..., 'batch_stats': ...}")
+    if method != "source" and not _m.stats_paths(variables.get("batch_stats")):
+      raise ValueError(f"method {method!r} adapts BatchNorm layers, and the model has none "
+                       "(variables have no 'batch_stats' mean/var); use method='source'")
+    if method == "tent" and not _methods.bn_affine_paths(variables):
+      raise ValueError("method 'tent' optimises the BatchNorm scale and bias, and no "
+                       "BatchNorm layer of this model has either")
+    state = {"variables": dict(variables), "arrays": arrays}
+    return {**state, **(built.init(variables) if built.init else {})}
+
+  return Online(method, init, built.step, opts)
+
+
+# --------------------------------------------------------------------------
+# Running a stream
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamResult:
+  """What a method predicted on a stream.
+
+  Attributes:
+    masks: bool[T, B, H, W] (:func:`run`) or [K, M, T, B, H, W]
+      (:func:`run_many`), each batch's prediction as it arrived.
+    logits: the logits, same leading axes, when asked for (else None).
+    state: the method's state after the last batch (:func:`run` only).
+  """
+
+  masks: np.ndarray
+  logits: np.ndarray | None = None
+  state: Any = None
+
+
+def _scan(online_: Online, state0, inputs, reset, with_logits: bool, resets: bool):
+  """``online_.step`` over the T batches of ``inputs`` (a tuple of [T, B, ...]
+  arrays), the state reset to ``state0`` before every batch whose ``reset``
+  is True."""
+
+  def body(state, item):
+    x, r = item
+    if resets:
+      state = jax.tree_util.tree_map(lambda a, b: jnp.where(r, a, b), state0, state)
+    state, logits = online_.step(state, x)
+    return state, (logits_to_masks(logits), logits if with_logits else None)
+
+  final, (masks, logits) = jax.lax.scan(body, state0, (inputs, reset))
+  return final, masks, logits
+
+
+def _stream_inputs(stream, reset, image_range, lead: int):
+  """(inputs tuple of [..., T, B, ...] arrays, reset bool[..., T]) of a Stream,
+  an array or a tuple of arrays; ``lead`` axes before T (0 or 1)."""
+  if isinstance(stream, Stream):
+    arrays, reset = (stream.images,), stream.reset if reset is None else reset
+  elif lead and isinstance(stream, (list, tuple)) and stream and all(
+      isinstance(s, Stream) for s in stream):
+    shapes = {s.images.shape for s in stream}
+    if len(shapes) != 1:
+      raise ValueError(f"streams must share T, B and the image shape, got {sorted(shapes)}")
+    arrays = (jnp.stack([s.images for s in stream]),)
+    reset = np.stack([s.reset for s in stream]) if reset is None else reset
+  else:
+    arrays = tuple(stream) if isinstance(stream, (tuple, list)) else (stream,)
+  arrays = tuple(jnp.asarray(a) for a in arrays)
+  want = "[M, T, B, ...]" if lead else "[T, B, ...]"
+  if any(a.ndim < 3 + lead for a in arrays) or len({a.shape[:2 + lead] for a in arrays}) != 1:
+    raise ValueError(f"stream must be a Stream or arrays {want} sharing their leading axes, "
+                     f"got shapes {[a.shape for a in arrays]}")
+  lead_shape = arrays[0].shape[:2 + lead]
+  if 0 in lead_shape:
+    raise ValueError(f"stream must hold at least one batch of one image, got {lead_shape}")
+  if image_range is not None:
+    if len(arrays) != 1:
+      raise ValueError(f"the model takes one set of images, got a tuple of {len(arrays)} arrays")
+    flat = _checks.images(arrays[0].reshape((-1,) + arrays[0].shape[2 + lead:]),
+                          name="stream images", image_range=image_range)
+    arrays = (flat.reshape(lead_shape + flat.shape[1:]),)
+  else:
+    _checks.inputs(tuple(a.reshape((-1,) + a.shape[2 + lead:]) for a in arrays),
+                   name="stream inputs")
+  t_shape = lead_shape[:-1]
+  reset = np.zeros(t_shape, bool) if reset is None else np.asarray(reset, bool)
+  if reset.shape != t_shape:
+    raise ValueError(f"reset must be bool{list(t_shape)} (one flag per batch), got "
+                     f"{reset.shape}")
+  return arrays, reset
+
+
+def _runner(model, method, opts, kw_key, is_batch_norm, with_logits, resets, built, strategy):
+  def build():
+    def one(variables, inputs, reset):
+      state0 = built.init(variables)
+      final, masks, logits = _scan(built, state0, inputs, reset, with_logits, resets)
+      return masks, logits, final
+
+    if strategy is None:
+      return compiler.jit(one)
+
+    def per_model(variables, inputs, reset):
+      masks, logits, _ = jax.vmap(lambda x, r: one(variables, x, r))(inputs, reset)
+      return masks, logits
+    return compiler.jit(stacking.stacked(per_model, strategy, in_axes=(0, None, None)))
+
+  return _m.cached(model, ("streams", method, opts, kw_key, is_batch_norm, with_logits, resets,
+                           strategy), build)
+
+
+def _prepare(model, method, apply_kwargs, is_batch_norm, image_range, options):
+  built = online(model, method, apply_kwargs=apply_kwargs, is_batch_norm=is_batch_norm,
+                 **options)
+  kw, _ = _m.Kwargs.split(_m.apply_kwargs(model, apply_kwargs, 1))
+  return built.options, built, kw.key(), _checks.image_range_of(model, image_range)
+
+
+def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
+        return_logits: bool = False, reset=None, apply_kwargs: Mapping | None = None,
+        is_batch_norm: Callable | None = None, image_range="auto", **options) -> StreamResult:
+  """``method`` over ``stream`` as one scan over time.
+
+  Args:
+    model: a linen model (BatchNorm layers for every method but ``"source"``).
+    variables: its ``{"params": ..., "batch_stats": ...}``.
+    stream: a :class:`Stream`, or the user's own batches: an array
+      ``[T, B, ...]`` (or a tuple of them for a model of several inputs).
+    method: one of :data:`METHODS`; ``options`` its settings (module docstring).
+    return_logits: also return the logits ``[T, B, ..., classes]``.
+    reset: bool[T], start again from ``variables`` before those batches
+      (default: the stream's own, e.g. every batch of ``"episodic"``).
+    apply_kwargs, is_batch_norm, image_range: as in
+      :func:`bnjax.adapt.recompute_batch_stats`.
+
+  Returns:
+    A :class:`StreamResult` with ``masks`` bool[T, B, H, W].
+  """
+  opts, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
+                                              image_range, options)
+  inputs, reset = _stream_inputs(stream, reset, image_range, 0)
+  state0 = built.init(variables)  # the checks of the model's layers, before compiling
+  del state0
+  fn = _runner(model, method, opts, kw_key, is_batch_norm, bool(return_logits),
+               bool(reset.any()), built, None)
+  masks, logits, final = fn(dict(variables), inputs, jnp.asarray(reset))
+  return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits), final)
+
+
+def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str = "source", *,
+             strategy: stacking.Strategy = "auto", return_logits: bool = False, reset=None,
+             apply_kwargs: Mapping | None = None, is_batch_norm: Callable | None = None,
+             image_range="auto", **options) -> StreamResult:
+  """``method`` of K models over M streams in one compiled call: model k
+  (``stacked_variables`` with a leading axis K) runs every stream m
+  (a sequence of :class:`Stream` s of one shape, or arrays ``[M, T, B,
+  ...]``) from its own source state. The streams of a model are mapped with
+  ``jax.vmap`` (their batches side by side in each step), the models by
+  ``strategy`` (:mod:`bnjax.stacking`). Each pair's result equals
+  :func:`run` on it.
+
+  Returns:
+    A :class:`StreamResult` with ``masks`` bool[K, M, T, B, H, W].
+  """
+  opts, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
+                                              image_range, options)
+  inputs, reset = _stream_inputs(streams, reset, image_range, 1)
+  leaves = jax.tree_util.tree_leaves(stacked_variables)
+  if not leaves or any(np.ndim(a) == 0 for a in leaves):
+    raise ValueError("stacked_variables must carry a leading model axis K on every leaf")
+  k = int(np.shape(leaves[0])[0])
+  _checks.model_axis(stacked_variables, k, "stacked_variables")
+  built.init(stacking.tree_index(stacked_variables, 0))  # the layers' checks, before compiling
+  fn = _runner(model, method, opts, kw_key, is_batch_norm, bool(return_logits),
+               bool(reset.any()), built, stacking.resolve(strategy))
+  masks, logits = fn(dict(stacked_variables), inputs, jnp.asarray(reset))
+  return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits))

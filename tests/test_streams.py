@@ -1,0 +1,312 @@
+"""bnjax.streams: each setting's construction, each online method's first
+steps against a forward pass written here in NumPy (and an optax loop for
+TENT), the scan against a Python loop, run_many against separate runs, a
+model written elsewhere through every method, and the errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import foreign_models as fm
+from bnjax import data, shifts, streams
+
+EPS = 1e-5
+
+
+class PixNet(nn.Module):
+  """Per-pixel: dense 1 -> 3, BatchNorm, ReLU, dense 3 -> 2 logits."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(3, name="d1")(x)
+    h = nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="bn")(h)
+    return nn.Dense(2, name="d2")(nn.relu(h))
+
+
+@pytest.fixture(scope="module")
+def pixnet():
+  model = PixNet()
+  v = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1))))
+  rng = np.random.default_rng(0)
+  v["params"]["d1"]["kernel"] = rng.normal(size=(1, 3)).astype(np.float32) * 3
+  v["params"]["bn"]["scale"] = rng.uniform(0.5, 2, 3).astype(np.float32)
+  v["params"]["bn"]["bias"] = rng.normal(size=3).astype(np.float32)
+  v["batch_stats"]["bn"]["mean"] = rng.normal(size=3).astype(np.float32)
+  v["batch_stats"]["bn"]["var"] = rng.uniform(0.5, 2, 3).astype(np.float32)
+  batches = rng.uniform(0, 1, (5, 3, 4, 4, 1)).astype(np.float32)  # T = 5 batches of B = 3
+  return model, v, batches
+
+
+def np_logits(v, x, mean, var, scale=None, bias=None):
+  """PixNet's logits in float64 NumPy, BatchNorm with the given statistics."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
+  h = x.astype(np.float64) @ p["d1"]["kernel"] + p["d1"]["bias"]
+  scale = p["bn"]["scale"] if scale is None else scale
+  bias = p["bn"]["bias"] if bias is None else bias
+  y = np.maximum((h - mean) / np.sqrt(var + EPS) * scale + bias, 0)
+  return y @ p["d2"]["kernel"] + p["d2"]["bias"]
+
+
+def np_moments(v, x):
+  """Mean and biased variance of PixNet's BatchNorm input over a batch."""
+  p = v["params"]
+  h = x.astype(np.float64) @ np.asarray(p["d1"]["kernel"], np.float64) + np.asarray(
+      p["d1"]["bias"], np.float64)
+  h = h.reshape(-1, 3)
+  return h.mean(0), h.var(0)
+
+
+def _source(v):
+  return (np.asarray(v["batch_stats"]["bn"]["mean"], np.float64),
+          np.asarray(v["batch_stats"]["bn"]["var"], np.float64))
+
+
+def _run_logits(model, v, batches, method, **options):
+  out = streams.run(model, v, batches, method, return_logits=True, image_range=None, **options)
+  assert out.masks.shape == batches.shape[:4]
+  np.testing.assert_array_equal(out.masks, out.logits[..., 1] > out.logits[..., 0])
+  return out.logits
+
+
+# --------------------------------------------------------------------------
+# The methods' first steps by hand
+
+
+def test_source_bn_test_and_bn_alpha_against_numpy(pixnet):
+  model, v, batches = pixnet
+  sm, sv = _source(v)
+  source = _run_logits(model, v, batches, "source")
+  test = _run_logits(model, v, batches, "bn_test")
+  alpha = _run_logits(model, v, batches, "bn_alpha", alpha=0.3)
+  prior = _run_logits(model, v, batches, "bn_alpha", prior=6.0)  # B = 3: alpha = 3 / 9
+  default = _run_logits(model, v, batches, "bn_alpha")  # BN-alpha's 0.1
+  for t, x in enumerate(batches[:3]):
+    bm, bv = np_moments(v, x)
+    np.testing.assert_allclose(source[t], np_logits(v, x, sm, sv), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(test[t], np_logits(v, x, bm, bv), rtol=1e-5, atol=1e-5)
+    for got, a in ((alpha, 0.3), (prior, 1 / 3), (default, 0.1)):
+      np.testing.assert_allclose(got[t], np_logits(v, x, a * bm + (1 - a) * sm,
+                                                   a * bv + (1 - a) * sv), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_bn_follows_every_batch(pixnet):
+  """Running statistics from the source's, updated by each batch before it is
+  normalised with them: (1 - m) running + m batch."""
+  model, v, batches = pixnet
+  got = _run_logits(model, v, batches, "ema_bn", momentum=0.2)
+  rm, rv = _source(v)
+  for t, x in enumerate(batches[:3]):
+    bm, bv = np_moments(v, x)
+    rm, rv = 0.8 * rm + 0.2 * bm, 0.8 * rv + 0.2 * bv
+    np.testing.assert_allclose(got[t], np_logits(v, x, rm, rv), rtol=1e-5, atol=1e-5)
+  out = streams.run(model, v, batches[:3], "ema_bn", momentum=0.2, image_range=None)
+  np.testing.assert_allclose(out.state["variables"]["batch_stats"]["bn"]["mean"], rm, rtol=1e-5)
+  np.testing.assert_allclose(out.state["variables"]["batch_stats"]["bn"]["var"], rv, rtol=1e-5)
+
+
+def test_tent_online_against_an_optax_loop(pixnet):
+  """Each batch: the prediction of the current scale and bias with the
+  batch's moments (before the update), then one Adam step on the mean
+  per-pixel entropy; written here with jnp and optax."""
+  model, v, batches = pixnet
+  got = _run_logits(model, v, batches, "tent", learning_rate=0.05)
+  p = v["params"]
+  w1, b1 = jnp.asarray(p["d1"]["kernel"]), jnp.asarray(p["d1"]["bias"])
+  w2, b2 = jnp.asarray(p["d2"]["kernel"]), jnp.asarray(p["d2"]["bias"])
+
+  def forward(theta, x):
+    h = x @ w1 + b1
+    mean = h.mean((0, 1, 2))
+    var = ((h - mean) ** 2).mean((0, 1, 2))
+    y = jax.nn.relu((h - mean) / jnp.sqrt(var + EPS) * theta["scale"] + theta["bias"])
+    return y @ w2 + b2
+
+  def entropy(theta, x):
+    logp = jax.nn.log_softmax(forward(theta, x))
+    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, -1))
+
+  theta = {"scale": jnp.asarray(p["bn"]["scale"]), "bias": jnp.asarray(p["bn"]["bias"])}
+  tx = optax.adam(0.05)
+  opt = tx.init(theta)
+  for t, x in enumerate(batches[:3]):
+    np.testing.assert_allclose(got[t], forward(theta, x), rtol=1e-4, atol=1e-5)
+    updates, opt = tx.update(jax.grad(entropy)(theta, x), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+  out = streams.run(model, v, batches[:3], "tent", learning_rate=0.05, image_range=None)
+  np.testing.assert_allclose(out.state["variables"]["params"]["bn"]["scale"], theta["scale"],
+                             rtol=1e-4, atol=1e-6)
+  for k in ("d1", "d2"):  # only the BatchNorm affine moves
+    np.testing.assert_array_equal(out.state["variables"]["params"][k]["kernel"],
+                                  p[k]["kernel"])
+
+
+@pytest.mark.parametrize("method,options", [("source", {}), ("bn_test", {}),
+                                            ("bn_alpha", {"prior": 4.0}),
+                                            ("ema_bn", {"momentum": 0.3}),
+                                            ("tent", {"learning_rate": 0.01})])
+def test_scan_equals_a_python_loop_and_resets(pixnet, method, options):
+  """run (one scan) against the pure step called batch by batch; with resets
+  the state starts again from the source before the flagged batches."""
+  model, v, batches = pixnet
+  method_ = streams.online(model, method, **options)
+  reset = np.array([False, False, True, False, True])
+  for flags in (None, reset):
+    out = streams.run(model, v, batches, method, return_logits=True, reset=flags,
+                      image_range=None, **options)
+    state = method_.init(v)
+    for t, x in enumerate(batches):
+      if flags is not None and flags[t]:
+        state = method_.init(v)
+      state, logits = method_.step(state, (jnp.asarray(x),))
+      np.testing.assert_allclose(out.logits[t], logits, rtol=1e-5, atol=1e-6)
+
+
+def test_run_many_equals_separate_runs(pixnet):
+  model, v, batches = pixnet
+  second = jax.tree_util.tree_map(lambda a: a * 1.1 if a.dtype == np.float32 else a, v)
+  stacked = jax.tree_util.tree_map(lambda a, b: np.stack([a, b]), v, second)
+  many_batches = np.stack([batches, batches[::-1], batches * 0.5])
+  for method, options in (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01})):
+    many = streams.run_many(model, stacked, many_batches, method, return_logits=True,
+                            image_range=None, **options)
+    assert many.masks.shape == (2, 3, 5, 3, 4, 4)
+    for k, vk in enumerate((v, second)):
+      for m in range(3):
+        one = streams.run(model, vk, many_batches[m], method, return_logits=True,
+                          image_range=None, **options)
+        np.testing.assert_allclose(many.logits[k, m], one.logits, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Settings
+
+
+@pytest.fixture(scope="module")
+def pool():
+  x, y = data.make_dataset(jax.random.key(3), data.Domain(90, 50, 170, 50), 24, size=16)
+  return np.asarray(x), np.asarray(y)
+
+
+def _pool_index(pool_masks, masks):
+  """The pool image each streamed image came from, found by its mask (brightness
+  and contrast leave masks alone; the pool's 24 masks are distinct)."""
+  flat = pool_masks.reshape(len(pool_masks), -1)
+  assert len({m.tobytes() for m in flat}) == len(flat)
+  lookup = {m.tobytes(): i for i, m in enumerate(flat)}
+  return np.array([lookup[m.tobytes()] for m in masks.reshape(len(masks), -1)])
+
+
+def test_iid_and_episodic(pool):
+  x, y = pool
+  s = streams.make(jax.random.key(0), x, y, setting="iid", batch_size=4)
+  assert s.images.shape == (6, 4, 16, 16, 1) and s.masks.shape == (6, 4, 16, 16)
+  assert (s.shift == 0).all() and (s.severity == 5).all() and s.shifts == ("brightness",)
+  assert not s.reset.any() and (s.block == 0).all()
+  # Every pool image once, brightened by 12 x 5 / 255 and clipped (the shift's level 5).
+  idx = _pool_index(y, np.asarray(s.masks).reshape(-1, 16, 16))
+  assert sorted(idx) == list(range(24))
+  np.testing.assert_allclose(np.asarray(s.images).reshape(-1, 16, 16, 1),
+                             np.clip(x[idx] + 60 / 255, 0, 1), atol=1e-6)
+  e = streams.make(jax.random.key(0), x, y, setting="episodic", batch_size=4)
+  np.testing.assert_array_equal(e.images, s.images)
+  assert e.reset.all()
+
+
+def test_continual_and_gradual_blocks(pool):
+  x, y = pool
+  names = ("brightness", "contrast", "zoom")
+  s = streams.make(jax.random.key(0), x, y, setting="continual", batch_size=4, shifts=names,
+                   severity=3, block_steps=2)
+  assert s.images.shape[0] == 6 and s.shifts == names
+  np.testing.assert_array_equal(s.block, [0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(s.shift[:, 0], [0, 0, 1, 1, 2, 2])
+  assert (s.severity == 3).all()
+  # The brightness block is the pool brightened by 36 / 255, in a fresh order.
+  idx = _pool_index(y, np.asarray(s.masks[:2]).reshape(-1, 16, 16))
+  np.testing.assert_allclose(np.asarray(s.images[:2]).reshape(-1, 16, 16, 1),
+                             np.clip(x[idx] + 36 / 255, 0, 1), atol=1e-6)
+  g = streams.make(jax.random.key(0), x, y, setting="gradual", batch_size=8,
+                   shifts=("brightness", "contrast"), block_steps=1)
+  assert g.images.shape[0] == 18
+  np.testing.assert_array_equal(g.severity[:, 0], [1, 2, 3, 4, 5, 4, 3, 2, 1] * 2)
+  np.testing.assert_array_equal(g.shift[:, 0], [0] * 9 + [1] * 9)
+  np.testing.assert_array_equal(g.block, np.arange(18))
+
+
+def test_mixed_batches_mix_domains(pool):
+  x, y = pool
+  names = ("brightness", "contrast", "gamma")
+  s = streams.make(jax.random.key(1), x, y, setting="mixed", batch_size=6, shifts=names,
+                   severity=(2, 5), block_steps=8)
+  assert set(np.unique(s.shift)) == {0, 1, 2} and set(np.unique(s.severity)) == {2, 5}
+  assert max(len(set(b)) for b in s.shift.tolist()) >= 2  # a batch of several domains
+  # Each brightness image is its pool image brightened by 12 x its severity / 255.
+  images = np.asarray(s.images).reshape(-1, 16, 16, 1)
+  masks = np.asarray(s.masks).reshape(-1, 16, 16)
+  shift, severity = s.shift.ravel(), s.severity.ravel()
+  bright = np.flatnonzero(shift == 0)
+  assert len(bright) > 3
+  idx = _pool_index(y, masks[bright])
+  np.testing.assert_allclose(images[bright],
+                             np.clip(x[idx] + 12 * severity[bright, None, None, None] / 255, 0, 1),
+                             atol=1e-6)
+
+
+def test_correlated_is_iid_reordered_by_foreground(pool):
+  x, y = pool
+  iid = streams.make(jax.random.key(2), x, y, setting="iid", batch_size=4)
+  cor = streams.make(jax.random.key(2), x, y, setting="correlated", batch_size=4)
+  fraction = np.asarray(cor.masks).reshape(24, -1).mean(1)
+  assert np.all(np.diff(fraction) >= 0)
+  key = lambda s: sorted(a.tobytes() for a in np.asarray(s.images).reshape(24, -1))
+  assert key(cor) == key(iid)
+
+
+def test_errors_name_the_argument(pool, pixnet):
+  x, y = pool
+  k = jax.random.key(0)
+  for kwargs, match in ((dict(setting="shuffled", batch_size=4), "setting must be one of"),
+                        (dict(setting="iid", batch_size=2.5), "batch_size must be an integer"),
+                        (dict(setting="iid", batch_size=25), r"batch_size must be in 1..24"),
+                        (dict(setting="iid", batch_size=4, shifts="sepia"), "shifts must be one"),
+                        (dict(setting="iid", batch_size=4, shifts=("zoom", "blur")),
+                         "streams one shift"),
+                        (dict(setting="continual", batch_size=4, severity=6), "severity must be")):
+    with pytest.raises(ValueError, match=match):
+      streams.make(k, x, y, **kwargs)
+  with pytest.raises(ValueError, match="NaN"):
+    streams.make(k, np.where(x > 0.9, np.nan, x), y, setting="iid", batch_size=4)
+  model, v, batches = pixnet
+  with pytest.raises(ValueError, match="method must be one of"):
+    streams.run(model, v, batches, "norm")
+  with pytest.raises(ValueError, match=r"method 'ema_bn' takes the options \['momentum'\]"):
+    streams.run(model, v, batches, "ema_bn", alpha=0.5)
+  with pytest.raises(ValueError, match="momentum must be in"):
+    streams.run(model, v, batches, "ema_bn", momentum=0.0)
+  with pytest.raises(ValueError, match="alpha or prior, not both"):
+    streams.run(model, v, batches, "bn_alpha", alpha=0.2, prior=3.0)
+  with pytest.raises(ValueError, match="NaN"):
+    streams.run(model, v, np.full_like(batches, np.nan), "bn_test")
+  with pytest.raises(ValueError, match=r"reset must be bool\[5\]"):
+    streams.run(model, v, batches, "bn_test", reset=np.zeros(4, bool))
+  plain = {"params": v["params"]}
+  with pytest.raises(ValueError, match="method 'tent' adapts BatchNorm layers, and the model has"):
+    streams.run(model, plain, batches, "tent")
+
+
+def test_a_model_written_elsewhere_runs_every_method():
+  """The ResNet in Flax's example style (a list attribute, train=True by
+  default, partial BatchNorm): every method runs, source equals its own
+  eval-mode argmax, and bn_test normalises each batch by itself."""
+  model = fm.ResNet(stage_sizes=[1, 1], num_classes=2)
+  x = np.random.default_rng(0).uniform(0, 1, (4, 2, 8, 8, 1)).astype(np.float32)
+  v = model.init(jax.random.key(0), x[0], train=False)
+  for method in streams.METHODS:
+    out = streams.run(model, v, x, method, return_logits=True)
+    assert out.logits.shape == (4, 2, 2) and np.isfinite(out.logits).all(), method
+    if method == "source":
+      want = np.stack([np.asarray(model.apply(v, b, train=False)) for b in x])
+      np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-5)
