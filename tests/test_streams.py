@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import foreign_models as fm
-from bnjax import data, shifts, streams
+from bnjax import data, streams
 
 EPS = 1e-5
 
