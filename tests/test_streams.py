@@ -36,6 +36,9 @@ def pixnet():
   v["params"]["bn"]["bias"] = rng.normal(size=3).astype(np.float32)
   v["batch_stats"]["bn"]["mean"] = rng.normal(size=3).astype(np.float32)
   v["batch_stats"]["bn"]["var"] = rng.uniform(0.5, 2, 3).astype(np.float32)
+  # Logits spread enough that about 60 % of the pixels are below the entropy
+  # threshold of the filtering methods (0.4 ln 2) and the rest above it.
+  v["params"]["d2"]["kernel"] = v["params"]["d2"]["kernel"] * 3
   batches = rng.uniform(0, 1, (5, 3, 4, 4, 1)).astype(np.float32)  # T = 5 batches of B = 3
   return model, v, batches
 
@@ -143,10 +146,159 @@ def test_tent_online_against_an_optax_loop(pixnet):
                                   p[k]["kernel"])
 
 
+def _hand_forward(v):
+  """PixNet's logits written here with jnp, BatchNorm on the batch's moments,
+  as a function of its scale and bias."""
+  p = v["params"]
+  w1, b1 = jnp.asarray(p["d1"]["kernel"]), jnp.asarray(p["d1"]["bias"])
+  w2, b2 = jnp.asarray(p["d2"]["kernel"]), jnp.asarray(p["d2"]["bias"])
+
+  def forward(theta, x):
+    h = x @ w1 + b1
+    mean = h.mean((0, 1, 2))
+    var = ((h - mean) ** 2).mean((0, 1, 2))
+    return jax.nn.relu((h - mean) / jnp.sqrt(var + EPS) * theta["scale"] + theta["bias"]) @ w2 + b2
+  return forward
+
+
+def _entropy(logits):
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.sum(jnp.exp(logp) * logp, -1)
+
+
+def _theta(v):
+  return {"scale": jnp.asarray(v["params"]["bn"]["scale"]),
+          "bias": jnp.asarray(v["params"]["bn"]["bias"])}
+
+
+E0 = 0.4 * np.log(2)  # 0.4 ln C, C = 2
+
+
+@pytest.mark.parametrize("d_margin", [None, 0.99])
+def test_eta_filters_and_weights_pixels_and_images(pixnet, d_margin):
+  """ETA per pixel and per image, by hand: pixels with entropy below 0.4 ln 2
+  count, weighted by 1 / exp(E - E0); with d_margin, an image whose mean
+  class probabilities over its reliable pixels have |cosine| >= d_margin with
+  the moving average (0.9 old + 0.1 the kept images' mean) is left out."""
+  model, v, batches = pixnet
+  options = {"learning_rate": 0.05} if d_margin is None else {"learning_rate": 0.05,
+                                                              "d_margin": d_margin}
+  got = _run_logits(model, v, batches, "eta", **options)
+  forward = _hand_forward(v)
+  theta, tx = _theta(v), optax.adam(0.05)
+  opt, m, filtered, mixed = tx.init(theta), None, 0, 0
+  for t, x in enumerate(batches[:3]):
+    np.testing.assert_allclose(got[t], forward(theta, x), rtol=1e-4, atol=1e-5)
+    ent = np.asarray(_entropy(forward(theta, x)), np.float64)
+    probs = np.asarray(jax.nn.softmax(forward(theta, x)), np.float64)
+    keep = []
+    for i in range(len(x)):
+      rel = ent[i] < E0
+      mixed += 0 < rel.mean() < 1
+      p_img = probs[i][rel].mean(0) if rel.any() else None
+      ok = rel.any() and (d_margin is None or m is None or abs(
+          p_img @ m / (np.linalg.norm(p_img) * np.linalg.norm(m))) < d_margin)
+      filtered += rel.any() and not ok
+      keep.append(ok)
+    keep = np.array(keep)
+
+    def loss(theta):
+      e = _entropy(forward(theta, x))
+      mask = jnp.asarray((ent < E0) & keep[:, None, None])
+      w = jnp.asarray(np.exp(E0 - ent))
+      return jnp.sum(w * e * mask) / max(mask.sum(), 1)
+
+    if keep.any():
+      mean = np.mean([probs[i][ent[i] < E0].mean(0) for i in np.flatnonzero(keep)], 0)
+      m = mean if m is None else 0.9 * m + 0.1 * mean
+    updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+  assert mixed > 0  # images with reliable and unreliable pixels: the filter is exercised
+  if d_margin is not None:
+    assert filtered > 0  # and the redundancy filter left an image out
+
+
+def test_eata_fisher_anchor(pixnet):
+  """EATA = ETA + fisher_alpha sum F (theta - theta0)^2, F the squared gradient
+  of the cross-entropy against the model's own argmax on unlabelled source
+  images, per batch of fisher_batch_size, averaged (the last incomplete
+  batch dropped)."""
+  model, v, batches = pixnet
+  source = np.random.default_rng(1).uniform(0, 1, (7, 4, 4, 1)).astype(np.float32)
+  got = _run_logits(model, v, batches, "eata", learning_rate=0.05, fisher_alpha=50.0,
+                    source_images=source, fisher_batch_size=3)
+  forward = _hand_forward(v)
+  theta0 = _theta(v)
+
+  def ce(theta, xb):
+    z = forward(theta, xb)
+    labels = jax.lax.stop_gradient(jnp.argmax(z, -1))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), labels[..., None], -1))
+
+  grads = [jax.grad(ce)(theta0, source[i:i + 3]) for i in (0, 3)]  # 7 images: 2 batches of 3
+  fisher = {k: (grads[0][k] ** 2 + grads[1][k] ** 2) / 2 for k in theta0}
+  online = streams.online(model, "eata", source_images=source, fisher_batch_size=3)
+  state = online.init(v, (jnp.asarray(batches[0]),))
+  for k, name in (("scale", "bn/scale"), ("bias", "bn/bias")):
+    np.testing.assert_allclose(state["fisher"][name], fisher[k], rtol=1e-4, atol=1e-10)
+  theta, tx = dict(theta0), optax.adam(0.05)
+  opt = tx.init(theta)
+  for t, x in enumerate(batches[:3]):
+    np.testing.assert_allclose(got[t], forward(theta, x), rtol=1e-4, atol=1e-5)
+    ent = np.asarray(_entropy(forward(theta, x)))
+
+    def loss(theta):
+      e = _entropy(forward(theta, x))
+      mask = jnp.asarray(ent < E0)
+      value = jnp.sum(jnp.asarray(np.exp(E0 - ent)) * e * mask) / max(mask.sum(), 1)
+      return value + 50.0 * sum(jnp.sum(fisher[k] * (theta[k] - theta0[k]) ** 2) for k in theta)
+
+    updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+
+
+@pytest.mark.parametrize("reset_constant", [0.0, 10.0])
+def test_sar_two_steps_and_recovery(pixnet, reset_constant):
+  """SAR by hand: the reliable pixels' mean entropy, its gradient g1, the
+  weights moved by rho g1 / |g1|, there the entropy of the pixels reliable in
+  both passes, whose gradient the optimizer applies at the original
+  weights; the moving average 0.9 old + 0.1 that loss below reset_constant
+  sends the model back to the source (10: after every batch; 0: never)."""
+  model, v, batches = pixnet
+  got = _run_logits(model, v, batches, "sar", learning_rate=0.05, rho=0.5,
+                    reset_constant=reset_constant)
+  forward = _hand_forward(v)
+  theta0 = _theta(v)
+  theta, tx = dict(theta0), optax.adam(0.05)
+  opt, ema, resets = tx.init(theta), None, 0
+  for t, x in enumerate(batches[:4]):
+    np.testing.assert_allclose(got[t], forward(theta, x), rtol=1e-4, atol=1e-5)
+    rel1 = np.asarray(_entropy(forward(theta, x))) < E0
+    mean_ent = lambda th, keep: jnp.sum(_entropy(forward(th, x)) * keep) / max(keep.sum(), 1)
+    g1 = jax.grad(mean_ent)(theta, jnp.asarray(rel1))
+    norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in g1.values()))
+    moved = {k: theta[k] + 0.5 * g1[k] / (norm + 1e-12) for k in theta}
+    keep2 = rel1 & (np.asarray(_entropy(forward(moved, x))) < E0)
+    loss2 = float(mean_ent(moved, jnp.asarray(keep2)))
+    updates, opt = tx.update(jax.grad(mean_ent)(moved, jnp.asarray(keep2)), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+    if keep2.any():
+      ema = loss2 if ema is None else 0.9 * ema + 0.1 * loss2
+    if ema is not None and ema < reset_constant:
+      theta, opt, ema, resets = dict(theta0), tx.init(theta0), None, resets + 1
+  out = streams.run(model, v, batches[:4], "sar", learning_rate=0.05, rho=0.5,
+                    reset_constant=reset_constant, image_range=None)
+  assert int(out.state["resets"]) == resets
+  assert (resets >= 2) if reset_constant else (resets == 0)
+
+
 @pytest.mark.parametrize("method,options", [("source", {}), ("bn_test", {}),
                                             ("bn_alpha", {"prior": 4.0}),
                                             ("ema_bn", {"momentum": 0.3}),
-                                            ("tent", {"learning_rate": 0.01})])
+                                            ("tent", {"learning_rate": 0.01}),
+                                            ("eta", {"learning_rate": 0.01, "d_margin": 0.99}),
+                                            ("sar", {"learning_rate": 0.01,
+                                                     "reset_constant": 0.1})])
 def test_scan_equals_a_python_loop_and_resets(pixnet, method, options):
   """run (one scan) against the pure step called batch by batch; with resets
   the state starts again from the source before the flagged batches."""
@@ -156,10 +308,11 @@ def test_scan_equals_a_python_loop_and_resets(pixnet, method, options):
   for flags in (None, reset):
     out = streams.run(model, v, batches, method, return_logits=True, reset=flags,
                       image_range=None, **options)
-    state = method_.init(v)
+    first = (jnp.asarray(batches[0]),)
+    state = method_.init(v, first)
     for t, x in enumerate(batches):
       if flags is not None and flags[t]:
-        state = method_.init(v)
+        state = method_.init(v, first)
       state, logits = method_.step(state, (jnp.asarray(x),))
       np.testing.assert_allclose(out.logits[t], logits, rtol=1e-5, atol=1e-6)
 
@@ -305,7 +458,8 @@ def test_a_model_written_elsewhere_runs_every_method():
   x = np.random.default_rng(0).uniform(0, 1, (4, 2, 8, 8, 1)).astype(np.float32)
   v = model.init(jax.random.key(0), x[0], train=False)
   for method in streams.METHODS:
-    out = streams.run(model, v, x, method, return_logits=True)
+    options = {"source_images": x[0], "fisher_batch_size": 2} if method == "eata" else {}
+    out = streams.run(model, v, x, method, return_logits=True, **options)
     assert out.logits.shape == (4, 2, 2) and np.isfinite(out.logits).all(), method
     if method == "source":
       want = np.stack([np.asarray(model.apply(v, b, train=False)) for b in x])

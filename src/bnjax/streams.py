@@ -58,6 +58,32 @@ with the statistics put into them):
   one entropy-minimisation step on the BatchNorm scale and bias per batch,
   the layers normalising with the batch's moments (Wang et al. 2021;
   default Adam, learning rate 1e-3, their CIFAR setting).
+``"eta"``, ``"eata"``
+  Niu et al. 2022 ("Efficient test-time model adaptation without
+  forgetting"), per pixel: only pixels whose entropy E is below E0 = 0.4 ln C
+  count, each weighted by 1 / exp(E - E0), the loss their weighted mean.
+  The redundancy filter is per image, on its mean class probabilities over
+  its reliable pixels: left out when |cosine| with the moving average of the
+  kept images' (0.9 old + 0.1 new) reaches ``d_margin``. It is off by
+  default (``d_margin=None``): with C = 2 the cosine of two probability
+  vectors is at least about 0.7, so the paper's 0.05 would keep no image
+  after the first batch. ``"eata"`` adds the Fisher anchor
+  ``fisher_alpha * sum F (theta - theta0)^2`` (paper: 2000), F the squared
+  gradient of the cross-entropy against the model's own per-pixel argmax on
+  ``source_images`` (unlabelled), averaged over batches of
+  ``fisher_batch_size``.
+``"sar"``
+  Niu et al. 2023 ("Towards stable test-time adaptation in dynamic wild
+  world"): the reliable pixels' mean entropy, a sharpness-aware step (the
+  weights moved by ``rho`` g / |g|, paper 0.05), the entropy of the pixels
+  reliable in both passes, whose gradient updates the original weights;
+  when the moving average of that loss (0.9 old + 0.1 new) falls below
+  ``reset_constant`` the model goes back to the source (default 0.2 ln C /
+  ln 1000: the paper's 0.2 nats at 1000 classes, scaled to C classes).
+
+The gradient methods default to Adam, learning rate 1e-3, as TENT here; the
+papers' ImageNet setting (SGD, momentum 0.9, 2.5e-4 at batch 64) is
+``optimizer=optax.sgd(2.5e-4, momentum=0.9)``.
 """
 
 from __future__ import annotations
@@ -83,10 +109,11 @@ from bnjax import stacking
 from bnjax.inference import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
-           "SETTINGS", "METHODS", "GRADUAL"]
+           "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL"]
 
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
-METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "tent")
+METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "tent", "eta", "eata",
+                             "sar")
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
 
@@ -244,15 +271,32 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
 
 @dataclasses.dataclass(frozen=True)
 class Online:
-  """An online method: ``init(variables) -> state`` and the pure step
-  ``step(state, inputs) -> (state, logits)``, ``inputs`` a tuple of the
-  batch's arrays ``[B, ...]``; the logits are the state's prediction of the
-  batch before any update on it."""
+  """An online method: ``init(variables, inputs=None) -> state`` (``inputs``
+  a batch, needed by ``eta`` and ``eata`` to size their moving average) and
+  the pure step ``step(state, inputs) -> (state, logits)``, ``inputs`` a
+  tuple of the batch's arrays ``[B, ...]``; the logits are the state's
+  prediction of the batch before any update on it."""
 
   name: str
   init: Callable
   step: Callable
   options: tuple = ()  # the checked options, defaults filled in
+
+
+_GRADIENT = ("tent", "eta", "eata", "sar")
+_DEFAULTS = {
+    "source": {}, "bn_test": {},
+    "bn_alpha": {"alpha": 0.1, "prior": None},
+    "ema_bn": {"momentum": 0.05},
+    "tent": {"learning_rate": 1e-3, "optimizer": None},
+    "eta": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None},
+    "eata": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None,
+             "fisher_alpha": 2000.0, "fisher_batch_size": 8},
+    "sar": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "rho": 0.05,
+            "reset_constant": None},
+}
+# Options that are arrays, used by ``init`` only (not part of a compile key).
+_ARRAY_OPTIONS = {"eata": ("source_images",)}
 
 
 def _check_number(name, value, lo, hi, closed_lo=True):
@@ -264,16 +308,14 @@ def _check_number(name, value, lo, hi, closed_lo=True):
 
 def _options(method: str, options: dict) -> tuple:
   """The checked options of ``method`` as a hashable tuple (its defaults
-  filled in)."""
-  allowed = {"source": {}, "bn_test": {},
-             "bn_alpha": {"alpha": 0.1, "prior": None},
-             "ema_bn": {"momentum": 0.05},
-             "tent": {"learning_rate": 1e-3, "optimizer": None}}[method]
-  unknown = sorted(set(options) - set(allowed))
+  filled in; array options left out)."""
+  allowed = _DEFAULTS[method]
+  arrays = _ARRAY_OPTIONS.get(method, ())
+  unknown = sorted(set(options) - set(allowed) - set(arrays))
   if unknown:
-    raise ValueError(f"method {method!r} takes the options {sorted(allowed) or 'none'}, got "
-                     f"{unknown}")
-  out = {**allowed, **options}
+    raise ValueError(f"method {method!r} takes the options "
+                     f"{sorted([*allowed, *arrays]) or 'none'}, got {unknown}")
+  out = {**allowed, **{k: v for k, v in options.items() if k not in arrays}}
   if method == "bn_alpha":
     if options.get("prior") is not None:
       if "alpha" in options:
@@ -285,17 +327,112 @@ def _options(method: str, options: dict) -> tuple:
       out["alpha"] = _check_number("alpha", out["alpha"], 0.0, 1.0)
   if method == "ema_bn":
     out["momentum"] = _check_number("momentum", out["momentum"], 0.0, 1.0, closed_lo=False)
-  if method == "tent":
+  if method in _GRADIENT:
     out["learning_rate"] = _checks.number("learning_rate", out["learning_rate"])
     if out["optimizer"] is not None and not isinstance(out["optimizer"],
                                                        optax.GradientTransformation):
       raise ValueError(f"optimizer must be an optax.GradientTransformation or None, got "
                        f"{type(out['optimizer']).__name__}")
+    for name in ("e_margin", "d_margin", "reset_constant"):
+      if out.get(name) is not None:
+        out[name] = _checks.number(name, out[name], minimum=0.0)
+    for name in ("fisher_alpha", "rho"):
+      if name in out:
+        out[name] = _checks.number(name, out[name])
+    if "fisher_batch_size" in out:
+      out["fisher_batch_size"] = _checks.positive_int("fisher_batch_size",
+                                                      out["fisher_batch_size"])
   return tuple(sorted(out.items()))
 
 
 def _stats_of(variables) -> dict:
   return _adapt._stats_of(variables["batch_stats"])
+
+
+def pixel_entropy(logits) -> jax.Array:
+  """The prediction entropy (nats) of every position of ``logits[..., C]``:
+  softmax entropy, or the binary entropy of a sigmoid when C = 1."""
+  logits = jnp.asarray(logits, jnp.float32)
+  if logits.shape[-1] == 1:
+    z = logits[..., 0]
+    p = jax.nn.sigmoid(z)
+    return -p * jax.nn.log_sigmoid(z) - (1 - p) * jax.nn.log_sigmoid(-z)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def _class_probs(logits) -> jax.Array:
+  logits = jnp.asarray(logits, jnp.float32)
+  if logits.shape[-1] == 1:
+    p = jax.nn.sigmoid(logits)
+    return jnp.concatenate([1 - p, p], axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _margin(opts, logits) -> float:
+  """The reliable-entropy threshold E0: ``e_margin``, or 0.4 ln C (Niu et al.
+  2022 and 2023) for C classes (2 for one sigmoid logit)."""
+  if opts.get("e_margin") is not None:
+    return opts["e_margin"]
+  return 0.4 * float(np.log(max(int(logits.shape[-1]), 2)))
+
+
+def _reliable_mean(values, keep):
+  """Mean of ``values`` where ``keep`` (0 where nothing is kept)."""
+  keep = keep.astype(values.dtype)
+  return jnp.sum(values * keep) / jnp.maximum(jnp.sum(keep), 1.0)
+
+
+def _affine_key(path) -> str:
+  return "/".join(map(str, path))
+
+
+class _Affine:
+  """The BatchNorm scale and bias of a model's ``params`` as a flat dict
+  (what the gradient methods optimise), and back."""
+
+  def __init__(self, variables):
+    self.paths = _methods.bn_affine_paths(variables)
+    self.flat = traverse_util.flatten_dict(variables["params"])
+
+  def theta(self) -> dict:
+    return {_affine_key(p): self.flat[p] for p in self.paths}
+
+  def params(self, theta) -> dict:
+    return traverse_util.unflatten_dict(
+        {**self.flat, **{p: theta[_affine_key(p)] for p in self.paths}})
+
+
+def _eta_loss(opts, state, logits):
+  """ETA's filtered, weighted entropy of a batch (Niu et al. 2022, eq. 8-9),
+  per pixel: pixels whose entropy is below E0 are reliable, each weighted by
+  1 / exp(E - E0); with ``d_margin`` an image whose mean class probabilities
+  (over its reliable pixels) have |cosine| >= d_margin with the moving
+  average of the kept images' is redundant and left out. Returns (loss, the
+  new moving average and its flag)."""
+  e0 = _margin(opts, logits)
+  ent = pixel_entropy(logits)
+  b = ent.shape[0]
+  ent_i = ent.reshape(b, -1)
+  reliable = ent_i < e0
+  has = reliable.any(axis=1)
+  probs = _class_probs(logits).reshape(b, -1, 2 if logits.shape[-1] == 1 else logits.shape[-1])
+  count = jnp.maximum(reliable.sum(axis=1), 1)[:, None]
+  p_img = jnp.sum(probs * reliable[..., None], axis=1) / count
+  m, m_set = state["probs"], state["probs_set"]
+  if opts.get("d_margin") is not None:
+    cos = (p_img @ m) / (jnp.linalg.norm(p_img, axis=1) * jnp.linalg.norm(m) + 1e-8)
+    keep = has & (~m_set | (jnp.abs(cos) < opts["d_margin"]))
+  else:
+    keep = has
+  weight = jax.lax.stop_gradient(jnp.exp(e0 - ent_i))
+  mask = reliable & keep[:, None]
+  loss = jnp.sum(weight * ent_i * mask) / jnp.maximum(jnp.sum(mask), 1)
+  sel = jax.lax.stop_gradient(keep.astype(p_img.dtype))
+  mean = jnp.sum(jax.lax.stop_gradient(p_img) * sel[:, None], 0) / jnp.maximum(sel.sum(), 1)
+  any_sel = sel.sum() > 0
+  m_new = jnp.where(any_sel, jnp.where(m_set, 0.9 * m + 0.1 * mean, mean), m)
+  return loss, (m_new, m_set | any_sel)
 
 
 def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> Online:
@@ -336,43 +473,145 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
       return {**state, "variables": v}, out
     return Online(method, None, step)
 
+  # The entropy methods: the BatchNorm scale and bias, the layers normalising
+  # with the batch's moments (as TENT's model in train mode does).
+  tx = opts["optimizer"] if opts["optimizer"] is not None else optax.adam(opts["learning_rate"])
+
+  def forward(state, theta, x):
+    v = state["variables"]
+    return _adapt._batch_normalised_apply(
+        model, {**v, "params": _Affine(v).params(theta)}, x, kw.join(state["arrays"]),
+        is_batch_norm)
+
+  def finish(state, theta, opt, **extra):
+    v = state["variables"]
+    return {**state, "variables": {**v, "params": _Affine(v).params(theta)}, "opt": opt,
+            **extra}
+
   if method == "tent":
-    tx = opts["optimizer"] if opts["optimizer"] is not None else optax.adam(opts["learning_rate"])
-
-    def init_extra(variables):
-      paths = _methods.bn_affine_paths(variables)
-      flat = traverse_util.flatten_dict(variables["params"])
-      return {"opt": tx.init({"/".join(map(str, p)): flat[p] for p in paths})}
-
     def step(state, x):
-      v = state["variables"]
-      flat = traverse_util.flatten_dict(v["params"])
-      paths = _methods.bn_affine_paths(v)
-      theta = {"/".join(map(str, p)): flat[p] for p in paths}
+      theta = _Affine(state["variables"]).theta()
 
       def loss(theta):
-        params = traverse_util.unflatten_dict(
-            {**flat, **{p: theta["/".join(map(str, p))] for p in paths}})
-        out = _adapt._batch_normalised_apply(model, {**v, "params": params}, x,
-                                             kw.join(state["arrays"]), is_batch_norm)
+        out = forward(state, theta, x)
         return _methods.mean_entropy(out), out
 
       (_, out), grads = jax.value_and_grad(loss, has_aux=True)(theta)
       updates, opt = tx.update(grads, state["opt"], theta)
+      return finish(state, optax.apply_updates(theta, updates), opt), out
+    return Online(method, lambda v, **_: {"opt": tx.init(_Affine(v).theta())}, step)
+
+  if method in ("eta", "eata"):
+    def step(state, x):
+      theta = _Affine(state["variables"]).theta()
+
+      def loss(theta):
+        out = forward(state, theta, x)
+        value, probs = _eta_loss(opts, state, out)
+        if method == "eata":  # the Fisher anchor (EATA, eq. 10)
+          value = value + opts["fisher_alpha"] * sum(
+              jnp.sum(state["fisher"][k] * (theta[k] - state["theta0"][k]) ** 2) for k in theta)
+        return value, (out, probs)
+
+      (_, (out, (m, m_set))), grads = jax.value_and_grad(loss, has_aux=True)(theta)
+      updates, opt = tx.update(grads, state["opt"], theta)
+      return finish(state, optax.apply_updates(theta, updates), opt, probs=m,
+                    probs_set=m_set), out
+
+    def init(v, source_images=None, arrays=()):
+      theta = _Affine(v).theta()
+      out = {"opt": tx.init(theta), "probs": None, "probs_set": jnp.asarray(False)}
+      if method == "eata":
+        out["theta0"] = theta
+        out["fisher"] = _fisher(model, kw, is_batch_norm, opts["fisher_batch_size"])(
+            v, source_images, arrays)
+      return out
+    return Online(method, init, step)
+
+  if method == "sar":
+    rho = opts["rho"]
+
+    def step(state, x):
+      theta = _Affine(state["variables"]).theta()
+
+      def loss1(theta):
+        out = forward(state, theta, x)
+        ent = pixel_entropy(out)
+        reliable = ent < _margin(opts, out)
+        return _reliable_mean(ent, reliable), (out, reliable)
+
+      (_, (out, reliable)), g1 = jax.value_and_grad(loss1, has_aux=True)(theta)
+      norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in g1.values()))
+      perturbed = {k: theta[k] + rho * g1[k] / (norm + 1e-12) for k in theta}
+
+      def loss2(theta):
+        out2 = forward(state, theta, x)
+        ent = pixel_entropy(out2)
+        keep = reliable & (ent < _margin(opts, out2))
+        return _reliable_mean(ent, keep), keep.any()
+
+      (value2, any2), g2 = jax.value_and_grad(loss2, has_aux=True)(perturbed)
+      updates, opt = tx.update(g2, state["opt"], theta)
       theta = optax.apply_updates(theta, updates)
-      params = traverse_util.unflatten_dict(
-          {**flat, **{p: theta["/".join(map(str, p))] for p in paths}})
-      return {**state, "variables": {**v, "params": params}, "opt": opt}, out
-    return Online(method, init_extra, step)
+      # The moving average of the second loss; below the threshold the model
+      # has collapsed and goes back to the source (SAR's model recovery).
+      ema = jnp.where(any2, jnp.where(state["ema_set"], 0.9 * state["ema"] + 0.1 * value2,
+                                      value2), state["ema"])
+      ema_set = state["ema_set"] | any2
+      constant = (opts["reset_constant"] if opts["reset_constant"] is not None
+                  else 0.2 * float(np.log(max(out.shape[-1], 2))) / np.log(1000.0))
+      reset = ema_set & (ema < constant)
+      theta = {k: jnp.where(reset, state["theta0"][k], theta[k]) for k in theta}
+      opt = jax.tree_util.tree_map(lambda a, b: jnp.where(reset, a, b), state["opt0"], opt)
+      return finish(state, theta, opt, ema=jnp.where(reset, 0.0, ema),
+                    ema_set=ema_set & ~reset, resets=state["resets"] + reset), out
+
+    def init(v, **_):
+      theta = _Affine(v).theta()
+      return {"opt": tx.init(theta), "opt0": tx.init(theta), "theta0": theta,
+              "ema": jnp.asarray(0.0), "ema_set": jnp.asarray(False),
+              "resets": jnp.asarray(0)}
+    return Online(method, init, step)
 
   raise ValueError(f"method must be one of {METHODS}, got {method!r}")  # pragma: no cover
+
+
+def _fisher(model, kw: _m.Kwargs, is_batch_norm, batch_size: int):
+  """EATA's Fisher information of the BatchNorm scale and bias (Niu et al.
+  2022, eq. 9): on unlabelled source images in batches of ``batch_size``
+  (the last incomplete batch dropped), the squared gradient of the
+  cross-entropy of the batch-normalised model against its own per-pixel
+  argmax, averaged over the batches."""
+
+  def build():
+    def fisher(variables, images, arrays):
+      affine = _Affine(variables)
+      theta = affine.theta()
+      n = images.shape[0] // batch_size
+      batches = images[:n * batch_size].reshape((n, batch_size) + images.shape[1:])
+
+      def one(batch):
+        def ce(theta):
+          out = _adapt._batch_normalised_apply(
+              model, {**variables, "params": affine.params(theta)}, (batch,), kw.join(arrays),
+              is_batch_norm)
+          labels = jax.lax.stop_gradient(jnp.argmax(out, axis=-1))
+          return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, labels))
+        g = jax.grad(ce)(theta)
+        return {k: v ** 2 for k, v in g.items()}
+
+      return jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), jax.lax.map(one, batches))
+    return compiler.jit(fisher)
+
+  return _m.cached(model, ("eata_fisher", kw.key(), is_batch_norm, batch_size), build)
 
 
 def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None,
            is_batch_norm: Callable | None = None, **options) -> Online:
   """The pure step of ``method`` (:data:`METHODS`, options as the module
-  docstring lists them) for ``model``: ``state = online_.init(variables)``,
-  then ``state, logits = online_.step(state, (batch,))`` per batch.
+  docstring lists them) for ``model``: ``state = online_.init(variables,
+  (first_batch,))``, then ``state, logits = online_.step(state, (batch,))``
+  per batch.
   ``apply_kwargs`` and ``is_batch_norm`` are as in
   :func:`bnjax.adapt.recompute_batch_stats` (one model input assumed by
   ``init``'s check; several are passed as a longer tuple)."""
@@ -381,18 +620,39 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
   kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
   kw, arrays = _m.Kwargs.split(kwargs)
   built = _build(model, method, opts, kw, is_batch_norm)
+  source_images = options.get("source_images")
+  if method == "eata":
+    if source_images is None:
+      raise ValueError("method 'eata' needs source_images: unlabelled source-domain images "
+                       "for its Fisher anchor")
+    source_images = _checks.images(source_images, name="source_images",
+                                   image_range=_checks.image_range_of(model, "auto"))
+    if source_images.shape[0] < dict(opts)["fisher_batch_size"]:
+      raise ValueError(f"source_images must hold at least fisher_batch_size="
+                       f"{dict(opts)['fisher_batch_size']} images, got "
+                       f"{source_images.shape[0]}")
 
-  def init(variables):
+  def init(variables, inputs=None):
     if not isinstance(variables, Mapping) or "params" not in variables:
       raise ValueError("variables must be a dict {'params': ..., 'batch_stats': ...}")
     if method != "source" and not _m.stats_paths(variables.get("batch_stats")):
       raise ValueError(f"method {method!r} adapts BatchNorm layers, and the model has none "
                        "(variables have no 'batch_stats' mean/var); use method='source'")
-    if method == "tent" and not _methods.bn_affine_paths(variables):
-      raise ValueError("method 'tent' optimises the BatchNorm scale and bias, and no "
+    if method in _GRADIENT and not _methods.bn_affine_paths(variables):
+      raise ValueError(f"method {method!r} optimises the BatchNorm scale and bias, and no "
                        "BatchNorm layer of this model has either")
     state = {"variables": dict(variables), "arrays": arrays}
-    return {**state, **(built.init(variables) if built.init else {})}
+    if built.init is None:
+      return state
+    extra = built.init(variables, source_images=source_images, arrays=arrays)
+    if "probs" in extra:  # the moving average of the C class probabilities
+      if inputs is None:
+        raise ValueError(f"method {method!r} keeps a moving average of the class "
+                         "probabilities: pass a batch, init(variables, (batch,)), so that the "
+                         "number of classes is known")
+      out = jax.eval_shape(lambda: model.apply(variables, *inputs, **kwargs))
+      extra["probs"] = jnp.zeros(max(int(out.shape[-1]), 2), jnp.float32)
+    return {**state, **extra}
 
   return Online(method, init, built.step, opts)
 
@@ -473,17 +733,18 @@ def _stream_inputs(stream, reset, image_range, lead: int):
 
 
 def _runner(model, method, opts, kw_key, is_batch_norm, with_logits, resets, built, strategy):
+  """The jitted scan from an initial state: one model's (``strategy`` None),
+  or K models' stacked states, each over M streams side by side."""
   def build():
-    def one(variables, inputs, reset):
-      state0 = built.init(variables)
+    def one(state0, inputs, reset):
       final, masks, logits = _scan(built, state0, inputs, reset, with_logits, resets)
       return masks, logits, final
 
     if strategy is None:
       return compiler.jit(one)
 
-    def per_model(variables, inputs, reset):
-      masks, logits, _ = jax.vmap(lambda x, r: one(variables, x, r))(inputs, reset)
+    def per_model(state0, inputs, reset):
+      masks, logits, _ = jax.vmap(lambda x, r: one(state0, x, r))(inputs, reset)
       return masks, logits
     return compiler.jit(stacking.stacked(per_model, strategy, in_axes=(0, None, None)))
 
@@ -521,11 +782,10 @@ def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
   opts, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
                                               image_range, options)
   inputs, reset = _stream_inputs(stream, reset, image_range, 0)
-  state0 = built.init(variables)  # the checks of the model's layers, before compiling
-  del state0
+  state0 = built.init(dict(variables), tuple(a[0] for a in inputs))
   fn = _runner(model, method, opts, kw_key, is_batch_norm, bool(return_logits),
                bool(reset.any()), built, None)
-  masks, logits, final = fn(dict(variables), inputs, jnp.asarray(reset))
+  masks, logits, final = fn(state0, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits), final)
 
 
@@ -552,8 +812,10 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
     raise ValueError("stacked_variables must carry a leading model axis K on every leaf")
   k = int(np.shape(leaves[0])[0])
   _checks.model_axis(stacked_variables, k, "stacked_variables")
-  built.init(stacking.tree_index(stacked_variables, 0))  # the layers' checks, before compiling
+  first = tuple(a[0, 0] for a in inputs)
+  states = stacking.tree_stack([built.init(stacking.tree_index(dict(stacked_variables), i), first)
+                                for i in range(k)])
   fn = _runner(model, method, opts, kw_key, is_batch_norm, bool(return_logits),
                bool(reset.any()), built, stacking.resolve(strategy))
-  masks, logits = fn(dict(stacked_variables), inputs, jnp.asarray(reset))
+  masks, logits = fn(states, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits))
