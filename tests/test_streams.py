@@ -146,6 +146,46 @@ def test_tent_online_against_an_optax_loop(pixnet):
                                   p[k]["kernel"])
 
 
+class ConvNet(nn.Module):
+  """3x3 conv, BatchNorm, ReLU, 1x1 conv: statistics that flips change."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Conv(3, (3, 3), use_bias=False, name="c1")(x)
+    h = nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="bn")(h)
+    return nn.Conv(2, (1, 1), name="c2")(nn.relu(h))
+
+
+@pytest.mark.parametrize("augment,copies", [("flips", 4), ("dihedral", 8)])
+def test_augbn_pools_the_flipped_copies(augment, copies):
+  """The statistics of the batch and its flipped (and transposed) copies,
+  written here with lax.conv and NumPy, mixed with the source by the prior;
+  the logits are the original images'."""
+  model = ConvNet()
+  rng = np.random.default_rng(2)
+  x = rng.uniform(0, 1, (2, 2, 6, 6, 1)).astype(np.float32)
+  x[:, :, :, :3] *= 0.3  # left/right asymmetric: flips change the conv's output statistics
+  v = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(1), x[0]))
+  v["batch_stats"]["bn"]["mean"] = rng.normal(size=3).astype(np.float32)
+  got = _run_logits(model, v, x, "augbn", augment=augment, prior=8.0)
+  p = v["params"]
+  conv = lambda a: np.asarray(jax.lax.conv_general_dilated(
+      jnp.asarray(a), jnp.asarray(p["c1"]["kernel"]), (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")), np.float64)
+  sm, sv = _source(v)
+  for t, b in enumerate(x):
+    pool = [b, b[:, :, ::-1], b[:, ::-1], b[:, ::-1, ::-1]]
+    pool += [np.swapaxes(a, 1, 2) for a in pool] if augment == "dihedral" else []
+    h = conv(np.concatenate(pool)).reshape(-1, 3)
+    a = 2 * copies / (2 * copies + 8.0)
+    mean, var = a * h.mean(0) + (1 - a) * sm, a * h.var(0) + (1 - a) * sv
+    y = np.maximum((conv(b) - mean) / np.sqrt(var + EPS) * p["bn"]["scale"] + p["bn"]["bias"], 0)
+    want = y @ np.asarray(p["c2"]["kernel"][0, 0], np.float64) + p["c2"]["bias"]
+    np.testing.assert_allclose(got[t], want, rtol=1e-4, atol=1e-5)
+    plain = conv(b).reshape(-1, 3)
+    assert not np.allclose(plain.mean(0), h.mean(0), atol=1e-3)  # the copies mattered
+
+
 def _hand_forward(v):
   """PixNet's logits written here with jnp, BatchNorm on the batch's moments,
   as a function of its scale and bias."""
@@ -441,6 +481,10 @@ def test_errors_name_the_argument(pool, pixnet):
     streams.run(model, v, batches, "ema_bn", momentum=0.0)
   with pytest.raises(ValueError, match="alpha or prior, not both"):
     streams.run(model, v, batches, "bn_alpha", alpha=0.2, prior=3.0)
+  with pytest.raises(ValueError, match="augment must be one of"):
+    streams.run(model, v, batches, "augbn", augment="crops")
+  with pytest.raises(ValueError, match="method 'eata' needs source_images"):
+    streams.run(model, v, batches, "eata")
   with pytest.raises(ValueError, match="NaN"):
     streams.run(model, v, np.full_like(batches, np.nan), "bn_test")
   with pytest.raises(ValueError, match=r"reset must be bool\[5\]"):

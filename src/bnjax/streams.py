@@ -54,6 +54,15 @@ with the statistics put into them):
   ``running = (1 - momentum) running + momentum batch``, used to normalise
   that batch (robust BN; RoTTA, Yuan et al. 2023, momentum 0.05, the
   default). Variances are biased, as Flax stores them.
+``"augbn"``
+  the batch's statistics pooled with its flipped copies (``augment``:
+  ``"flips"``, the 4 of horizontal and vertical flips; ``"dihedral"``, the 8
+  flips and transposes of square images), then mixed with the source's as
+  ``bn_alpha`` does (``alpha``, default 1, or ``prior=N`` against the n
+  pooled images): the small-batch remedy of single-image adaptation
+  (SITA, Khurana et al. 2021; DUA, Mirza et al. 2022) without a gradient.
+  The inputs must be images ``[B, H, W, C]``; the logits are the original
+  images'.
 ``"tent"``
   one entropy-minimisation step on the BatchNorm scale and bias per batch,
   the layers normalising with the batch's moments (Wang et al. 2021;
@@ -109,11 +118,11 @@ from bnjax import stacking
 from bnjax.inference import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
-           "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL"]
+           "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL", "AUGMENTS"]
 
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
-METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "tent", "eta", "eata",
-                             "sar")
+METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", "tent", "eta",
+                             "eata", "sar")
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
 
@@ -284,10 +293,21 @@ class Online:
 
 
 _GRADIENT = ("tent", "eta", "eata", "sar")
+AUGMENTS: tuple[str, ...] = ("flips", "dihedral")
+
+
+def _copies(x, augment: str) -> list:
+  """Images ``[B, H, W, C]`` and their flipped (and, ``"dihedral"``,
+  transposed) copies."""
+  flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+  if augment == "flips":
+    return flips
+  return flips + [jnp.swapaxes(f, 1, 2) for f in flips]
 _DEFAULTS = {
     "source": {}, "bn_test": {},
     "bn_alpha": {"alpha": 0.1, "prior": None},
     "ema_bn": {"momentum": 0.05},
+    "augbn": {"augment": "flips", "alpha": 1.0, "prior": None},
     "tent": {"learning_rate": 1e-3, "optimizer": None},
     "eta": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None},
     "eata": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None,
@@ -316,10 +336,12 @@ def _options(method: str, options: dict) -> tuple:
     raise ValueError(f"method {method!r} takes the options "
                      f"{sorted([*allowed, *arrays]) or 'none'}, got {unknown}")
   out = {**allowed, **{k: v for k, v in options.items() if k not in arrays}}
-  if method == "bn_alpha":
+  if method == "augbn":
+    _checks.choice("augment", out["augment"], AUGMENTS)
+  if method in ("bn_alpha", "augbn"):
     if options.get("prior") is not None:
       if "alpha" in options:
-        raise ValueError("bn_alpha takes alpha or prior, not both")
+        raise ValueError(f"{method} takes alpha or prior, not both")
       out["prior"] = _checks.number("prior", out["prior"],
                                     what=", the source statistics' weight in examples")
       out["alpha"] = None
@@ -457,6 +479,24 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
         alpha = b / (b + opts["prior"])
       out, _ = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), float(alpha)))
       return state, out
+    return Online(method, None, step)
+
+  if method == "augbn":
+    def step(state, x):
+      v = state["variables"]
+      if len(x) != 1 or x[0].ndim != 4:
+        raise ValueError(f"augbn flips images [B, H, W, C]; got inputs of shapes "
+                         f"{[a.shape for a in x]}")
+      if opts["augment"] == "dihedral" and x[0].shape[1] != x[0].shape[2]:
+        raise ValueError(f"augment='dihedral' transposes images, which must be square; got "
+                         f"{x[0].shape[1]}x{x[0].shape[2]}")
+      pooled = jnp.concatenate(_copies(x[0], opts["augment"]))
+      alpha = opts["alpha"]
+      if alpha is None:
+        alpha = pooled.shape[0] / (pooled.shape[0] + opts["prior"])
+      out, _ = apply(v, (pooled,), state["arrays"],
+                     _adapt._Policy("choose", layers(v), float(alpha)))
+      return state, out[:x[0].shape[0]]
     return Online(method, None, step)
 
   if method == "ema_bn":
