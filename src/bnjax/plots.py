@@ -15,7 +15,7 @@ from bnjax.features import constant_dims
 
 __all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms",
            "severity_curves", "labelled_heatmap", "winner_grid", "predictor_scatter",
-           "DOMAIN_NOTE"]
+           "stream_curves", "DOMAIN_NOTE"]
 
 
 def _plt():
@@ -348,6 +348,46 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
   write_json_atomic(f"{_stem(path)}.json", {
       panel: {m: [np.asarray(a, float).tolist() for a in v] for m, v in c.items()}
       for panel, c in curves.items()})
+  return path
+
+
+def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size: int, path,
+                  title: str = "", window_images: int = 32, ylabel: str = "online IoU") -> str:
+  """One panel per stream (setting): each method's per-step score against
+  the images seen, as a moving average over about ``window_images`` images,
+  one colour per method in every panel; the stream's blocks (domain
+  segments, ``blocks[panel]`` int[T]) shaded alternately.
+
+  ``panels[panel][method]`` is float[T] (one value per batch of
+  ``batch_size`` images); the raw values go beside the figure as JSON.
+  """
+  names = list(panels)
+  fig, axes = _panel_grid(len(names), 3.6, 2.6)
+  colour = _fixed_colours(methods)
+  window = max(1, window_images // max(batch_size, 1))
+  for ax, name in zip(axes.flat, names):
+    block = np.asarray(blocks[name])
+    edges = np.flatnonzero(np.diff(block)) + 1
+    starts, ends = np.r_[0, edges], np.r_[edges, len(block)]
+    for i, (a0, a1) in enumerate(zip(starts, ends)):
+      if i % 2:
+        ax.axvspan(a0 * batch_size, a1 * batch_size, color="0.92", lw=0)
+    for method in methods:
+      if method not in panels[name]:
+        continue
+      y = np.asarray(panels[name][method], float)
+      smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
+      x = (np.arange(len(smooth)) + window) * batch_size
+      ax.plot(x, smooth, color=colour[method], label=method, lw=1.1)
+    ax.set(title=name, xlabel="images seen", ylabel=ylabel, ylim=(0, 1))
+    ax.title.set_fontsize(9)
+  _finish_panels(fig, axes, path, title, 0.07, 110, ncol=5,
+                 note=f"shaded: alternate blocks of the stream (one domain each); lines: moving "
+                      f"averages over {window * batch_size} images")
+  write_json_atomic(f"{_stem(path)}.json", {
+      "batch_size": batch_size, "blocks": {n: np.asarray(b).tolist() for n, b in blocks.items()},
+      "per_step": {n: {m: np.asarray(v, float).tolist() for m, v in c.items()}
+                   for n, c in panels.items()}})
   return path
 
 

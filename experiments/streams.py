@@ -1,0 +1,363 @@
+r"""Adaptation on streams: which online method works at which batch size, in
+which setting, and where each one ends below no adaptation.
+
+    python experiments/streams.py --config=experiments/configs/streams.py --workdir=runs/streams
+
+``config.seeds`` source U-Nets are trained on the source domain (model ``i``
+on its own draw of the data, one stack). Streams are drawn from one pool of
+held-out source images (shared by the seeds) with :func:`bnjax.streams.make`
+in every setting and batch size, every stream ``config.stream_images`` long,
+so that every setting of a batch size has the same number of steps. Each
+online method runs every (seed, setting) pair of a batch size in one
+compiled call (:func:`bnjax.streams.run_many`); its predictions are scored
+as they are made: online IoU (per-image mean) over the stream, per block
+(domain segment) and over time, and a collapse measure (the last quarter's
+IoU minus the first's, and the fraction of images with foreground predicted
+all background or all foreground). Beside them, on the smallest batch
+size's streams, the original study's protocol (one pass at batch 1, a
+PyTorch EMA with momentum 0.1, then the whole stream predicted) and exact
+AdaBN on the same images (both offline: they see the stream before
+predicting it).
+
+Resumable: the source models are a checkpoint, each (method, batch size) a
+result file. The workdir (:mod:`bnjax.workdir`) receives ``streams.csv`` and
+``streams.json`` (every number; per-step IoU in the JSON), ``streams.md``
+(means with 95 % t-intervals over seeds, the winner of each cell, every cell
+where a method ends below ``source``, the collapse table),
+``curves_b<B>.png`` (IoU over the stream, one panel per setting, one colour
+per method, the blocks shaded) and ``methods_b<B>.png`` (setting x method
+heatmap), each with its numbers beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import adapt, data, inference, metrics, models, plots, shifts, stats, streams, train
+from bnjax import config as cfg
+from bnjax.checkpoint import write_json_atomic
+from bnjax.progress import Progress
+from bnjax.workdir import Workdir, main
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "streams.py")
+FIELDS = ("setting", "batch_size", "method", "seed", "iou", "iou_first_quarter",
+          "iou_last_quarter", "collapse")
+OFFLINE = ("offline_ema_b1", "offline_exact")  # the study's protocol and exact AdaBN
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A config resolved and checked whole (:func:`plan_of`)."""
+
+  settings: list
+  batch_sizes: list
+  methods: list
+  source: data.Domain
+  model: models.UNet
+  train: train.TrainConfig
+  options: dict           # method -> its options
+  shifts: tuple
+  gradual_shifts: tuple
+  mixed_severities: tuple
+
+
+def _blocks(plan, setting: str) -> int:
+  return {"continual": len(plan.shifts), "gradual": 9 * len(plan.gradual_shifts)}.get(setting, 1)
+
+
+def plan_of(config) -> Plan:
+  """Every value of ``config`` checked by the code that uses it, before
+  anything is written or trained; a :class:`bnjax.config.ConfigError`
+  naming the key otherwise."""
+  cfg.positive_int(config.seeds, "seeds")
+  cfg.positive_int(config.seed, "seed", minimum=0)
+  settings = cfg.names(config.settings, streams.SETTINGS, "settings")
+  batch_sizes = cfg.ints(config.batch_sizes, 1, 4096, "batch_sizes")
+  methods = cfg.names(config.methods, streams.METHODS, "methods")
+  if "source" not in methods:
+    methods.insert(0, "source")  # the baseline every finding is measured against
+  size = cfg.image_size(config.data.size)
+  for name in ("n_train", "n_pool", "n_fisher"):
+    cfg.positive_int(config.data[name], f"data.{name}")
+  cfg.choice(config.one_shift, shifts.SHIFTS, "one_shift")
+  cfg.value("severity", streams._severities, config.severity)
+  plan = Plan(settings, batch_sizes, methods, cfg.domain(config.source, "source"),
+              cfg.unet(config.model, image_size=size),
+              cfg.train_config(config.train, n_images=config.data.n_train, seed=config.seed),
+              {}, tuple(cfg.names(config.shifts, shifts.SHIFTS, "shifts")),
+              tuple(cfg.names(config.gradual_shifts, shifts.SHIFTS, "gradual_shifts")),
+              tuple(cfg.ints(config.mixed_severities, 1, 5, "mixed_severities")))
+  n = cfg.positive_int(config.stream_images, "stream_images")
+  for b in batch_sizes:
+    if b > config.data.n_pool:
+      raise cfg.ConfigError(f"config.batch_sizes: {b} exceeds config.data.n_pool "
+                            f"({config.data.n_pool})")
+    for s in settings:
+      if n % (_blocks(plan, s) * b):
+        raise cfg.ConfigError(
+            f"config.stream_images ({n}) must be a multiple of {_blocks(plan, s)} blocks x "
+            f"batch size {b} (setting {s!r})")
+  given = config.method_options.to_dict() if hasattr(config.method_options, "to_dict") else dict(
+      config.method_options)
+  unknown = sorted(set(given) - set(streams.METHODS))
+  if unknown:
+    raise cfg.ConfigError(f"config.method_options.{unknown[0]} is not a method of "
+                          f"{streams.METHODS}")
+  for m in methods:
+    opts = dict(given.get(m, {}))
+    if m == "eata":
+      opts.setdefault("fisher_batch_size", min(8, config.data.n_fisher))
+      extra = {"source_images": np.zeros((opts["fisher_batch_size"], size, size, 1), np.float32)}
+    else:
+      extra = {}
+    cfg.value(f"method_options.{m}", streams.online, plan.model, m, **opts, **extra)
+    plan.options[m] = opts
+  return plan
+
+
+# --------------------------------------------------------------------------
+# Data, models, streams
+
+
+def _pool(config, plan, split: str, n: int, seed: int = 0):
+  return data.make_dataset(data.split_key(config.seed + seed, plan.source, split), plan.source,
+                           n, config.data.size)
+
+
+def _train_models(wd, config, plan):
+  found = wd.load_model("source_models", seeds=config.seeds)
+  if found is not None:
+    print(f"[source_models] restored from {wd.path}/checkpoints/source_models", flush=True)
+    return found[0]
+  sets = [_pool(config, plan, "train", config.data.n_train, i) for i in range(config.seeds)]
+  print(f"[source_models] training {config.seeds} models on {config.data.n_train} images each",
+        flush=True)
+  v, _ = train.train_many(plan.model, jnp.stack([s[0] for s in sets]),
+                          jnp.stack([s[1] for s in sets]), plan.train, strategy=config.strategy)
+  v = jax.device_get(v)
+  wd.save_model("source_models", v, seeds=config.seeds)
+  return v
+
+
+def _stream(config, plan, setting: str, b: int, pool) -> streams.Stream:
+  """The stream of ``setting`` at batch size ``b``, from the shared pool."""
+  n = config.stream_images
+  names = {"continual": plan.shifts, "mixed": plan.shifts,
+           "gradual": plan.gradual_shifts}.get(setting, config.one_shift)
+  severity = plan.mixed_severities if setting == "mixed" else (
+      5 if setting == "gradual" else config.severity)
+  return streams.make(data.named_key(config.seed, "stream", setting, b), *pool, setting=setting,
+                      batch_size=b, shifts=names, severity=severity,
+                      block_steps=n // (_blocks(plan, setting) * b))
+
+
+# --------------------------------------------------------------------------
+# Scores
+
+
+def score(pred, stream: streams.Stream) -> dict:
+  """Online scores of predictions ``pred`` bool[K, T, B, H, W] (K seeds) on
+  ``stream``: per seed the IoU over the stream, per block and per step, the
+  first and last quarter's IoU and the collapse fraction (images whose mask
+  is not empty predicted all background or all foreground)."""
+  pred = np.asarray(pred, bool)
+  truth = np.asarray(stream.masks, bool)
+  k, t, b = pred.shape[:3]
+  flat = pred.reshape((-1,) + pred.shape[3:])
+  per_image = np.asarray(metrics.iou_per_image(flat, np.broadcast_to(
+      truth, pred.shape).reshape(flat.shape))).reshape(k, t, b)
+  per_step = per_image.mean(2)
+  q = max(1, t // 4)
+  fg = pred.mean((3, 4))
+  nonempty = truth.any((2, 3))[None]
+  degenerate = ((fg == 0) | (fg == 1)) & nonempty
+  blocks = np.unique(stream.block)
+  return {"iou": per_image.mean((1, 2)), "per_step": per_step,
+          "per_block": np.stack([per_step[:, stream.block == i].mean(1) for i in blocks], 1),
+          "iou_first_quarter": per_step[:, :q].mean(1),
+          "iou_last_quarter": per_step[:, -q:].mean(1),
+          "collapse": degenerate.sum((1, 2)) / max(int(nonempty.sum()), 1)}
+
+
+def _rows(setting, b, method, s) -> list[dict]:
+  return [dict(setting=setting, batch_size=b, method=method, seed=i, iou=float(s["iou"][i]),
+               iou_first_quarter=float(s["iou_first_quarter"][i]),
+               iou_last_quarter=float(s["iou_last_quarter"][i]),
+               collapse=float(s["collapse"][i])) for i in range(len(s["iou"]))]
+
+
+def _cell(config, plan, variables, pool, fisher_images, method, b):
+  """Rows and mean curves of ``method`` at batch size ``b``: every (seed,
+  setting) stream in one compiled call."""
+  stream_list = [_stream(config, plan, s, b, pool) for s in plan.settings]
+  opts = dict(plan.options[method])
+  if method == "eata":
+    opts["source_images"] = fisher_images
+  out = streams.run_many(plan.model, variables, stream_list, method, strategy=config.strategy,
+                         **opts)
+  rows, curves = [], {}
+  for m, (setting, stream) in enumerate(zip(plan.settings, stream_list)):
+    s = score(out.masks[:, m], stream)
+    rows += _rows(setting, b, method, s)
+    curves[setting] = {"per_step": s["per_step"].mean(0).tolist(),
+                       "per_block": s["per_block"].mean(0).tolist(),
+                       "block": stream.block.tolist()}
+  return rows, curves
+
+
+def _offline(config, plan, variables, pool):
+  """The study's protocol (batch 1, EMA momentum 0.1) and exact AdaBN, each
+  on the whole stream of the smallest batch size before predicting it."""
+  b = min(plan.batch_sizes)
+  rows = []
+  for setting in plan.settings:
+    stream = _stream(config, plan, setting, b, pool)
+    images = jnp.asarray(stream.images).reshape((-1,) + stream.images.shape[2:])
+    k = config.seeds
+    stacked_images = jnp.broadcast_to(images, (k,) + images.shape)
+    for name, options in (("offline_ema_b1", dict(mode="ema", batch_size=1, momentum=0.1)),
+                          ("offline_exact", dict(mode="exact"))):
+      v = adapt.recompute_batch_stats_stacked(plan.model, variables, stacked_images,
+                                              strategy=config.strategy, **options)
+      pred = inference.stacked_predict(plan.model, v, stacked_images, strategy=config.strategy)
+      rows += _rows(setting, b, name, score(pred.reshape((k,) + stream.masks.shape), stream))
+  return rows
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+def _table(rows):
+  out = {}
+  for r in rows:
+    out.setdefault((r["setting"], r["batch_size"], r["method"]), {})[r["seed"]] = r
+  return out
+
+
+def _values(cell, key="iou"):
+  return np.array([cell[s][key] for s in sorted(cell)])
+
+
+def _fmt(values) -> str:
+  mean, half = stats.t_interval(values)
+  return f"{mean:.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
+
+
+def report(wd, config, plan, rows, curves) -> str:
+  table = _table(rows)
+  methods = plan.methods
+  lines = [f"# Streams ({config.preset}): source {plan.source}, {config.seeds} seeds, "
+           f"{config.data.size}x{config.data.size}, width {config.model.features}, "
+           f"{config.stream_images} images per stream", "",
+           "Online IoU (per-image mean over the stream, each batch predicted as it arrives), "
+           "mean ± half-width of the 95 % t-interval over seeds. Offline references (they see "
+           "the whole stream first), on the smallest batch size's streams: the study's protocol "
+           "(batch 1, EMA momentum 0.1) and exact AdaBN.", ""]
+  below, collapse = [], []
+  for b in plan.batch_sizes:
+    cols = methods + (list(OFFLINE) if b == min(plan.batch_sizes) else [])
+    lines += [f"## Batch size {b}", "", "| setting | " + " | ".join(cols) + " | best online |",
+              "|---|" + "---|" * (len(cols) + 1)]
+    heat = []
+    for setting in plan.settings:
+      means = {m: float(_values(table[(setting, b, m)]).mean()) for m in methods}
+      best = max(means, key=means.get)
+      lines.append(f"| {setting} | " + " | ".join(
+          _fmt(_values(table[(setting, b, m)])) for m in cols) + f" | {best} |")
+      heat.append([means[m] for m in methods])
+      for m in methods[1:]:
+        diff = _values(table[(setting, b, m)]) - _values(table[(setting, b, "source")])
+        if diff.mean() < 0:
+          mean, half = stats.t_interval(diff)
+          below.append((b, setting, m, mean, half))
+      for m in methods:
+        cell = table[(setting, b, m)]
+        drift = _values(cell, "iou_last_quarter") - _values(cell, "iou_first_quarter")
+        collapse.append((b, setting, m, float(_values(cell, "collapse").mean()),
+                         float(drift.mean())))
+    lines.append("")
+    plots.labelled_heatmap(np.array(heat).T, methods, plan.settings,
+                           wd.file(f"methods_b{b}.png"),
+                           f"Online IoU at batch size {b} (mean over {config.seeds} seeds)",
+                           corner="method \\ setting")
+    panels = {s: {m: np.asarray(curves[(m, b)][s]["per_step"]) for m in methods}
+              for s in plan.settings}
+    blocks = {s: np.asarray(curves[(methods[0], b)][s]["block"]) for s in plan.settings}
+    plots.stream_curves(panels, methods, blocks, b, wd.file(f"curves_b{b}.png"),
+                        f"Online IoU over the stream at batch size {b} (mean over "
+                        f"{config.seeds} seeds; a moving average)")
+  lines += ["## Where a method ends below `source`", "",
+            "Every (batch size, setting, method) whose mean online IoU is below no adaptation's; "
+            "the paired difference over seeds with its 95 % half-width (**bold**: the "
+            "interval lies below 0).", ""]
+  if not below:
+    lines.append("None.")
+  for b, setting, m, mean, half in below:
+    text = f"{mean:+.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
+    sure = np.isfinite(half) and mean + half < 0
+    lines.append(f"- batch {b}, {setting}, {m}: " + (f"**{text}**" if sure else text))
+  lines += ["", "## Collapse", "", "Fraction of images with foreground predicted all "
+            "background or all foreground, and the last quarter's IoU minus the first "
+            "quarter's (mean over seeds).", "",
+            "| batch | setting | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+  by = {(b, s, m): (c, d) for b, s, m, c, d in collapse}
+  for b in plan.batch_sizes:
+    for s in plan.settings:
+      lines.append(f"| {b} | {s} | " + " | ".join(
+          f"{by[(b, s, m)][0]:.2f} / {by[(b, s, m)][1]:+.2f}" for m in methods) + " |")
+  text = "\n".join(lines) + "\n"
+  wd.write_text("streams.md", text)
+  wd.write_csv("streams.csv", rows, FIELDS, ".6f")
+  write_json_atomic(wd.file("streams.json"), {
+      "fields": list(FIELDS), "rows": rows,
+      "curves": {f"{m}|{b}": c for (m, b), c in curves.items()}})
+  return text
+
+
+def run(config, workdir: str) -> list[dict]:
+  """Runs the experiment of ``config`` into ``workdir``; returns every row."""
+  plan = plan_of(config)
+  wd = Workdir.open(workdir, "streams", config)
+  start = time.perf_counter()
+  print(f"streams ({config.preset}): settings {plan.settings} x batch sizes "
+        f"{plan.batch_sizes} x methods {plan.methods} x {config.seeds} seeds; "
+        f"devices {jax.devices()}", flush=True)
+  variables = _train_models(wd, config, plan)
+  pool = _pool(config, plan, "eval", config.data.n_pool)  # held-out source images
+  fisher_images = _pool(config, plan, "adapt", config.data.n_fisher)[0]  # unlabelled, EATA
+  cells = [(m, b) for b in plan.batch_sizes for m in plan.methods]
+  bar = Progress(len(cells) + 1, "(method, batch size) cells")
+  rows, curves = [], {}
+  for i, (method, b) in enumerate(cells, start=1):
+    name = f"{method}__b{b}"
+    found = wd.read_result(name)
+    if found is None:
+      cell_rows, cell_curves = _cell(config, plan, variables, pool, fisher_images, method, b)
+      wd.write_result(name, {"rows": cell_rows, "curves": cell_curves})
+      bar.update(i, f"{name} scored")
+    else:
+      cell_rows, cell_curves = found["rows"], found["curves"]
+      bar.update(i, f"{name} restored", restored=True)
+    rows += cell_rows
+    curves[(method, b)] = cell_curves
+  found = wd.read_result("offline")
+  if found is None:
+    found = {"rows": _offline(config, plan, variables, pool)}
+    wd.write_result("offline", found)
+  rows += found["rows"]
+  bar.update(len(cells) + 1, "offline references")
+  text = report(wd, config, plan, rows, curves)
+  print("\n" + text + f"\n({time.perf_counter() - start:.0f} s this run)", flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main(run, DEFAULT_CONFIG, "streams")

@@ -1,0 +1,111 @@
+"""experiments/streams.py in-process at tiny sizes: every row, the files,
+one online IoU and one offline reference recomputed by hand from the
+checkpoint and a fresh stream, resume without retraining, config errors."""
+
+import csv
+
+import jax
+import numpy as np
+import pytest
+
+import tolerance
+from bnjax import adapt, config as bnjax_config, data, models, streams, train, workdir
+from experiments import streams as experiment
+from experiments.configs import streams as streams_config
+
+
+def tiny():
+  c = streams_config.get_config()
+  c.seeds = 2
+  c.settings = "iid,continual,correlated"
+  c.batch_sizes = "2"
+  c.methods = "source,bn_test,ema_bn"
+  c.shifts = "brightness,zoom"
+  c.stream_images = 16
+  c.data.size, c.data.n_train, c.data.n_pool, c.data.n_fisher = 16, 24, 12, 4
+  c.model.features, c.model.depth = 2, 2
+  c.train.epochs, c.train.batch_size = 1, 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  path = tmp_path_factory.mktemp("streams")
+  config = tiny()
+  rows = experiment.run(config, str(path))
+  return config, path, rows
+
+
+def test_rows_files_and_one_number_by_hand(result):
+  config, path, rows = result
+  # 3 settings x 3 methods x 2 seeds online, + 3 settings x 2 offline x 2 seeds.
+  assert len(rows) == 3 * 3 * 2 + 3 * 2 * 2
+  with open(path / "streams.csv") as f:
+    assert len(list(csv.DictReader(f))) == len(rows)
+  for name in ("streams.md", "streams.json", "curves_b2.png", "curves_b2.json",
+               "methods_b2.png", "methods_b2.csv"):
+    assert (path / name).stat().st_size > 0, name
+  for r in rows:
+    assert 0 <= r["iou"] <= 1 and 0 <= r["collapse"] <= 1
+  # Seed 1's bn_test on the continual stream, by hand: the checkpoint, the
+  # stream drawn afresh, each batch normalised by its own moments
+  # (recompute_batch_stats on the batch alone), per-image IoU by NumPy.
+  wd = workdir.Workdir.read(str(path))
+  stack, _ = wd.load_model("source_models")
+  v = jax.tree_util.tree_map(lambda a: a[1], stack)
+  model = models.UNet(features=2, depth=2)
+  source = data.Domain(*config.source)
+  pool = data.make_dataset(data.split_key(config.seed, source, "eval"), source, 12, 16)
+  s = streams.make(data.named_key(config.seed, "stream", "continual", 2), *pool,
+                   setting="continual", batch_size=2, shifts=("brightness", "zoom"), severity=5,
+                   block_steps=4)
+  z = np.concatenate([np.asarray(model.apply(adapt.recompute_batch_stats(model, v, x), x,
+                                              train=False)) for x in np.asarray(s.images)])
+  masks = np.asarray(s.masks).reshape(-1, 16, 16)
+  got = [r["iou"] for r in rows if (r["setting"], r["method"], r["seed"]) == ("continual",
+                                                                              "bn_test", 1)]
+  assert got == [pytest.approx(*_iou_and_tolerance(z, masks))]
+  # The offline exact reference: AdaBN on the whole stream, then every image.
+  whole = np.asarray(s.images).reshape(-1, 16, 16, 1)
+  z = np.asarray(model.apply(adapt.recompute_batch_stats(model, v, whole), whole, train=False))
+  got = [r["iou"] for r in rows if (r["setting"], r["method"], r["seed"]) == ("continual",
+                                                                              "offline_exact", 1)]
+  assert got == [pytest.approx(*_iou_and_tolerance(z, masks))]
+
+
+def _iou_and_tolerance(z, masks):
+  """Per-image mean IoU of argmax(z) with NumPy, and what the pixels near the
+  decision boundary can move it by (tests/tolerance.py) plus 1e-6 for the
+  float32 means."""
+  pred = np.argmax(z, -1) == 1
+  inter, union = (pred & masks).sum((1, 2)), (pred | masks).sum((1, 2))
+  iou = np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0))
+  return iou, tolerance.iou_tolerance_at(pred, masks, tolerance.near_boundary(z)) + 1e-6
+
+
+def test_resume_does_not_retrain(result, monkeypatch):
+  config, path, rows = result
+  monkeypatch.setattr(train, "train_many", lambda *a, **k: pytest.fail("retrained"))
+  monkeypatch.setattr(streams, "run_many", lambda *a, **k: pytest.fail("rescored"))
+  assert experiment.run(config, str(path)) == rows
+
+
+def test_config_errors():
+  c = tiny()
+  c.stream_images = 18  # continual: 2 blocks x batch 2 = 4 does not divide 18
+  with pytest.raises(bnjax_config.ConfigError, match=r"config.stream_images \(18\) must be a "
+                                                     r"multiple of 2 blocks x batch size 2"):
+    experiment.plan_of(c)
+  c = tiny()
+  c.methods = "source,magic"
+  with pytest.raises(bnjax_config.ConfigError, match="config.methods"):
+    experiment.plan_of(c)
+  c = tiny()
+  with c.method_options.unlocked():
+    c.method_options.ema_bn.momentum = 0.0
+  c.methods = "source,ema_bn"
+  with pytest.raises(bnjax_config.ConfigError, match=r"config.method_options.ema_bn: momentum "
+                                                     r"must be in \(0, 1\]"):
+    experiment.plan_of(c)
+  with pytest.raises(ValueError, match="'cpu' or 'full'"):
+    streams_config.get_config("gpu")
