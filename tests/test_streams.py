@@ -332,6 +332,58 @@ def test_sar_two_steps_and_recovery(pixnet, reset_constant):
   assert (resets >= 2) if reset_constant else (resets == 0)
 
 
+def test_gated_chooses_by_agreement(pixnet):
+  """gated (inner ema_bn), by hand: per batch the inner method's logits
+  (NumPy, its running statistics following every batch) against the
+  source's; the inner ones are used iff the IoU of the two masks over the
+  batch is below the threshold (set between the batches' agreements, so
+  that both choices are made)."""
+  model, v, batches = pixnet
+  sm, sv = _source(v)
+  rm, rv = sm, sv
+  inner, src, agreement = [], [], []
+  for x in batches:
+    bm, bv = np_moments(v, x)
+    rm, rv = 0.1 * rm + 0.9 * bm, 0.1 * rv + 0.9 * bv
+    inner.append(np_logits(v, x, rm, rv))
+    src.append(np_logits(v, x, sm, sv))
+    a, b = inner[-1][..., 1] > inner[-1][..., 0], src[-1][..., 1] > src[-1][..., 0]
+    agreement.append((a & b).sum() / max((a | b).sum(), 1))
+  threshold = (min(agreement) + max(agreement)) / 2
+  got = _run_logits(model, v, batches, "gated", threshold=threshold,
+                    inner_options={"momentum": 0.9})
+  use = np.array(agreement) < threshold
+  assert 0 < use.sum() < len(batches)
+  for t in range(len(batches)):
+    np.testing.assert_allclose(got[t], inner[t] if use[t] else src[t], rtol=1e-5, atol=1e-5)
+  out = streams.run(model, v, batches, "gated", threshold=threshold,
+                    inner_options={"momentum": 0.9}, image_range=None)
+  assert int(out.state["adapted"]) == use.sum() and int(out.state["resets"]) == 0
+
+
+def test_gated_resets_a_collapsed_inner_state(pixnet):
+  """An inner state whose statistics predict one class everywhere (the
+  stored mean pushed far off) while the source predicts both: the source's
+  logits are used and the inner state starts again."""
+  model, v, batches = pixnet
+  sm, sv = _source(v)
+  # The second class's bias moved so that the source splits the batch's pixels.
+  v = jax.tree_util.tree_map(np.copy, v)
+  v["params"]["d2"]["bias"][1] -= np.median(np.diff(np_logits(v, batches[0], sm, sv), axis=-1))
+  t = 0
+  assert 0 < np.mean(np.diff(np_logits(v, batches[t], sm, sv), axis=-1) > 0) < 1
+  gated = streams.online(model, "gated", inner="ema_bn", inner_options={"momentum": 0.01})
+  x = (jnp.asarray(batches[t]),)
+  state = gated.init(v, x)
+  broken = jax.tree_util.tree_map(lambda a: a, state["inner"])
+  broken["variables"]["batch_stats"]["bn"]["mean"] = jnp.full(3, 1e3)
+  new, logits = gated.step({**state, "inner": broken}, x)
+  np.testing.assert_allclose(logits, np_logits(v, batches[t], sm, sv), rtol=1e-5, atol=1e-5)
+  assert int(new["resets"]) == 1 and int(new["adapted"]) == 0
+  np.testing.assert_array_equal(new["inner"]["variables"]["batch_stats"]["bn"]["mean"],
+                                state["inner"]["variables"]["batch_stats"]["bn"]["mean"])
+
+
 @pytest.mark.parametrize("method,options", [("source", {}), ("bn_test", {}),
                                             ("bn_alpha", {"prior": 4.0}),
                                             ("ema_bn", {"momentum": 0.3}),

@@ -63,6 +63,21 @@ with the statistics put into them):
   (SITA, Khurana et al. 2021; DUA, Mirza et al. 2022) without a gradient.
   The inputs must be images ``[B, H, W, C]``; the logits are the original
   images'.
+``"gated"``
+  bnjax's own: an ``inner`` method (default ``"ema_bn"``, options
+  ``inner_options``) runs on every batch, but its prediction is used only
+  where it disagrees with the source model's enough to say that the source
+  is broken: the agreement (IoU of the two masks over the batch's pixels)
+  below ``threshold``; elsewhere the source's prediction stands. Where a
+  label shift moves the BatchNorm statistics (the foreground fraction
+  changes, the appearance does not) the source's prediction is right and
+  the two largely agree; where the appearance moved, the source's
+  prediction is wrong (all background or all foreground under a brightness
+  shift) and they disagree. An inner prediction that collapses (one class
+  over the whole batch while the source's has both) is not used, and the
+  inner state starts again from the source. ``experiments/streams.py``
+  chooses the threshold by the decisions it makes on held-out shift
+  families.
 ``"tent"``
   one entropy-minimisation step on the BatchNorm scale and bias per batch,
   the layers normalising with the batch's moments (Wang et al. 2021;
@@ -122,7 +137,7 @@ __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_man
 
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
 METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", "tent", "eta",
-                             "eata", "sar")
+                             "eata", "sar", "gated")
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
 
@@ -314,6 +329,7 @@ _DEFAULTS = {
              "fisher_alpha": 2000.0, "fisher_batch_size": 8},
     "sar": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "rho": 0.05,
             "reset_constant": None},
+    "gated": {"inner": "ema_bn", "inner_options": (), "threshold": 0.5},
 }
 # Options that are arrays, used by ``init`` only (not part of a compile key).
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
@@ -336,6 +352,14 @@ def _options(method: str, options: dict) -> tuple:
     raise ValueError(f"method {method!r} takes the options "
                      f"{sorted([*allowed, *arrays]) or 'none'}, got {unknown}")
   out = {**allowed, **{k: v for k, v in options.items() if k not in arrays}}
+  if method == "gated":
+    _checks.choice("inner", out["inner"], tuple(m for m in METHODS if m not in ("source",
+                                                                                "gated")))
+    given = out["inner_options"]
+    given = dict(given.items() if isinstance(given, Mapping) else given)
+    # Checked as the inner method's own options (arrays are passed on, not kept).
+    out["inner_options"] = _options(out["inner"], given)
+    out["threshold"] = _check_number("threshold", out["threshold"], 0.0, 1.0)
   if method == "augbn":
     _checks.choice("augment", out["augment"], AUGMENTS)
   if method in ("bn_alpha", "augbn"):
@@ -656,6 +680,8 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
   :func:`bnjax.adapt.recompute_batch_stats` (one model input assumed by
   ``init``'s check; several are passed as a longer tuple)."""
   _checks.choice("method", method, METHODS)
+  if method == "gated":
+    return _gated(model, apply_kwargs, is_batch_norm, options)
   opts = _options(method, dict(options))
   kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
   kw, arrays = _m.Kwargs.split(kwargs)
@@ -695,6 +721,46 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
     return {**state, **extra}
 
   return Online(method, init, built.step, opts)
+
+
+def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
+  """``"gated"``: an inner method runs on every batch (its state always
+  follows the stream); per batch its prediction is used only when it
+  disagrees with the source model's enough to say the source is broken,
+  agreement (the IoU of the two masks over the batch's pixels) below
+  ``threshold``; where the inner prediction collapses (all background or
+  all foreground over the batch while the source's is neither) the source's
+  is used and the inner state goes back to its start."""
+  opts = _options("gated", {k: v for k, v in options.items() if k != "source_images"})
+  o = dict(opts)
+  raw = options.get("inner_options") or {}
+  inner = online(model, o["inner"], apply_kwargs=apply_kwargs, is_batch_norm=is_batch_norm,
+                 **dict(raw.items() if isinstance(raw, Mapping) else raw),
+                 **({"source_images": options["source_images"]}
+                    if "source_images" in options else {}))
+  kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
+  kw, arrays = _m.Kwargs.split(kwargs)
+
+  def init(variables, inputs=None):
+    state = inner.init(variables, inputs)
+    return {"inner": state, "inner0": state, "source": dict(variables), "arrays": arrays,
+            "adapted": jnp.asarray(0), "resets": jnp.asarray(0)}
+
+  def step(state, x):
+    inner_state, adapted = inner.step(state["inner"], x)
+    src = model.apply(state["source"], *x, **kw.join(state["arrays"]))
+    m_src, m_ad = logits_to_masks(src), logits_to_masks(adapted)
+    inter, union = jnp.sum(m_src & m_ad), jnp.sum(m_src | m_ad)
+    agreement = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    frac_src, frac_ad = jnp.mean(m_src), jnp.mean(m_ad)
+    collapsed = ((frac_ad == 0) | (frac_ad == 1)) & (frac_src > 0) & (frac_src < 1)
+    use = (agreement < o["threshold"]) & ~collapsed
+    inner_state = jax.tree_util.tree_map(lambda a, b: jnp.where(collapsed, a, b),
+                                         state["inner0"], inner_state)
+    return ({**state, "inner": inner_state, "adapted": state["adapted"] + use,
+             "resets": state["resets"] + collapsed}, jnp.where(use, adapted, src))
+
+  return Online("gated", init, step, opts)
 
 
 # --------------------------------------------------------------------------
