@@ -81,8 +81,9 @@ def plan_of(config) -> Plan:
   settings = cfg.names(config.settings, streams.SETTINGS, "settings")
   batch_sizes = cfg.ints(config.batch_sizes, 1, 4096, "batch_sizes")
   methods = cfg.names(config.methods, streams.METHODS, "methods")
-  if "source" not in methods:
-    methods.insert(0, "source")  # the baseline every finding is measured against
+  # The baseline every finding is measured against, first (the others'
+  # agreement with it is recorded).
+  methods = ["source"] + [m for m in methods if m != "source"]
   size = cfg.image_size(config.data.size)
   for name in ("n_train", "n_pool", "n_fisher"):
     cfg.positive_int(config.data[name], f"data.{name}")
@@ -193,23 +194,44 @@ def _rows(setting, b, method, s) -> list[dict]:
                collapse=float(s["collapse"][i])) for i in range(len(s["iou"]))]
 
 
-def _cell(config, plan, variables, pool, fisher_images, method, b):
-  """Rows and mean curves of ``method`` at batch size ``b``: every (seed,
-  setting) stream in one compiled call."""
+def _step_families(stream: streams.Stream) -> list[str]:
+  """The shift family of each step's batch ("mixed" where its images differ)."""
+  names = np.asarray(stream.shifts)[stream.shift]
+  fam = np.vectorize(shifts.family_of)(names)
+  return [f[0] if (f == f[0]).all() else "mixed" for f in fam]
+
+
+def agreement(a, b) -> np.ndarray:
+  """float[K, T]: per step the IoU of two mask sets [K, T, B, H, W] over the
+  batch's pixels (1 where both are empty): what ``gated`` compares."""
+  a, b = np.asarray(a, bool), np.asarray(b, bool)
+  inter, union = (a & b).sum((2, 3, 4)), (a | b).sum((2, 3, 4))
+  return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _cell(config, plan, variables, pool, fisher_images, method, b, source_masks):
+  """Rows and curves of ``method`` at batch size ``b``: every (seed, setting)
+  stream in one compiled call; per step and seed its IoU and its agreement
+  with the source model's masks (``source_masks()``: [K, settings, T, B, H,
+  W], the same streams), for the gate analysis. Returns (rows, curves,
+  masks)."""
   stream_list = [_stream(config, plan, s, b, pool) for s in plan.settings]
   opts = dict(plan.options[method])
   if method == "eata":
     opts["source_images"] = fisher_images
   out = streams.run_many(plan.model, variables, stream_list, method, strategy=config.strategy,
                          **opts)
+  src = out.masks if method == "source" else source_masks()
   rows, curves = [], {}
   for m, (setting, stream) in enumerate(zip(plan.settings, stream_list)):
     s = score(out.masks[:, m], stream)
     rows += _rows(setting, b, method, s)
     curves[setting] = {"per_step": s["per_step"].mean(0).tolist(),
+                       "per_step_seed": s["per_step"].tolist(),
+                       "agreement": agreement(out.masks[:, m], src[:, m]).tolist(),
                        "per_block": s["per_block"].mean(0).tolist(),
-                       "block": stream.block.tolist()}
-  return rows, curves
+                       "block": stream.block.tolist(), "family": _step_families(stream)}
+  return rows, curves, out.masks
 
 
 def _offline(config, plan, variables, pool):
@@ -229,6 +251,53 @@ def _offline(config, plan, variables, pool):
       pred = inference.stacked_predict(plan.model, v, stacked_images, strategy=config.strategy)
       rows += _rows(setting, b, name, score(pred.reshape((k,) + stream.masks.shape), stream))
   return rows
+
+
+# --------------------------------------------------------------------------
+# The gate: which threshold, chosen on held-out shift families
+
+THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.0, 1.0, 21), 2))
+
+
+def gate_analysis(plan, curves) -> dict:
+  """For every adapting method and batch size, the gate ``gated`` applies
+  to it, replayed on every step of every setting and seed: the method's
+  prediction where its agreement with the source's is below a threshold,
+  the source's elsewhere. The threshold is chosen on the steps of all
+  shift families but one and scored on the held-out family's (leave one
+  family out; a tie goes to the lower threshold, i.e. to the source);
+  ``threshold`` is the choice on every step. Mean online IoU over steps of
+  the held-out gate, of the source, of the method, and of the better of the
+  two on every step (a bound no label-free gate reaches)."""
+  out = {}
+  for b in plan.batch_sizes:
+    for m in plan.methods:
+      if m in ("source", "gated"):
+        continue
+      agree, iou_m, iou_s, fam = [], [], [], []
+      for setting in plan.settings:
+        c, cs = curves[(m, b)][setting], curves[("source", b)][setting]
+        a = np.asarray(c["agreement"], float)
+        agree.append(a.ravel())
+        iou_m.append(np.asarray(c["per_step_seed"], float).ravel())
+        iou_s.append(np.asarray(cs["per_step_seed"], float).ravel())
+        fam.append(np.broadcast_to(np.asarray(c["family"]), a.shape).ravel())
+      agree, iou_m, iou_s, fam = (np.concatenate(x) for x in (agree, iou_m, iou_s, fam))
+      gate = np.where(agree[None] < np.asarray(THRESHOLDS)[:, None], iou_m[None], iou_s[None])
+      best = lambda keep: THRESHOLDS[int(np.argmax(gate[:, keep].mean(1)))]
+      held = np.empty_like(iou_s)
+      per_family = {}
+      for f in sorted(set(fam)):
+        test = fam == f
+        t = best(~test) if (~test).any() else best(test)
+        per_family[f] = t
+        held[test] = gate[THRESHOLDS.index(t), test]
+      out[(m, b)] = {"threshold": best(np.ones_like(fam, bool)), "per_family": per_family,
+                     "heldout_iou": float(held.mean()), "source": float(iou_s.mean()),
+                     "method": float(iou_m.mean()),
+                     "best_per_step": float(np.maximum(iou_m, iou_s).mean()),
+                     "steps": int(len(fam))}
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -304,6 +373,33 @@ def report(wd, config, plan, rows, curves) -> str:
     text = f"{mean:+.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
     sure = np.isfinite(half) and mean + half < 0
     lines.append(f"- batch {b}, {setting}, {m}: " + (f"**{text}**" if sure else text))
+  gates = gate_analysis(plan, curves)
+  lines += ["", "## The gate, replayed on every step", "",
+            "For each adapting method: use its prediction where its agreement with the source's "
+            "(IoU of the two masks over the batch) is below a threshold, the source's elsewhere "
+            "(what `gated` does with `inner` = the method). Threshold chosen on all shift families "
+            "but one, scored on the held-out one; mean online IoU over every step, setting and "
+            "seed. *best per step*: the better of the two on every step (no label-free gate "
+            "reaches it).", "",
+            "| batch | method | threshold (all) | held-out gate | source | method | best per step |",
+            "|---|---|---|---|---|---|---|"]
+  for (m, b), g in gates.items():
+    lines.append(f"| {b} | {m} | {g['threshold']:.2f} | {g['heldout_iou']:.3f} | "
+                 f"{g['source']:.3f} | {g['method']:.3f} | {g['best_per_step']:.3f} |")
+  if "gated" in methods:
+    lines += ["", "The goal for `gated` (threshold "
+              f"{plan.options['gated'].get('threshold', 0.5)}, inner "
+              f"{plan.options['gated'].get('inner', 'ema_bn')}): never more than 0.02 below "
+              "`source`, and within 0.02 of the best method in `iid` and `continual`.", "",
+              "| batch | setting | gated - source | gated - best | best | met |", "|---|---|---|---|---|---|"]
+    for b in plan.batch_sizes:
+      for setting in plan.settings:
+        means = {m: float(_values(table[(setting, b, m)]).mean()) for m in methods}
+        best_m = max((m for m in methods if m != "gated"), key=means.get)
+        d_src, d_best = means["gated"] - means["source"], means["gated"] - means[best_m]
+        met = d_src >= -0.02 and (setting not in ("iid", "continual") or d_best >= -0.02)
+        lines.append(f"| {b} | {setting} | {d_src:+.3f} | {d_best:+.3f} | {best_m} | "
+                     f"{'yes' if met else '**no**'} |")
   lines += ["", "## Collapse", "", "Fraction of images with foreground predicted all "
             "background or all foreground, and the last quarter's IoU minus the first "
             "quarter's (mean over seeds).", "",
@@ -318,7 +414,8 @@ def report(wd, config, plan, rows, curves) -> str:
   wd.write_csv("streams.csv", rows, FIELDS, ".6f")
   write_json_atomic(wd.file("streams.json"), {
       "fields": list(FIELDS), "rows": rows,
-      "curves": {f"{m}|{b}": c for (m, b), c in curves.items()}})
+      "curves": {f"{m}|{b}": c for (m, b), c in curves.items()},
+      "gate": {f"{m}|{b}": g for (m, b), g in gates.items()}})
   return text
 
 
@@ -333,14 +430,23 @@ def run(config, workdir: str) -> list[dict]:
   variables = _train_models(wd, config, plan)
   pool = _pool(config, plan, "eval", config.data.n_pool)  # held-out source images
   fisher_images = _pool(config, plan, "adapt", config.data.n_fisher)[0]  # unlabelled, EATA
-  cells = [(m, b) for b in plan.batch_sizes for m in plan.methods]
+  cells = [(m, b) for b in plan.batch_sizes for m in plan.methods]  # source first per size
   bar = Progress(len(cells) + 1, "(method, batch size) cells")
-  rows, curves = [], {}
+  rows, curves, source_masks = [], {}, {}
+
+  def masks_of_source(b):
+    if b not in source_masks:  # after a restore: the source model's masks again (no adaptation)
+      source_masks[b] = _cell(config, plan, variables, pool, None, "source", b, None)[2]
+    return source_masks[b]
+
   for i, (method, b) in enumerate(cells, start=1):
     name = f"{method}__b{b}"
     found = wd.read_result(name)
     if found is None:
-      cell_rows, cell_curves = _cell(config, plan, variables, pool, fisher_images, method, b)
+      cell_rows, cell_curves, masks = _cell(config, plan, variables, pool, fisher_images, method,
+                                            b, lambda b=b: masks_of_source(b))
+      if method == "source":
+        source_masks[b] = masks
       wd.write_result(name, {"rows": cell_rows, "curves": cell_curves})
       bar.update(i, f"{name} scored")
     else:

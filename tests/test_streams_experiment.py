@@ -19,7 +19,7 @@ def tiny():
   c.seeds = 2
   c.settings = "iid,continual,correlated"
   c.batch_sizes = "2"
-  c.methods = "source,bn_test,ema_bn"
+  c.methods = "source,bn_test,ema_bn,gated"
   c.shifts = "brightness,zoom"
   c.stream_images = 16
   c.data.size, c.data.n_train, c.data.n_pool, c.data.n_fisher = 16, 24, 12, 4
@@ -38,8 +38,8 @@ def result(tmp_path_factory):
 
 def test_rows_files_and_one_number_by_hand(result):
   config, path, rows = result
-  # 3 settings x 3 methods x 2 seeds online, + 3 settings x 2 offline x 2 seeds.
-  assert len(rows) == 3 * 3 * 2 + 3 * 2 * 2
+  # 3 settings x 4 methods x 2 seeds online, + 3 settings x 2 offline x 2 seeds.
+  assert len(rows) == 3 * 4 * 2 + 3 * 2 * 2
   with open(path / "streams.csv") as f:
     assert len(list(csv.DictReader(f))) == len(rows)
   for name in ("streams.md", "streams.json", "curves_b2.png", "curves_b2.json",
@@ -81,6 +81,32 @@ def _iou_and_tolerance(z, masks):
   inter, union = (pred & masks).sum((1, 2)), (pred | masks).sum((1, 2))
   iou = np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0))
   return iou, tolerance.iou_tolerance_at(pred, masks, tolerance.near_boundary(z)) + 1e-6
+
+
+def test_gate_analysis_replays_the_gate(result):
+  """The gate table against the stored per-step numbers, replayed here: at
+  the chosen threshold, the mean over steps of the method's IoU where its
+  agreement is below it and the source's elsewhere, and no threshold of the
+  grid does better on every step together."""
+  config, path, rows = result
+  import json
+  stored = json.loads((path / "streams.json").read_text())
+  gate = stored["gate"]["ema_bn|2"]
+  a, im, is_ = [], [], []
+  for setting in ("iid", "continual", "correlated"):
+    c, cs = stored["curves"]["ema_bn|2"][setting], stored["curves"]["source|2"][setting]
+    a += np.ravel(c["agreement"]).tolist()
+    im += np.ravel(c["per_step_seed"]).tolist()
+    is_ += np.ravel(cs["per_step_seed"]).tolist()
+  a, im, is_ = map(np.array, (a, im, is_))
+  value = lambda t: np.mean(np.where(a < t, im, is_))
+  assert value(gate["threshold"]) == pytest.approx(max(value(t) for t in experiment.THRESHOLDS))
+  assert gate["source"] == pytest.approx(is_.mean()) and gate["method"] == pytest.approx(im.mean())
+  assert gate["best_per_step"] == pytest.approx(np.maximum(im, is_).mean())
+  # The source model agrees with itself on every step.
+  assert np.all(np.asarray(stored["curves"]["source|2"]["iid"]["agreement"]) == 1.0)
+  md = (path / "streams.md").read_text()
+  assert "## The gate, replayed on every step" in md and "| 2 | ema_bn |" in md
 
 
 def test_resume_does_not_retrain(result, monkeypatch):

@@ -31,7 +31,7 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.source = (90.0, 50.0, 170.0, 50.0)     # (mu1, sigma1, mu2, sigma2), 0-255 scale
   c.settings = "iid,episodic,continual,gradual,mixed,correlated"
   c.batch_sizes = "1,2,4,16,64" if full else "1,4,16"
-  c.methods = "source,bn_test,bn_alpha,ema_bn,augbn,tent,eta,eata,sar"
+  c.methods = "source,bn_test,bn_alpha,ema_bn,augbn,tent,eta,eata,sar,gated"
   # One shift for iid / episodic / correlated; the sequence of continual and
   # the choices of mixed; the shifts gradual walks 1..5..1 through.
   c.one_shift = "brightness"
@@ -67,6 +67,7 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.method_options.eta = config_dict.ConfigDict({"learning_rate": 1e-3})
   c.method_options.eata = config_dict.ConfigDict({"learning_rate": 1e-3, "fisher_alpha": 2000.0})
   c.method_options.sar = config_dict.ConfigDict({"learning_rate": 1e-3})
+  c.method_options.gated = config_dict.ConfigDict({"inner": "ema_bn", "threshold": 0.5})
 
   c.strategy = "auto"    # how the seeds' models are mapped: auto | vmap | unroll
   return c
