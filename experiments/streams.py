@@ -201,6 +201,16 @@ def _step_families(stream: streams.Stream) -> list[str]:
   return [f[0] if (f == f[0]).all() else "mixed" for f in fam]
 
 
+def _block_labels(stream: streams.Stream) -> list[str]:
+  """Each block's shift and severity ("mixed" where its images differ)."""
+  out = []
+  for i in np.unique(stream.block):
+    steps = stream.block == i
+    s, v = np.unique(stream.shift[steps]), np.unique(stream.severity[steps])
+    out.append(f"{stream.shifts[s[0]]} {v[0]}" if len(s) == 1 and len(v) == 1 else "mixed")
+  return out
+
+
 def agreement(a, b) -> np.ndarray:
   """float[K, T]: per step the IoU of two mask sets [K, T, B, H, W] over the
   batch's pixels (1 where both are empty): what ``gated`` compares."""
@@ -230,7 +240,8 @@ def _cell(config, plan, variables, pool, fisher_images, method, b, source_masks)
                        "per_step_seed": s["per_step"].tolist(),
                        "agreement": agreement(out.masks[:, m], src[:, m]).tolist(),
                        "per_block": s["per_block"].mean(0).tolist(),
-                       "block": stream.block.tolist(), "family": _step_families(stream)}
+                       "block": stream.block.tolist(), "family": _step_families(stream),
+                       "block_labels": _block_labels(stream)}
   return rows, curves, out.masks
 
 
@@ -362,7 +373,9 @@ def report(wd, config, plan, rows, curves) -> str:
     blocks = {s: np.asarray(curves[(methods[0], b)][s]["block"]) for s in plan.settings}
     plots.stream_curves(panels, methods, blocks, b, wd.file(f"curves_b{b}.png"),
                         f"Online IoU over the stream at batch size {b} (mean over "
-                        f"{config.seeds} seeds; a moving average)")
+                        f"{config.seeds} seeds; a moving average)",
+                        labels={s: curves[(methods[0], b)][s].get("block_labels")
+                                for s in plan.settings})
   lines += ["## Where a method ends below `source`", "",
             "Every (batch size, setting, method) whose mean online IoU is below no adaptation's; "
             "the paired difference over seeds with its 95 % half-width (**bold**: the "

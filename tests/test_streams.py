@@ -110,6 +110,18 @@ def test_ema_bn_follows_every_batch(pixnet):
   np.testing.assert_allclose(out.state["variables"]["batch_stats"]["bn"]["var"], rv, rtol=1e-5)
 
 
+def test_ema_bn_per_image_momentum(pixnet):
+  """per_image: a batch of B images moves the statistics by 1 - (1 - m)^B."""
+  model, v, batches = pixnet
+  got = _run_logits(model, v, batches, "ema_bn", momentum=0.2, per_image=True)
+  rm, rv = _source(v)
+  m = 1 - 0.8 ** 3  # B = 3
+  for t, x in enumerate(batches[:3]):
+    bm, bv = np_moments(v, x)
+    rm, rv = (1 - m) * rm + m * bm, (1 - m) * rv + m * bv
+    np.testing.assert_allclose(got[t], np_logits(v, x, rm, rv), rtol=1e-5, atol=1e-5)
+
+
 def test_tent_online_against_an_optax_loop(pixnet):
   """Each batch: the prediction of the current scale and bias with the
   batch's moments (before the update), then one Adam step on the mean
@@ -527,7 +539,7 @@ def test_errors_name_the_argument(pool, pixnet):
   model, v, batches = pixnet
   with pytest.raises(ValueError, match="method must be one of"):
     streams.run(model, v, batches, "norm")
-  with pytest.raises(ValueError, match=r"method 'ema_bn' takes the options \['momentum'\]"):
+  with pytest.raises(ValueError, match=r"method 'ema_bn' takes the options \['momentum', 'per_image'\], got \['alpha'\]"):
     streams.run(model, v, batches, "ema_bn", alpha=0.5)
   with pytest.raises(ValueError, match="momentum must be in"):
     streams.run(model, v, batches, "ema_bn", momentum=0.0)

@@ -352,14 +352,17 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
 
 
 def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size: int, path,
-                  title: str = "", window_images: int = 32, ylabel: str = "online IoU") -> str:
+                  title: str = "", window_images: int = 32, ylabel: str = "online IoU",
+                  labels: dict | None = None) -> str:
   """One panel per stream (setting): each method's per-step score against
   the images seen, as a moving average over about ``window_images`` images,
   one colour per method in every panel; the stream's blocks (domain
   segments, ``blocks[panel]`` int[T]) shaded alternately.
 
   ``panels[panel][method]`` is float[T] (one value per batch of
-  ``batch_size`` images); the raw values go beside the figure as JSON.
+  ``batch_size`` images); ``labels[panel]`` optionally names each block
+  (written in the panel when it has at most 12); the raw values go beside
+  the figure as JSON.
   """
   names = list(panels)
   fig, axes = _panel_grid(len(names), 3.6, 2.6)
@@ -369,9 +372,13 @@ def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size
     block = np.asarray(blocks[name])
     edges = np.flatnonzero(np.diff(block)) + 1
     starts, ends = np.r_[0, edges], np.r_[edges, len(block)]
+    names = (labels or {}).get(name)
     for i, (a0, a1) in enumerate(zip(starts, ends)):
       if i % 2:
         ax.axvspan(a0 * batch_size, a1 * batch_size, color="0.92", lw=0)
+      if names is not None and len(starts) <= 12:
+        ax.text((a0 + a1) / 2 * batch_size, 0.03, names[i], rotation=90, fontsize=5,
+                ha="center", va="bottom", color="0.35")
     for method in methods:
       if method not in panels[name]:
         continue

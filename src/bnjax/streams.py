@@ -53,7 +53,11 @@ with the statistics put into them):
   running statistics that start from the source's and follow every batch,
   ``running = (1 - momentum) running + momentum batch``, used to normalise
   that batch (robust BN; RoTTA, Yuan et al. 2023, momentum 0.05, the
-  default). Variances are biased, as Flax stores them.
+  default). Variances are biased, as Flax stores them. The momentum is per
+  batch, as in RoTTA; ``per_image=True`` makes it per image (a batch of B
+  images moves the statistics by ``1 - (1 - momentum)^B``), so that the
+  statistics follow a stream at the same pace in images whatever the batch
+  size.
 ``"augbn"``
   the batch's statistics pooled with its flipped copies (``augment``:
   ``"flips"``, the 4 of horizontal and vertical flips; ``"dihedral"``, the 8
@@ -64,8 +68,9 @@ with the statistics put into them):
   The inputs must be images ``[B, H, W, C]``; the logits are the original
   images'.
 ``"gated"``
-  bnjax's own: an ``inner`` method (default ``"ema_bn"``, options
-  ``inner_options``) runs on every batch, but its prediction is used only
+  bnjax's own: an ``inner`` method (default ``"ema_bn"`` with
+  ``per_image=True``, options ``inner_options``) runs on every batch, but its
+  prediction is used only
   where it disagrees with the source model's enough to say that the source
   is broken: the agreement (IoU of the two masks over the batch's pixels)
   below ``threshold``; elsewhere the source's prediction stands. Where a
@@ -321,7 +326,7 @@ def _copies(x, augment: str) -> list:
 _DEFAULTS = {
     "source": {}, "bn_test": {},
     "bn_alpha": {"alpha": 0.1, "prior": None},
-    "ema_bn": {"momentum": 0.05},
+    "ema_bn": {"momentum": 0.05, "per_image": False},
     "augbn": {"augment": "flips", "alpha": 1.0, "prior": None},
     "tent": {"learning_rate": 1e-3, "optimizer": None},
     "eta": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None},
@@ -329,8 +334,10 @@ _DEFAULTS = {
              "fisher_alpha": 2000.0, "fisher_batch_size": 8},
     "sar": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "rho": 0.05,
             "reset_constant": None},
-    "gated": {"inner": "ema_bn", "inner_options": (), "threshold": 0.5},
+    "gated": {"inner": "ema_bn", "inner_options": {}, "threshold": 0.5},
 }
+# gated's inner options when none are given (the statistics follow images, not batches).
+_GATED_INNER = {"ema_bn": {"per_image": True}}
 # Options that are arrays, used by ``init`` only (not part of a compile key).
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
 
@@ -355,6 +362,8 @@ def _options(method: str, options: dict) -> tuple:
   if method == "gated":
     _checks.choice("inner", out["inner"], tuple(m for m in METHODS if m not in ("source",
                                                                                 "gated")))
+    if "inner_options" not in options:  # the default inner's own default
+      out["inner_options"] = _GATED_INNER.get(out["inner"], {})
     given = out["inner_options"]
     given = dict(given.items() if isinstance(given, Mapping) else given)
     # Checked as the inner method's own options (arrays are passed on, not kept).
@@ -373,6 +382,9 @@ def _options(method: str, options: dict) -> tuple:
       out["alpha"] = _check_number("alpha", out["alpha"], 0.0, 1.0)
   if method == "ema_bn":
     out["momentum"] = _check_number("momentum", out["momentum"], 0.0, 1.0, closed_lo=False)
+    if not isinstance(out["per_image"], (bool, np.bool_)):
+      raise ValueError(f"per_image must be True or False, got {out['per_image']!r}")
+    out["per_image"] = bool(out["per_image"])
   if method in _GRADIENT:
     out["learning_rate"] = _checks.number("learning_rate", out["learning_rate"])
     if out["optimizer"] is not None and not isinstance(out["optimizer"],
@@ -524,9 +536,10 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
     return Online(method, None, step)
 
   if method == "ema_bn":
-    m = opts["momentum"]
-
     def step(state, x):
+      # Per image: B images move the statistics as B batches of one would.
+      m = 1.0 - (1.0 - opts["momentum"]) ** x[0].shape[0] if opts["per_image"] else (
+          opts["momentum"])
       v = state["variables"]
       out, records = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), m))
       current = _stats_of(v)
@@ -733,7 +746,8 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
   is used and the inner state goes back to its start."""
   opts = _options("gated", {k: v for k, v in options.items() if k != "source_images"})
   o = dict(opts)
-  raw = options.get("inner_options") or {}
+  raw = (options["inner_options"] if "inner_options" in options
+         else _GATED_INNER.get(o["inner"], {}))
   inner = online(model, o["inner"], apply_kwargs=apply_kwargs, is_batch_norm=is_batch_norm,
                  **dict(raw.items() if isinstance(raw, Mapping) else raw),
                  **({"source_images": options["source_images"]}
