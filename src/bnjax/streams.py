@@ -69,7 +69,8 @@ with the statistics put into them):
   images'.
 ``"gated"``
   bnjax's own: an ``inner`` method (default ``"ema_bn"`` with
-  ``per_image=True``, options ``inner_options``) runs on every batch, but its
+  ``per_image=True`` and momentum 0.1, options ``inner_options``) runs on
+  every batch, but its
   prediction is used only
   where it disagrees with the source model's enough to say that the source
   is broken: the agreement (IoU of the two masks over the batch's pixels)
@@ -337,7 +338,7 @@ _DEFAULTS = {
     "gated": {"inner": "ema_bn", "inner_options": {}, "threshold": 0.5},
 }
 # gated's inner options when none are given (the statistics follow images, not batches).
-_GATED_INNER = {"ema_bn": {"per_image": True}}
+_GATED_INNER = {"ema_bn": {"per_image": True, "momentum": 0.1}}
 # Options that are arrays, used by ``init`` only (not part of a compile key).
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
 
