@@ -1,20 +1,27 @@
 # The two commands of the README:
 #   make run    builds .venv, installs bnjax, runs the end-to-end study (experiments/adapt_pair.py)
 #   make test   builds or reuses .venv, installs bnjax[test], runs the test suite
+#   make docs   installs bnjax[docs] into .venv and builds the documentation (docs/_build/html),
+#               executing the notebooks, warnings as errors
+# Every install uses the exact versions of constraints.txt.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/adapt_pair
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow docs bench clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[docs]'
 	touch $@
 
 run: $(VENV)/.installed
@@ -25,6 +32,10 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+docs: $(VENV)/.docs
+	rm -rf docs/_build
+	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,7 +27,8 @@ from bnjax import config as cfg
 from bnjax import data, metrics, models, plots, train
 from bnjax.adapt import recompute_batch_stats
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, main
+from bnjax.cli import main
+from bnjax.workdir import Workdir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "adapt_pair.py")

@@ -45,9 +45,9 @@ import numpy as np
 
 from bnjax import adapt, data, inference, methods, metrics, plots, shifts, stats, train
 from bnjax import config as cfg
-from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, main
+from bnjax.cli import main
+from bnjax.workdir import Workdir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "benchmark.py")
@@ -341,7 +341,7 @@ def report(wd, config, plan, rows) -> str:
   lines += [f"- {v}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items(), key=lambda t: -t[1]))
             for v, c in counts.items()]
   wd.write_csv("benchmark.csv", rows, FIELDS, ".6f")
-  write_json_atomic(wd.file("benchmark.json"), {"fields": list(FIELDS), "rows": rows,
+  wd.write_json("benchmark.json", {"fields": list(FIELDS), "rows": rows,
                                                 "dice_mean": {"|".join(map(str, k)): float(v.mean())
                                                               for k, v in dice.items()}})
   text = "\n".join(lines) + "\n"

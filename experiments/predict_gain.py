@@ -29,7 +29,6 @@ the lowest adapted IoU) into the workdir (:mod:`bnjax.workdir`).
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 
@@ -38,10 +37,10 @@ import numpy as np
 
 from bnjax import adapt, data, distances, features, models, plots
 from bnjax import config as cfg
-from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
 from bnjax.stats import bootstrap_ci, isotonic_fit, pearson, spearman
-from bnjax.workdir import Workdir, main
+from bnjax.cli import main
+from bnjax.workdir import Workdir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "predict_gain.py")
@@ -168,10 +167,7 @@ def run(config, workdir: str) -> list[dict]:
 
   predictors = [c for c in rows[0] if c not in ("group", "source", "target", "iou_no_adapt",
                                                 "iou_adapted", "gain", "source_overlap")]
-  with open(wd.file("distances.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  wd.write_csv("distances.csv", rows, list(rows[0]), float_format=None)
 
   rng = np.random.default_rng(config.seed)
   gain = np.array([r["gain"] for r in rows])
@@ -249,12 +245,12 @@ def run(config, workdir: str) -> list[dict]:
   lines.append(f"\n({time.perf_counter() - start:.0f} s)")
   text = "\n".join(lines)
   wd.write_text("ranking.md", text + "\n")
-  scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], wd.file("scatter_top6.png"))
+  scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], wd, "scatter_top6")
   print(text)
   return ranking
 
 
-def scatter(rows, log_x, names, path):
+def scatter(rows, log_x, names, wd, name):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -274,9 +270,9 @@ def scatter(rows, log_x, names, path):
   fig.colorbar(sc, ax=axes, fraction=0.02, label="target class overlap")
   fig.suptitle("IoU with BN adaptation against the six best-ranked predictors "
                "(one point per source/target pair)", fontsize=10)
-  fig.savefig(path, dpi=110)
+  fig.savefig(wd.file(f"{name}.png"), dpi=110)
   plt.close(fig)
-  write_json_atomic(os.path.splitext(path)[0] + ".json", {
+  wd.write_json(f"{name}.json", {
       "iou_adapted": iou_ad.tolist(), "target_overlap": colour.tolist(),
       "log1p_predictors": {n: np.asarray(log_x[n]).tolist() for n in names}})
 

@@ -41,9 +41,9 @@ import numpy as np
 
 from bnjax import adapt, data, inference, metrics, models, plots, shifts, stats, streams, train
 from bnjax import config as cfg
-from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, main
+from bnjax.cli import main
+from bnjax.workdir import Workdir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "streams.py")
@@ -425,7 +425,7 @@ def report(wd, config, plan, rows, curves) -> str:
   text = "\n".join(lines) + "\n"
   wd.write_text("streams.md", text)
   wd.write_csv("streams.csv", rows, FIELDS, ".6f")
-  write_json_atomic(wd.file("streams.json"), {
+  wd.write_json("streams.json", {
       "fields": list(FIELDS), "rows": rows,
       "curves": {f"{m}|{b}": c for (m, b), c in curves.items()},
       "gate": {f"{m}|{b}": g for (m, b), g in gates.items()}})

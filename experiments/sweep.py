@@ -33,7 +33,8 @@ import numpy as np
 from bnjax import config as cfg
 from bnjax import data, inference, models, plots, train
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, main
+from bnjax.cli import main
+from bnjax.workdir import Workdir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "sweep.py") + ":brightness"

@@ -61,9 +61,9 @@ import bnjax
 from bnjax import (adapt, data, distances, features, inference, methods, metrics, models, plots,
                    selection, shifts, stats, train)
 from bnjax import config as cfg
-from bnjax.checkpoint import write_json_atomic
 from bnjax.progress import Progress
-from bnjax.workdir import Workdir, main
+from bnjax.cli import main
+from bnjax.workdir import Workdir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "when_to_adapt.py")
@@ -494,7 +494,7 @@ def report(wd, config, plan, rows, analysis) -> str:
   text = "\n".join(lines) + "\n"
   wd.write_text("when_to_adapt.md", text)
   wd.write_csv("pairs.csv", rows, FIELDS)
-  write_json_atomic(wd.file("when_to_adapt.json"), analysis)
+  wd.write_json("when_to_adapt.json", analysis)
   for method, ev in analysis.items():
     mrows = [r for r in rows if r["method"] == method]
     panels = {}

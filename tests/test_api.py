@@ -5,13 +5,9 @@ import os
 
 import bnjax
 
-MODULES = ["adapt", "checkpoint", "compiler", "config", "data", "distances", "distributed", "features",
-           "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
-           "shifts", "stacking", "stats", "streams", "train", "workdir"]
-# Each module may import only modules above it in this order (and private ones).
-ORDER = ["launch", "distributed", "compiler", "data", "shifts", "models", "stacking", "adapt",
-         "methods", "metrics", "inference", "streams", "train", "features", "config", "distances", "stats", "checkpoint",
-         "selection", "workdir", "plots", "progress"]
+from bnjax._map import ORDER
+
+MODULES = sorted(ORDER)
 
 
 def _bnjax_imports(path):
@@ -28,8 +24,13 @@ def _bnjax_imports(path):
   return found
 
 
-def test_every_module_lists_its_public_names():
+def test_every_module_lists_its_public_names(root):
   assert set(MODULES) <= set(bnjax.__all__)
+  # the map names every public module of the package, and only those
+  files = {f[:-3] for f in os.listdir(os.path.join(root, "src", "bnjax"))
+           if f.endswith(".py") and not f.startswith("_")}
+  assert files == set(ORDER), files ^ set(ORDER)
+  assert set(bnjax.__all__) & files == files
   for name in MODULES:
     module = getattr(bnjax, name)
     assert module.__all__, name

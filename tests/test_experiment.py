@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 
 import tolerance
-from bnjax import adapt, data, models, workdir
+from bnjax import adapt, cli, data, models, workdir
 from experiments import adapt_pair, predict_gain, sweep
 from experiments.configs import adapt_pair as adapt_pair_config
 from experiments.configs import predict_gain as predict_gain_config
@@ -94,7 +94,7 @@ def test_adapt_pair_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(adapt_pair.train, "fit", fit_then_interrupt)
   config = tiny_adapt_pair()
   with pytest.raises(SystemExit) as e:
-    with workdir.interruptible(str(tmp_path), "adapt_pair"):
+    with cli.interruptible(str(tmp_path), "adapt_pair"):
       adapt_pair.run(config, str(tmp_path))
   assert e.value.code == 130
   err = capsys.readouterr().err.strip().splitlines()

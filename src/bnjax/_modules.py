@@ -54,6 +54,21 @@ def stats_paths(batch_stats) -> dict[str, tuple]:
   return {"/".join(map(str, p)): p for p in paths}
 
 
+def stats_of(batch_stats) -> dict[str, tuple[Any, Any]]:
+  """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a stats tree
+  (the arrays as stored)."""
+  flat = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
+  return {name: (flat[p + ("mean",)], flat[p + ("var",)])
+          for name, p in stats_paths(batch_stats).items()}
+
+
+def layer_stats(batch_stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a ``batch_stats``
+  collection, as float64 NumPy arrays."""
+  return {name: (np.asarray(m, np.float64), np.asarray(v, np.float64))
+          for name, (m, v) in stats_of(jax.device_get(batch_stats)).items()}
+
+
 @functools.cache
 def signature(fn) -> inspect.Signature:
   return inspect.signature(fn)

@@ -1,4 +1,4 @@
-"""Batch-Norm adaptation ("AdaBN", Li et al. 2016, arXiv:1603.04779): keep every
+"""Batch-Norm adaptation ("AdaBN", :cite:t:`li2017adabn`, arXiv:1603.04779): keep every
 weight of a trained model and recompute the statistics of its BatchNorm layers
 on unlabelled target inputs.
 
@@ -48,7 +48,7 @@ Modes (``n`` target examples):
 
 Options: ``alpha`` mixes ``alpha * target + (1 - alpha) * source``;
 ``prior=N`` sets ``alpha = n / (n + N)`` for ``n`` target examples, the source
-statistics acting as ``N`` prior examples (Schneider et al., NeurIPS 2020,
+statistics acting as ``N`` prior examples (:cite:t:`schneider2020covariate`,
 "Improving robustness against common corruptions by covariate shift
 adaptation", eq. 2: ``N = 0`` is full adaptation, large ``N`` keeps the source);
 ``layers`` restricts adaptation to the BatchNorm layers whose path
@@ -84,6 +84,8 @@ from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import stacking
+from bnjax._modules import layer_stats
+from bnjax._modules import stats_of as _stats_of
 
 __all__ = ["recompute_batch_stats", "recompute_batch_stats_nnx",
            "recompute_batch_stats_stacked", "batch_stats_paths", "layer_stats",
@@ -91,7 +93,10 @@ __all__ = ["recompute_batch_stats", "recompute_batch_stats_nnx",
 
 Mode = Literal["exact", "train_pass", "ema"]
 Stats = Literal["mean", "var", "both"]
+#: How the target statistics are computed (``mode=``): exact population statistics, one
+#: train-mode pass, or an EMA.
 MODES: tuple[str, ...] = ("exact", "train_pass", "ema")
+#: Which statistics are replaced (``stats=``).
 STATS: tuple[str, ...] = ("mean", "var", "both")
 DEFAULT_BATCH_SIZE = {"exact": 256, "train_pass": 32, "ema": 1}
 
@@ -288,21 +293,6 @@ def _batch_normalised_apply(model, variables, inputs, kwargs, is_batch_norm=None
 
 # --------------------------------------------------------------------------
 # Statistics as flat {name: (mean, var)} dicts; arrays carry a leading pair axis
-
-
-def _stats_of(batch_stats) -> dict[str, tuple[Any, Any]]:
-  """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a stats tree
-  (the arrays as stored)."""
-  flat = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
-  return {name: (flat[p + ("mean",)], flat[p + ("var",)])
-          for name, p in _m.stats_paths(batch_stats).items()}
-
-
-def layer_stats(batch_stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """``{"enc0/bn1": (mean, var)}`` of every BatchNorm layer in a ``batch_stats``
-  collection, as float64 NumPy arrays."""
-  return {name: (np.asarray(m, np.float64), np.asarray(v, np.float64))
-          for name, (m, v) in _stats_of(jax.device_get(batch_stats)).items()}
 
 
 def _nest_stats(template, paths, flat: dict[str, tuple], index: int | None = None) -> Any:
@@ -567,7 +557,7 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
       BatchNorm layers (default: those owning ``batch_stats`` mean and var).
     image_range: ``"auto"``: a model whose class declares ``IMAGE_RANGE``
       (bnjax's :class:`~bnjax.models.UNet`: [0, 1]) gets its inputs checked
-      as one set of images, as :func:`bnjax.predict` checks them (float, in
+      as one set of images, as :func:`bnjax.inference.predict` checks them (float, in
       that range, ``[n, H, W]`` given a channel, one image or an
       ``(images, masks)`` tuple refused); other models take inputs of any
       kind. ``(low, high)`` checks images against that range, None checks

@@ -21,9 +21,11 @@ import numpy as np
 from flax import traverse_util
 
 from bnjax import distributed
+from bnjax._io import write_json_atomic
 
-__all__ = ["save", "restore", "metadata", "write_json_atomic", "MANIFEST"]
+__all__ = ["save", "restore", "metadata", "MANIFEST"]
 
+#: The manifest file of a checkpoint, written last.
 MANIFEST = "bnjax.json"
 FORMAT = 1
 
@@ -37,17 +39,6 @@ def _describe(leaves: dict[str, np.ndarray]) -> dict[str, dict]:
   return {k: {"shape": list(v.shape), "dtype": str(v.dtype),
               "sha256": hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()}
           for k, v in leaves.items()}
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to ``path`` through a temporary file and ``os.replace``."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def save(path: str | os.PathLike, variables: dict, **metadata: Any) -> str:

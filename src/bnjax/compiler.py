@@ -10,7 +10,7 @@ its convolutions did not use the second core of this 2-core machine (a 3x3
 convolution 32 -> 16 channels at 64x64, batch 16, forward: 8.1 ms on one core,
 7.3 ms on two), while XLA's own (Eigen) convolutions did (11.2 -> 6.1 ms).
 Keeping YNNPACK for reductions only made a width-16 64x64 U-Net train step
-about 1.2x faster (BUILD_NOTES.md); the function computed is the same.
+about 1.2x faster (docs/measured.md); the function computed is the same.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import jax.numpy as jnp
 
 __all__ = ["jit", "options", "unrolled_stack", "enable_persistent_cache", "CPU_OPTIONS"]
 
+#: Options of the CPU backend of XLA that bnjax passes to its own ``jit`` calls (never
+#: set globally).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
@@ -53,7 +55,7 @@ def unrolled_stack(strategy: str, models_per_program: int) -> bool:
   program trains faster with XLA's defaults on CPU: its single-threaded
   library convolutions of the copies overlap (K = 4 / 8: 0.96 / 0.99 of
   one-by-one steps with the defaults, 0.90 / 0.91 with :func:`options`;
-  BUILD_NOTES.md, "Compiler options")."""
+  docs/measured.md, "Compiler options")."""
   return strategy == "unroll" and models_per_program > 1
 
 

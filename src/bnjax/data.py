@@ -35,9 +35,14 @@ from bnjax import _checks
 
 __all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
 
+#: How masks are rendered as images: ``"white_noise"`` (the domain's intensities),
+#: ``"gradient"`` or ``"edges"`` (the study's textures).
 RenderKind = Literal["white_noise", "gradient", "edges"]
+#: The values of :data:`RenderKind`.
 RENDER_KINDS: tuple[str, ...] = get_args(RenderKind)
+#: The data splits a domain's images are drawn for, each from its own key.
 Split = Literal["train", "eval", "adapt"]
+#: The 3x3 Laplacian kernel of the ``"edges"`` rendering.
 LAPLACIAN = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -288,6 +293,7 @@ def render(key: jax.Array, masks: jax.Array, domain: Domain | None = None,
   raise ValueError(f"kind must be one of {RENDER_KINDS}, got {kind!r}")
 
 
+#: The values of :data:`Split`.
 SPLITS: tuple[str, ...] = get_args(Split)
 
 
@@ -336,7 +342,7 @@ def make_dataset(key: jax.Array, domain: Domain, n: int, size: int = 64,
       uint8 storage did.
 
   Returns:
-    (images, masks): images float32 in [0, 1] (clipped at 0 and 255, then
+    The pair ``(images, masks)``: images float32 in [0, 1] (clipped at 0 and 255, then
     divided by 255), masks bool.
   """
   _checks.key(key)

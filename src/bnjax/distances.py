@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import _checks
-from bnjax.adapt import layer_stats
+from bnjax._modules import layer_stats
 
 __all__ = ["frechet", "frechet_from_moments", "gaussian_moments", "source_normalized_frechet", "sliced_wasserstein", "sort_floats", "subsample", "bhattacharyya", "histogram_bhattacharyya", "mmd", "sinkhorn", "overlap_coefficient", "diag_w2", "diag_bhattacharyya"]
 
@@ -60,9 +60,9 @@ def _psd_sqrt(s):
 
 
 def frechet_from_moments(mu1, s1, mu2, s2):
-  """Gaussian W2²: |mu1 - mu2|² + tr S1 + tr S2 - 2 tr (S1^½ S2 S1^½)^½.
+  """Gaussian W2²: ‖mu1 - mu2‖² + tr S1 + tr S2 - 2 tr (S1^½ S2 S1^½)^½.
 
-  The symmetric form (Dowson & Landau 1982; Heusel et al. 2017 use the
+  The symmetric form (:cite:t:`dowson1982frechet`; :cite:t:`heusel2017fid` use the
   non-symmetric sqrtm(S1 S2), whose SciPy value turns complex in high
   dimension). The trace term is Σ_i sqrt(λ_i) over the eigenvalues of the
   symmetric PSD matrix Lᵀ S2 L, with S1 = L Lᵀ (Cholesky): it is similar to
@@ -162,7 +162,7 @@ def source_normalized_frechet(x, y, *, rcond: float = 1e-6, dtype=None) -> float
   With S_x^{-½} the pseudo-inverse square root of the source covariance
   (eigh, eigenvalues below ``rcond`` x the largest dropped), x' = S_x^{-½}(x - mu_x),
   y' = S_x^{-½}(y - mu_x); the result is W2² between the Gaussians of x' and y'
-  = |S_x^{-½}(mu_y - mu_x)|² + r + tr T - 2 tr T^½ with T = S_x^{-½} S_y S_x^{-½}
+  = ‖S_x^{-½}(mu_y - mu_x)‖² + r + tr T - 2 tr T^½ with T = S_x^{-½} S_y S_x^{-½}
   and r the rank of S_x: a Mahalanobis-type distance in units of the source
   spread, insensitive to the overall scale of the features. Squared.
   """
@@ -185,7 +185,7 @@ def sliced_wasserstein(x, y, *, key=None, n_proj: int = 200, projections=None,
                        dtype=None) -> float:
   """Sliced Wasserstein distance SW₂ = sqrt(mean over directions θ of
   W2²(θᵀx, θᵀy)), NOT squared: the convention of POT's
-  ``ot.sliced_wasserstein_distance`` (Rabin et al. 2011; Bonneel et al. 2015).
+  ``ot.sliced_wasserstein_distance`` (Rabin et al. 2011; :cite:t:`bonneel2015sliced`).
 
   One-dimensional W2² between the empirical measures is exact for any n, m
   (quantile functions integrated over the union of their steps). Directions
@@ -304,8 +304,8 @@ def _median_distance(z) -> float:
 
 
 def mmd(x, y, bandwidth: float | None = None, *, dtype=None) -> float:
-  """Unbiased squared MMD with the RBF kernel k(a, b) = exp(-|a - b|² / (2 h²))
-  (Gretton et al. 2012, eq. 3): mean off-diagonal k(x, x') + mean off-diagonal
+  """Unbiased squared MMD with the RBF kernel k(a, b) = exp(-‖a - b‖² / (2 h²))
+  (:cite:t:`gretton2012mmd`, eq. 3): mean off-diagonal k(x, x') + mean off-diagonal
   k(y, y') - 2 mean k(x, y). ``bandwidth`` h defaults to the median nonzero
   pairwise distance of the pooled sample (up to 500 rows of each side; 1
   when every row is the same point, where the MMD is 0 for any h).

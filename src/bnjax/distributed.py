@@ -26,6 +26,8 @@ import numpy as np
 
 __all__ = ["initialize", "is_primary", "barrier", "global_array", "gather", "check_same", "ENV"]
 
+#: The environment variables that start a multi-process run: coordinator address,
+#: process count, this process's id.
 ENV = ("BNJAX_COORDINATOR", "BNJAX_NUM_PROCESSES", "BNJAX_PROCESS_ID")
 _STARTED: dict = {}
 

@@ -34,10 +34,12 @@ from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import stacking
 from bnjax.models import level_names
+from bnjax.stats import constant_dims
 
 __all__ = ["BN_INPUTS", "available_taps", "module_paths", "extract", "extract_all",
-           "constant_dims", "collapse_fraction"]
+           "collapse_fraction"]
 
+#: The tap that reads the input of every BatchNorm layer.
 BN_INPUTS = "bn_inputs"
 _BN_INPUT = "bnjax_bn_input"  # the name BatchNorm inputs are sown under
 
@@ -238,16 +240,9 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   return {r.key: np.concatenate([p[i] for p in parts], axis=axis) for i, r in enumerate(reads)}
 
 
-def constant_dims(x, tol: float = 1e-6) -> np.ndarray:
-  """bool[D]: the columns of ``x: [N, D]`` whose values are all equal
-  (max - min <= ``tol`` x (1 + |mean|)), all-zero ReLU outputs included."""
-  x = np.asarray(x, np.float64)
-  return (x.max(0) - x.min(0)) <= tol * (1 + np.abs(x.mean(0)))
-
-
 def collapse_fraction(per_image_features: np.ndarray, tol: float = 1e-6) -> float:
   """Fraction of dimensions that are constant across images
-  (:func:`constant_dims`): the bottleneck "collapse" of easy tasks. Input:
+  (:func:`bnjax.stats.constant_dims`): the bottleneck "collapse" of easy tasks. Input:
   ``extract(..., per_image=True)``, or per-position features reshaped to
   [n, h w C]."""
   f = np.asarray(per_image_features, np.float64)

@@ -23,15 +23,9 @@ from bnjax import adapt as _adapt
 from bnjax import compiler
 from bnjax import metrics as _metrics
 from bnjax import stacking
+from bnjax.metrics import logits_to_masks
 
-__all__ = ["logits_to_masks", "predict", "stacked_predict", "stacked_iou", "evaluate_grid"]
-
-
-def logits_to_masks(logits: jax.Array) -> jax.Array:
-  """bool[n, H, W]: foreground where class 1 wins (or the single logit > 0)."""
-  if logits.shape[-1] == 1:
-    return logits[..., 0] > 0
-  return jnp.argmax(logits, axis=-1) == 1
+__all__ = ["predict", "stacked_predict", "stacked_iou", "evaluate_grid"]
 
 
 def _masks_of(model, variables, images, batch_size):
@@ -119,7 +113,7 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
     targets_adapt: float[M, n_a, H, W, C]: the unlabelled images each target's
       adaptation uses (pass the evaluation images for the transductive protocol).
     targets_eval: (images float[M, n_e, H, W, C], masks bool[M, n_e, H, W]).
-    mode, **adapt_options: as :func:`bnjax.adapt.recompute_batch_stats`.
+    mode, ``**adapt_options``: as :func:`bnjax.adapt.recompute_batch_stats`.
     oracle: optional stacked variables of M target-trained models.
     pair_chunk: (source, target) pairs adapted per call.
     eval_batch_size: images per forward pass when scoring.

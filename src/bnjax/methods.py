@@ -1,6 +1,6 @@
 """Unsupervised fixes for a shifted target besides BN adaptation, each a pure function.
 
-* :func:`tent` (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy
+* :func:`tent` (:cite:t:`wang2021tent`, "Tent: Fully Test-Time Adaptation by Entropy
   Minimization", ICLR 2021): minimise the mean per-pixel softmax entropy of
   the predictions on the unlabelled target inputs with respect to the
   BatchNorm scale and bias only, the BatchNorm layers normalising with the

@@ -16,7 +16,15 @@ import jax.numpy as jnp
 
 from bnjax import _checks
 
-__all__ = ["iou", "iou_per_image", "dice", "pixel_accuracy", "micro_iou", "foreground_fraction"]
+__all__ = ["iou", "iou_per_image", "dice", "pixel_accuracy", "micro_iou", "foreground_fraction",
+           "logits_to_masks"]
+
+
+def logits_to_masks(logits: jax.Array) -> jax.Array:
+  """bool[n, H, W]: foreground where class 1 wins (or the single logit > 0)."""
+  if logits.shape[-1] == 1:
+    return logits[..., 0] > 0
+  return jnp.argmax(logits, axis=-1) == 1
 
 
 def _check(pred, masks):
@@ -59,13 +67,13 @@ def iou(pred, masks, empty: float = 1.0) -> float:
       perfect) or 0.0 (the original study's code).
 
   Returns:
-    The mean over the ``n`` images of |pred & mask| / |pred | mask|, a float.
+    The mean over the ``n`` images of ``sum(pred & mask) / sum(pred | mask)``, a float.
   """
   return float(jnp.mean(iou_per_image(pred, masks, empty)))
 
 
 def dice(pred, masks, empty: float = 1.0) -> float:
-  """Per-image foreground Dice, 2|P∩M| / (|P| + |M|), averaged over images."""
+  """Per-image foreground Dice, ``2 |P ∩ M| / (|P| + |M|)``, averaged over images."""
   pred, masks = _check(pred, masks)
   inter, _, total = _counts(pred, masks)
   per_image = jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1),

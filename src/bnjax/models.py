@@ -30,19 +30,30 @@ __all__ = ["UNet", "DoubleConv", "Conv", "UpConv", "batch_norm_relu", "max_pool2
            "level_names", "standardize", "count_params", "init", "init_variables", "Norm", "NORMS", "Down",
            "DOWNS", "Up", "UPS", "ConvImpl", "CONV_IMPLS", "BnImpl", "BN_IMPLS"]
 
+#: The U-Net's normalisation layer.
 Norm = Literal["batch", "instance", "group", "layer", "none"]
+#: The values of :data:`Norm`.
 NORMS: tuple[str, ...] = get_args(Norm)
+#: How the U-Net's convolutions are computed (the same numbers; speed differs by
+#: backend).
 ConvImpl = Literal["auto", "xla", "matmul"]
+#: The values of :data:`ConvImpl`.
 CONV_IMPLS: tuple[str, ...] = get_args(ConvImpl)
 # "auto": the matmul form on inputs of at most this many pixels (the 2x2
 # bottleneck of a 32x32 U-Net), where XLA:CPU's kernel-gradient convolutions
 # fall off its fast path (8.9 of 58 ms of a width-8 32x32 step); XLA elsewhere.
 AUTO_MATMUL_PIXELS = 4
+#: The U-Net's BatchNorm + ReLU: ``"fused"`` (a written-out gradient) or Flax's layers.
 BnImpl = Literal["fused", "flax"]
+#: The values of :data:`BnImpl`.
 BN_IMPLS: tuple[str, ...] = get_args(BnImpl)
+#: How the U-Net downsamples: max pooling or a strided convolution.
 Down = Literal["maxpool", "strided"]
+#: The values of :data:`Down`.
 DOWNS: tuple[str, ...] = get_args(Down)
+#: How the U-Net upsamples: a transposed convolution or resize then convolution.
 Up = Literal["transpose", "resize_conv"]
+#: The values of :data:`Up`.
 UPS: tuple[str, ...] = get_args(Up)
 
 # PyTorch's BatchNorm2d defaults, in Flax's convention (ra = m ra + (1-m) batch).
@@ -197,7 +208,7 @@ def batch_norm_relu(x, scale, bias, epsilon: float = BN_EPSILON):
   ``y`` and the incoming gradient alone, without the intermediates (``x -
   mean``, the normalised input, the ReLU mask) that autodiff of the unfused
   layers writes out: a train step at width 16, 64x64 went 250 -> 224 ms on
-  XLA:CPU (BUILD_NOTES.md).
+  XLA:CPU (docs/measured.md).
   """
   x, scale, bias = jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)
   if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
@@ -354,7 +365,7 @@ class UNet(nn.Module):
     up_impl: the same for the transposed convolutions (:class:`UpConv`;
       ``"auto"`` means ``"matmul"`` there). Default ``"matmul"``: a 1x1 product to 4 x features channels then
       depth-to-space, 1.2-1.3x faster per training step on XLA:CPU than the
-      lhs-dilated convolution (BUILD_NOTES.md).
+      lhs-dilated convolution (docs/measured.md).
     bn_impl: ``"fused"`` (train-mode BatchNorm + ReLU through
       :func:`batch_norm_relu`, one custom gradient) or ``"flax"``
       (``nn.BatchNorm`` then ``nn.relu``): the same function, variables and

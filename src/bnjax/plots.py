@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bnjax.checkpoint import write_json_atomic
-from bnjax.features import constant_dims
+from bnjax._io import write_json_atomic
+from bnjax.stats import constant_dims
 
 __all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms",
            "severity_curves", "labelled_heatmap", "winner_grid", "predictor_scatter",
@@ -29,7 +29,7 @@ def _stem(path):
   return os.path.splitext(os.fspath(path))[0]
 
 
-# What the four numbers of a domain label mean, for every figure that shows one.
+#: The footnote every figure with domain labels carries.
 DOMAIN_NOTE = ("domain (μ1,σ1,μ2,σ2): mean and standard deviation of the background (μ1, σ1) "
                "and of the foreground (μ2, σ2) pixels, 0-255 scale")
 

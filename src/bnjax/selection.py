@@ -8,7 +8,7 @@ that might tell, without target masks, whether adapting helps.
   and the mean per-pixel prediction entropy (nats) before and after (means
   over all pixels of all images; Guillory et al. 2021, "Predicting with
   confidence on unseen distributions", use the average confidence);
-* ``atc``: average thresholded confidence (Garg et al., ICLR 2022): the
+* ``atc``: average thresholded confidence (:cite:t:`garg2022atc`): the
   threshold ``t`` is fitted on held-out *labelled source* data so that the
   fraction of source pixels whose confidence exceeds it equals the source
   model's pixel accuracy there, ``t`` = the ``1 - accuracy`` quantile of the
@@ -16,7 +16,7 @@ that might tell, without target masks, whether adapting helps.
   the fraction of target pixels above ``t`` under the unadapted model (its
   predicted target pixel accuracy), ``atc_after`` the same under the adapted
   model;
-* ``doc``: difference of confidences (Guillory et al.): source mean
+* ``doc``: difference of confidences (:cite:t:`guillory2021doc`): source mean
   confidence minus target mean confidence, both of the unadapted model;
 * ``agreement``: per-image mean IoU between the unadapted and the adapted
   predicted masks (an image where both are empty counts 1) (Baek et al.,
@@ -61,13 +61,14 @@ from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import distances, metrics, stats
-from bnjax.checkpoint import write_json_atomic
-from bnjax.inference import logits_to_masks
+from bnjax._io import write_json_atomic
+from bnjax.metrics import logits_to_masks
 
 __all__ = ["scores", "KEYS", "pixel_maps", "Rule", "Decision", "fit_rule", "should_adapt"]
 
 RULE_FORMAT = "bnjax.selection.Rule/1"
 
+#: The names of the label-free scores :func:`scores` returns.
 KEYS = ("confidence_before", "confidence_after", "confidence_change", "entropy_before",
         "entropy_after", "atc", "atc_after", "doc", "agreement", "foreground_change", "bn_w2")
 

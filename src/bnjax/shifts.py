@@ -8,37 +8,39 @@ the number). Random shifts draw from ``key``; every shift is one jitted
 function of (key, images, masks) for a given (shift, severity), so it can be
 ``jax.vmap``-ed over keys and sets.
 
-==========  ===========================================================  ====================
-shift       what it does (``s`` = severity)                              level at s = 1..5
-==========  ===========================================================  ====================
-intensity (the mask is unchanged)
--------------------------------------------------------------------------------------------------
-brightness  ``clip(x + d)``, ``d = 12 s / 255`` (12 s on the 0-255 scale)   12, 24, 36, 48, 60
-contrast    ``m + f (x - m)``, ``m`` each image's mean, ``f = 1 - 0.15 s``  .85, .7, .55, .4, .25
-gamma       ``x ** g``, ``g = 1 + 0.3 s`` (darkens mid-tones)               1.3 .. 2.5
-noise       ``clip(x + sigma z)``, z ~ N(0, 1) per pixel, sigma = 10 s/255  10 .. 50 (0-255)
-blur        Gaussian blur of std ``0.6 s`` pixels, radius ``int(4 sigma +    0.6 .. 3.0 px
-            0.5)``, borders reflected (``scipy.ndimage.gaussian_filter``
-            with ``mode="reflect"``)
-texture (the mask is unchanged; needs C = 1)
--------------------------------------------------------------------------------------------------
-gradient    ``(1 - w) x + w r``, ``r`` the study's "gradient" rendering of   w = s / 5
-            the masks (two Perlin textures, :func:`bnjax.data.render`)
-edges       the same with the "edges" rendering (the mask's Laplacian)    w = s / 5
-geometry (image and mask moved alike, nearest-neighbour, borders reflected)
--------------------------------------------------------------------------------------------------
-zoom        zoom in about the centre by ``z = 1 + 0.1 s``                   1.1 .. 1.5
-rotation    rotate about the centre by ``9 s`` degrees (counter-clockwise)  9 .. 45 degrees
-elastic     displace every pixel by a smooth random field (Simard et al.    1.5 .. 7.5 px
-            2003): uniform noise blurred with std 4 px, scaled to a
-            largest displacement of ``1.5 s`` pixels per axis
-shape (new masks; images re-rendered; needs C = 1 and square images)
--------------------------------------------------------------------------------------------------
-res         Perlin masks with ``res = 2 + s`` lattice cells (smaller         3 .. 7
-            objects; the study's default is 2)
-threshold   Perlin masks ``|noise| > 0.4 - 0.05 s`` (more foreground; the    .35 .. .15
-            study's default is 0.4)
-==========  ===========================================================  ====================
+The shifts and their levels::
+
+    ==========  ===========================================================  ====================
+    shift       what it does (``s`` = severity)                              level at s = 1..5
+    ==========  ===========================================================  ====================
+    intensity (the mask is unchanged)
+    -------------------------------------------------------------------------------------------------
+    brightness  ``clip(x + d)``, ``d = 12 s / 255`` (12 s on the 0-255 scale)   12, 24, 36, 48, 60
+    contrast    ``m + f (x - m)``, ``m`` each image's mean, ``f = 1 - 0.15 s``  .85, .7, .55, .4, .25
+    gamma       ``x ** g``, ``g = 1 + 0.3 s`` (darkens mid-tones)               1.3 .. 2.5
+    noise       ``clip(x + sigma z)``, z ~ N(0, 1) per pixel, sigma = 10 s/255  10 .. 50 (0-255)
+    blur        Gaussian blur of std ``0.6 s`` pixels, radius ``int(4 sigma +    0.6 .. 3.0 px
+                0.5)``, borders reflected (``scipy.ndimage.gaussian_filter``
+                with ``mode="reflect"``)
+    texture (the mask is unchanged; needs C = 1)
+    -------------------------------------------------------------------------------------------------
+    gradient    ``(1 - w) x + w r``, ``r`` the study's "gradient" rendering of   w = s / 5
+                the masks (two Perlin textures, :func:`bnjax.data.render`)
+    edges       the same with the "edges" rendering (the mask's Laplacian)    w = s / 5
+    geometry (image and mask moved alike, nearest-neighbour, borders reflected)
+    -------------------------------------------------------------------------------------------------
+    zoom        zoom in about the centre by ``z = 1 + 0.1 s``                   1.1 .. 1.5
+    rotation    rotate about the centre by ``9 s`` degrees (counter-clockwise)  9 .. 45 degrees
+    elastic     displace every pixel by a smooth random field (Simard et al.    1.5 .. 7.5 px
+                2003): uniform noise blurred with std 4 px, scaled to a
+                largest displacement of ``1.5 s`` pixels per axis
+    shape (new masks; images re-rendered; needs C = 1 and square images)
+    -------------------------------------------------------------------------------------------------
+    res         Perlin masks with ``res = 2 + s`` lattice cells (smaller         3 .. 7
+                objects; the study's default is 2)
+    threshold   Perlin masks ``|noise| > 0.4 - 0.05 s`` (more foreground; the    .35 .. .15
+                study's default is 0.4)
+    ==========  ===========================================================  ====================
 
 Nearest-neighbour sampling keeps the intensity distribution of the pixels
 (only their positions change), so a geometric shift is not also an intensity
@@ -62,13 +64,16 @@ from bnjax import data
 
 __all__ = ["SHIFTS", "FAMILIES", "SEVERITIES", "apply", "level", "family_of"]
 
+#: The shifts by family: intensity, texture, geometry, shape.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "intensity": ("brightness", "contrast", "gamma", "noise", "blur"),
     "texture": ("gradient", "edges"),
     "geometry": ("zoom", "rotation", "elastic"),
     "shape": ("res", "threshold"),
 }
+#: Every shift name, family by family.
 SHIFTS: tuple[str, ...] = tuple(s for names in FAMILIES.values() for s in names)
+#: The severities; 0 leaves the set unchanged.
 SEVERITIES: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
 _ELASTIC_SMOOTH = 4.0
 

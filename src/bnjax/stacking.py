@@ -6,7 +6,7 @@ model in the same program, so each model keeps the single-model lowering.
 On XLA:CPU a ``vmap`` over models whose convolution kernels differ lowers to
 grouped convolutions that ran 3.2x slower per model than one model at a time
 (U-Net width 8, 32x32, batch 32: 236 vs 73 ms per model-step), while
-``"unroll"`` ran at 71 ms per model-step (BUILD_NOTES.md). ``"auto"`` picks
+``"unroll"`` ran at 71 ms per model-step (docs/measured.md). ``"auto"`` picks
 ``"unroll"`` on CPU and ``"vmap"`` on accelerators.
 
 Past one device the model axis is sharded over a one-axis
@@ -30,8 +30,12 @@ from bnjax import distributed
 __all__ = ["Strategy", "STRATEGIES", "AXIS", "resolve", "stacked", "tree_index", "tree_stack",
            "make_mesh", "padded_size", "pad", "place", "sharded_jit"]
 
+#: How a stack of models is run: ``vmap``, unrolled, or chosen by the backend
+#: (``auto``).
 Strategy = Literal["auto", "vmap", "unroll"]
+#: The values of :data:`Strategy`.
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
+#: The name of the model axis of the device mesh.
 AXIS = "model"
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 __all__ = ["pearson", "spearman", "kendall", "ranks", "bootstrap_ci", "isotonic_fit", "Step",
-           "group_folds", "t_interval"]
+           "group_folds", "t_interval", "constant_dims"]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30
 # (standard tables, e.g. NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.2);
@@ -187,3 +187,10 @@ def t_interval(values, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
   t = (_T975[df - 1] if df <= len(_T975) else
        z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2))
   return mean, t * values.std(axis, ddof=1) / np.sqrt(n)
+
+
+def constant_dims(x, tol: float = 1e-6) -> np.ndarray:
+  """bool[D]: the columns of ``x: [N, D]`` whose values are all equal
+  (max - min <= ``tol`` x (1 + abs(mean))), all-zero ReLU outputs included."""
+  x = np.asarray(x, np.float64)
+  return (x.max(0) - x.min(0)) <= tol * (1 + np.abs(x.mean(0)))

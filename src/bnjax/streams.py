@@ -40,7 +40,7 @@ with the statistics put into them):
   no adaptation: the stored statistics.
 ``"bn_test"``
   every BatchNorm layer normalises with the current batch's moments only
-  (test-time BN; Nado et al. 2020, Schneider et al. 2020).
+  (test-time BN; Nado et al. 2020, Schneider et al. 2020, :cite:p:`schneider2020covariate`).
 ``"bn_alpha"``
   the current batch's moments mixed with the source statistics,
   ``alpha * batch + (1 - alpha) * source`` (``alpha`` weighs the *batch*,
@@ -52,7 +52,7 @@ with the statistics put into them):
 ``"ema_bn"``
   running statistics that start from the source's and follow every batch,
   ``running = (1 - momentum) running + momentum batch``, used to normalise
-  that batch (robust BN; RoTTA, Yuan et al. 2023, momentum 0.05, the
+  that batch (robust BN; RoTTA, :cite:t:`yuan2023rotta`, momentum 0.05, the
   default). Variances are biased, as Flax stores them. The momentum is per
   batch, as in RoTTA; ``per_image=True`` makes it per image (a batch of B
   images moves the statistics by ``1 - (1 - momentum)^B``), so that the
@@ -64,7 +64,7 @@ with the statistics put into them):
   flips and transposes of square images), then mixed with the source's as
   ``bn_alpha`` does (``alpha``, default 1, or ``prior=N`` against the n
   pooled images): the small-batch remedy of single-image adaptation
-  (SITA, Khurana et al. 2021; DUA, Mirza et al. 2022) without a gradient.
+  (SITA, :cite:t:`khurana2021sita`; DUA, :cite:t:`mirza2022dua`) without a gradient.
   The inputs must be images ``[B, H, W, C]``; the logits are the original
   images'.
 ``"gated"``
@@ -86,14 +86,14 @@ with the statistics put into them):
   families.
 ``"tent"``
   one entropy-minimisation step on the BatchNorm scale and bias per batch,
-  the layers normalising with the batch's moments (Wang et al. 2021;
+  the layers normalising with the batch's moments (:cite:t:`wang2021tent`;
   default Adam, learning rate 1e-3, their CIFAR setting).
 ``"eta"``, ``"eata"``
-  Niu et al. 2022 ("Efficient test-time model adaptation without
+  :cite:t:`niu2022eata` ("Efficient test-time model adaptation without
   forgetting"), per pixel: only pixels whose entropy E is below E0 = 0.4 ln C
   count, each weighted by 1 / exp(E - E0), the loss their weighted mean.
   The redundancy filter is per image, on its mean class probabilities over
-  its reliable pixels: left out when |cosine| with the moving average of the
+  its reliable pixels: left out when ``|cosine|`` with the moving average of the
   kept images' (0.9 old + 0.1 new) reaches ``d_margin``. It is off by
   default (``d_margin=None``): with C = 2 the cosine of two probability
   vectors is at least about 0.7, so the paper's 0.05 would keep no image
@@ -103,9 +103,9 @@ with the statistics put into them):
   ``source_images`` (unlabelled), averaged over batches of
   ``fisher_batch_size``.
 ``"sar"``
-  Niu et al. 2023 ("Towards stable test-time adaptation in dynamic wild
+  :cite:t:`niu2023sar` ("Towards stable test-time adaptation in dynamic wild
   world"): the reliable pixels' mean entropy, a sharpness-aware step (the
-  weights moved by ``rho`` g / |g|, paper 0.05), the entropy of the pixels
+  weights moved by ``rho g / |g|``, paper 0.05), the entropy of the pixels
   reliable in both passes, whose gradient updates the original weights;
   when the moving average of that loss (0.9 old + 0.1 new) falls below
   ``reset_constant`` the model goes back to the source (default 0.2 ln C /
@@ -136,14 +136,17 @@ from bnjax import compiler
 from bnjax import methods as _methods
 from bnjax import shifts as _shifts
 from bnjax import stacking
-from bnjax.inference import logits_to_masks
+from bnjax.metrics import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
            "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL", "AUGMENTS"]
 
+#: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
+#: The online methods of :func:`run`.
 METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", "tent", "eta",
                              "eata", "sar", "gated")
+#: The severities of one shift, block by block, in the ``"gradual"`` setting.
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
 
@@ -314,6 +317,7 @@ class Online:
 
 
 _GRADIENT = ("tent", "eta", "eata", "sar")
+#: The augmentations of ``augbn``.
 AUGMENTS: tuple[str, ...] = ("flips", "dihedral")
 
 

@@ -36,16 +36,20 @@ from bnjax import _modules as _m
 from bnjax import compiler
 from bnjax import distributed
 from bnjax import stacking
-from bnjax.inference import logits_to_masks
+from bnjax.metrics import logits_to_masks
 from bnjax.models import init_variables
 
 __all__ = ["TrainConfig", "fit", "train_many", "make_optimizer", "segmentation_loss",
            "soft_dice", "TrainState", "init_state", "train_step", "evaluate", "Optimizer",
            "OPTIMIZERS", "Loss", "LOSSES"]
 
+#: The optimisers of :class:`TrainConfig`.
 Optimizer = Literal["adam", "rmsprop", "sgd"]
+#: The values of :data:`Optimizer`.
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+#: The segmentation losses of :class:`TrainConfig`.
 Loss = Literal["ce", "dice", "ce+dice"]
+#: The values of :data:`Loss`.
 LOSSES: tuple[str, ...] = get_args(Loss)
 
 

@@ -16,28 +16,26 @@ A workdir holds::
 :meth:`Workdir.open` creates a workdir for a config, or reopens one made with
 the same config (the run resumes: finished checkpoints and results are
 reused), and refuses one made with a different config, naming every
-difference. :func:`main` is the command line of an experiment script
-(``--config`` and ``--workdir``, as Flax's examples and big_vision): it turns
-an interrupt into one line saying what the workdir keeps and how to resume.
+difference. The command line of the experiment scripts is :mod:`bnjax.cli`.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import csv
 import io
 import json
 import os
-import sys
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 from bnjax import checkpoint
 from bnjax import distributed
+from bnjax._io import write_json_atomic
+from bnjax._version import __version__
 
-__all__ = ["Workdir", "ConfigMismatch", "config_diff", "interruptible", "main", "CONFIG"]
+__all__ = ["Workdir", "ConfigMismatch", "config_diff", "CONFIG"]
 
+#: The file of a workdir that records its experiment and config, written first.
 CONFIG = "config.json"
 
 
@@ -89,8 +87,6 @@ class Workdir:
     With several processes (:mod:`bnjax.distributed`) every process checks
     the folder (which must be on a filesystem they share) before any writes,
     so all of them resume, start or refuse alike, and process 0 writes."""
-    from bnjax import __version__
-
     path = os.path.abspath(os.fspath(path))
     plain = _plain(config)
     file = os.path.join(path, CONFIG)
@@ -104,7 +100,7 @@ class Workdir:
       log(f"resuming the run in {path} (same config): finished models and results are reused")
     elif distributed.is_primary():
       os.makedirs(path, exist_ok=True)
-      checkpoint.write_json_atomic(file, {"experiment": experiment, "config": plain,
+      write_json_atomic(file, {"experiment": experiment, "config": plain,
                                           "bnjax": __version__})
     distributed.barrier(f"workdir open {path}")
     return cls(path, experiment, plain, resumed)
@@ -176,14 +172,21 @@ class Workdir:
       f.write(text)
     return path
 
-  def write_csv(self, name: str, rows, fields, float_format: str = ".6g") -> str:
+  def write_json(self, name: str, value: Any) -> str:
+    """``<name>`` (a path inside the workdir) as JSON, written atomically."""
+    path = self.file(name)
+    write_json_atomic(path, value)
+    return path
+
+  def write_csv(self, name: str, rows, fields, float_format: str | None = ".6g") -> str:
     """``rows`` (mappings) as a CSV with the columns ``fields``, floats
-    written with ``float_format``."""
+    written with ``float_format`` (None: as ``str`` writes them, every digit)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(fields))
     w.writeheader()
     for r in rows:
-      w.writerow({k: (format(r[k], float_format) if isinstance(r[k], float) else r[k])
+      w.writerow({k: (format(r[k], float_format)
+                      if isinstance(r[k], float) and float_format is not None else r[k])
                   for k in fields})
     return self.write_text(name, buf.getvalue())
 
@@ -192,7 +195,7 @@ class Workdir:
   def write_result(self, name: str, value: Any) -> str:
     """``results/<name>.json``, written atomically."""
     path = self.file(os.path.join("results", f"{name}.json"))
-    checkpoint.write_json_atomic(path, value)
+    write_json_atomic(path, value)
     distributed.barrier(f"result {name}")  # readable by every process from here on
     return path
 
@@ -246,106 +249,3 @@ class Workdir:
     models, results = self.checkpoints(), self.results()
     return (f"{len(models)} trained model checkpoint{'s' * (len(models) != 1)} and "
             f"{len(results)} result file{'s' * (len(results) != 1)}")
-
-
-@contextlib.contextmanager
-def interruptible(path: str | os.PathLike, experiment: str = "the run"):
-  """Turns a KeyboardInterrupt into one line on stderr (what the workdir
-  keeps; the same command resumes) and ``SystemExit(130)``."""
-  try:
-    yield
-  except KeyboardInterrupt:
-    try:
-      kept = Workdir.read(path).kept()
-    except (FileNotFoundError, ValueError):
-      kept = "nothing yet"
-    print(f"\ninterrupted: {os.fspath(path)} keeps {kept}; run the same command again to "
-          f"resume {experiment} from there", file=sys.stderr, flush=True)
-    raise SystemExit(130) from None
-
-
-_FLAGS: dict = {}
-
-
-def _flag_error(error: Exception, argv: list[str]) -> str:
-  """One line for an error of the command line: an override that names no
-  config field (ml_collections raises an AttributeError or KeyError whose
-  message is a quoted repr) names its flag and the suggestion; any other
-  message is folded onto one line."""
-  text = str(error)
-  if isinstance(error, (AttributeError, KeyError)):
-    try:
-      text = ast.literal_eval(text) if text[:1] in "'\"" else text
-    except (ValueError, SyntaxError):
-      pass
-    lines = [t.strip() for t in str(text).splitlines() if t.strip()]
-    name = lines[0].strip("'\"") if lines else "?"
-    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
-                 and a.split("=", 1)[0].rsplit(".", 1)[-1] == name), "--config.*")
-    hint = " ".join(lines[1:])
-    return f"{flag}: the config has no field {name!r}" + (f" ({hint})" if hint else "")
-  if "Traceback (most recent call last)" in text:  # a config file's own error: its last line
-    head = text.split("Traceback (most recent call last)")[0]
-    text = f"{head} {[t for t in text.splitlines() if t.strip()][-1]}"
-  return " ".join(text.split())
-
-
-def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
-         argv: list[str] | None = None) -> None:
-  """The command line of an experiment: ``--config=<file>[:arg]`` (an
-  ``ml_collections`` config file, fields overridden as ``--config.train.epochs=3``)
-  and ``--workdir``; calls ``run(config, workdir)``. A bad config or a workdir
-  of another config is a usage error; an interrupt ends with one line saying
-  what the workdir keeps and that the same command resumes.
-
-  Every error of the command line (an unknown field, a value of the wrong
-  type, a bad config argument) and every :class:`~bnjax.config.ConfigError`
-  (a value the experiment cannot run, found before anything is written) or
-  :class:`ConfigMismatch` is one line on stderr, ``error: ...``, and exit
-  status 2."""
-  from absl import app, flags, logging
-  from ml_collections import config_flags
-
-  from bnjax import compiler
-  from bnjax.config import ConfigError
-
-  @contextlib.contextmanager
-  def one_line_errors(args):
-    try:
-      yield
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-      print(f"error: {_flag_error(e, args)}", file=sys.stderr, flush=True)
-      sys.exit(2)
-
-  def parse(args):
-    with one_line_errors(args):
-      return flags.FLAGS(args)
-
-  if not _FLAGS:  # defined once per process
-    # Defining the config flag loads the default file and applies the
-    # --config.* overrides of sys.argv already: its errors are the command line's.
-    with one_line_errors(sys.argv if argv is None else argv):
-      _FLAGS["config"] = config_flags.DEFINE_config_file(
-          "config", default_config, "An ml_collections config file (get_config()).",
-          lock_config=True)
-    _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "The run directory (created).")
-    flags.mark_flag_as_required("workdir")
-
-  def _main(argv):
-    # Under `python -m bnjax.launch` (or with BNJAX_COORDINATOR set): join the
-    # other processes before anything uses a device.
-    distributed.initialize()
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are --config.* flags")
-    compiler.enable_persistent_cache()  # a rerun loads its compiled programs from disk
-    if not flags.FLAGS["verbosity"].present:  # keep orbax's per-save INFO lines out
-      logging.set_verbosity(logging.WARNING)
-    workdir = _FLAGS["workdir"].value
-    try:
-      with interruptible(workdir, experiment):
-        run(_FLAGS["config"].value, workdir)
-    except (ConfigError, ConfigMismatch) as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
-
-  app.run(_main, argv=argv, flags_parser=parse)
