@@ -16,21 +16,22 @@ evaluation images): ``--config.adapt.mode=ema --config.adapt.batch_size=1
 --config.adapt.transductive=True``.
 """
 
+import os
+import runpy
+
 from ml_collections import config_dict
+
+# The fields every experiment shares (_base.py), loaded by path as config files are.
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_base.py"))
 
 
 def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
-  if arg not in ("cpu", "paper"):
-    raise ValueError(f"adapt_pair config: the argument must be 'cpu' or 'paper', got {arg!r}")
+  c = BASE["get_config"](arg, "adapt_pair", presets=("cpu", "paper"))
   paper = arg == "paper"
-  c = config_dict.ConfigDict()
-  c.preset = arg
-  c.seed = 0  # seeds data, initialisation and batch order
   # Domains are (mu1, sigma1, mu2, sigma2) on the 0-255 scale: background, foreground.
-  c.source = (90.0, 50.0, 170.0, 50.0)
+  c.source = BASE["SOURCE"]
   c.targets = ((150.0, 50.0, 230.0, 50.0), (30.0, 50.0, 110.0, 50.0))
 
-  c.data = config_dict.ConfigDict()
   c.data.kind = "white_noise"   # renderer: white_noise | gradient | edges
   c.data.quantize = False       # truncate pixels to integers (the original uint8 storage)
   c.data.size = 64 if paper else 32
@@ -38,12 +39,9 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.data.n_eval = 200
   c.data.n_adapt = 200
 
-  c.model = config_dict.ConfigDict()
   c.model.features = 64 if paper else 8
-  c.model.depth = 4
 
   # bnjax.train.TrainConfig fields (the seed comes from c.seed).
-  c.train = config_dict.ConfigDict()
   c.train.epochs = 5 if paper else 10
   c.train.batch_size = 1 if paper else 32
   c.train.learning_rate = 1e-5 if paper else 3e-3

@@ -11,7 +11,7 @@ about 0.86 IoU; the brightness shift at severity 5 (+60: the domain
 (150,50,230,50)) drops it to the mask fraction (about 0.2) without
 adaptation, and AdaBN, TENT and histogram matching bring it back to the
 source level; the InstanceNorm U-Net needs no adaptation there. The table
-and the findings are in README.md.
+and the findings are in docs/guides/benchmark.md.
 
 ``full``: 64x64 images, width 16, every variant, every severity, 5 seeds,
 more data (an accelerator's work). Variants, shifts, severities and methods
@@ -19,54 +19,38 @@ are comma-separated lists; the names are ``experiments/benchmark.py``'s
 ``VARIANTS``, ``bnjax.shifts.SHIFTS`` and ``METHODS``.
 """
 
+import os
+import runpy
+
 from ml_collections import config_dict
+
+# The fields every experiment shares (_base.py), loaded by path as config files are.
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_base.py"))
 
 CPU_VARIANTS = "reference,instance"
 ALL_VARIANTS = ("reference,strided,resize_conv,no_skip,ce,dice,instance,group,layer,no_norm,"
                 "standardize")
-ALL_SHIFTS = ("brightness,contrast,gamma,noise,blur,gradient,edges,zoom,rotation,elastic,res,"
-              "threshold")
+ALL_SHIFTS = BASE["ALL_SHIFTS"]
 
 
 def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
-  if arg not in ("cpu", "full"):
-    raise ValueError(f"benchmark config: the argument must be 'cpu' or 'full', got {arg!r}")
+  c = BASE["get_config"](arg, "benchmark")
   full = arg == "full"
-  c = config_dict.ConfigDict()
-  c.preset = arg
-  c.seed = 0
   c.seeds = 5 if full else 3            # retrainings (and data draws) per variant
-  c.source = (90.0, 50.0, 170.0, 50.0)  # (mu1, sigma1, mu2, sigma2), 0-255 scale
+  c.source = BASE["SOURCE"]
   c.variants = ALL_VARIANTS if full else CPU_VARIANTS
   c.shifts = ALL_SHIFTS
   c.severities = "1,2,3,4,5" if full else "1,3,5"  # severity 0 (the source) is always scored
   c.methods = "none,adabn,adabn_prior,tent,histogram_match" + (",oracle" if full else "")
 
-  c.data = config_dict.ConfigDict()
-  c.data.size = 64 if full else 32
-  c.data.n_train = 2000 if full else 400
   c.data.n_eval = 200 if full else 64
   c.data.n_adapt = 200 if full else 64
-
-  c.model = config_dict.ConfigDict()
-  c.model.features = 16 if full else 8
-  c.model.depth = 4
-
-  c.train = config_dict.ConfigDict()  # bnjax.train.TrainConfig fields
-  c.train.epochs = 20 if full else 10
-  c.train.batch_size = 32
-  c.train.learning_rate = 3e-3
-  c.train.optimizer = "adam"
-  c.train.patience = 4
 
   c.adapt = config_dict.ConfigDict()
   c.adapt.batch_size = config_dict.placeholder(int)  # None: the whole adaptation set
   c.adapt.prior = 16.0   # adabn_prior: source statistics weighted as N = 16 images
 
-  c.tent = config_dict.ConfigDict()  # bnjax.methods.tent
-  c.tent.steps = 10
-  c.tent.learning_rate = 1e-3
-  c.tent.batch_size = 32
+  c.tent = BASE["tent"]()  # bnjax.methods.tent
 
   c.strategy = "auto"    # how stacks are mapped: auto | vmap | unroll
   return c

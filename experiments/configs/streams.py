@@ -7,63 +7,49 @@ r"""Adaptation on streams: settings x batch sizes x online methods x source seed
 Expected on 2 CPU cores (the default: 32x32 images, width 8, 3 seeds, the
 six settings at batch sizes 1, 4 and 16, every method; streams of 576
 images): about 15 minutes. The findings (which method at which batch size
-and setting, every cell below ``source``) are in README.md.
+and setting, every cell below ``source``) are in docs/guides/streams.md.
 
 ``full``: 64x64, width 16, batch sizes 1, 2, 4, 16 and 64, 5 seeds, longer
 streams (an accelerator's work). Settings, batch sizes and methods are
 comma-separated lists (``bnjax.streams.SETTINGS`` and ``METHODS``).
 """
 
+import os
+import runpy
+
 from ml_collections import config_dict
 
-ALL_SHIFTS = ("brightness,contrast,gamma,noise,blur,gradient,edges,zoom,rotation,elastic,res,"
-              "threshold")
+# The fields every experiment shares (_base.py), loaded by path as config files are.
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_base.py"))
+
 
 
 def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
-  if arg not in ("cpu", "full"):
-    raise ValueError(f"streams config: the argument must be 'cpu' or 'full', got {arg!r}")
+  c = BASE["get_config"](arg, "streams")
   full = arg == "full"
-  c = config_dict.ConfigDict()
-  c.preset = arg
-  c.seed = 0
   c.seeds = 5 if full else 3               # source models (retrainings) per cell
-  c.source = (90.0, 50.0, 170.0, 50.0)     # (mu1, sigma1, mu2, sigma2), 0-255 scale
+  c.source = BASE["SOURCE"]
   c.settings = "iid,episodic,continual,gradual,mixed,correlated"
   c.batch_sizes = "1,2,4,16,64" if full else "1,4,16"
   c.methods = "source,bn_test,bn_alpha,ema_bn,augbn,tent,eta,eata,sar,gated"
   # One shift for iid / episodic / correlated; the sequence of continual and
   # the choices of mixed; the shifts gradual walks 1..5..1 through.
   c.one_shift = "brightness"
-  c.shifts = ALL_SHIFTS
+  c.shifts = BASE["ALL_SHIFTS"]
   c.gradual_shifts = "brightness,contrast,blur,threshold"
   c.severity = 5                           # iid, episodic, continual, correlated
   c.mixed_severities = "1,2,3,4,5"
   c.stream_images = 2304 if full else 576  # images per stream, every setting
                                            # (every block a whole number of batches)
 
-  c.data = config_dict.ConfigDict()
-  c.data.size = 64 if full else 32
-  c.data.n_train = 2000 if full else 400
   c.data.n_pool = 256 if full else 192     # source images the streams are drawn from
   c.data.n_fisher = 64 if full else 32     # unlabelled source images for EATA's Fisher
-
-  c.model = config_dict.ConfigDict()
-  c.model.features = 16 if full else 8
-  c.model.depth = 4
-
-  c.train = config_dict.ConfigDict()  # bnjax.train.TrainConfig fields
-  c.train.epochs = 20 if full else 10
-  c.train.batch_size = 32
-  c.train.learning_rate = 3e-3
-  c.train.optimizer = "adam"
-  c.train.patience = 4
 
   # Options of the online methods (bnjax.streams; defaults there otherwise).
   c.method_options = config_dict.ConfigDict()
   # per_image: a batch of B images moves the statistics by 1 - (1 - 0.1)^B,
   # the same pace per image at every batch size (RoTTA's 0.05 is per batch;
-  # 0.1 per image chosen among 0.05, 0.1, 0.2 on the seed-0 CPU run: BUILD_NOTES.md).
+  # 0.1 per image chosen among 0.05, 0.1, 0.2 on the seed-0 CPU run: docs/guides/streams.md).
   c.method_options.ema_bn = config_dict.ConfigDict({"momentum": 0.1, "per_image": True})
   c.method_options.bn_alpha = config_dict.ConfigDict({"alpha": 0.1})
   c.method_options.tent = config_dict.ConfigDict({"learning_rate": 1e-3})
