@@ -250,7 +250,7 @@ def run(config, workdir: str) -> list[dict]:
   return ranking
 
 
-def scatter(rows, log_x, names, wd, name):
+def scatter(rows, log_x, names, wd, stem):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -270,9 +270,9 @@ def scatter(rows, log_x, names, wd, name):
   fig.colorbar(sc, ax=axes, fraction=0.02, label="target class overlap")
   fig.suptitle("IoU with BN adaptation against the six best-ranked predictors "
                "(one point per source/target pair)", fontsize=10)
-  fig.savefig(wd.file(f"{name}.png"), dpi=110)
+  fig.savefig(wd.file(f"{stem}.png"), dpi=110)
   plt.close(fig)
-  wd.write_json(f"{name}.json", {
+  wd.write_json(f"{stem}.json", {
       "iou_adapted": iou_ad.tolist(), "target_overlap": colour.tolist(),
       "log1p_predictors": {n: np.asarray(log_x[n]).tolist() for n in names}})
 
