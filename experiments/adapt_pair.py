@@ -64,27 +64,25 @@ def plan_of(config) -> Plan:
 
 def _data(config, domain: data.Domain, split: str, n: int):
   """Images and masks of one split of one domain, from the run's seed."""
-  return data.make_dataset(data.split_key(config.seed, domain, split), domain, n,
-                           config.data.size, kind=config.data.kind,
-                           quantize=config.data.quantize)
+  return data.split_dataset(config.seed, domain, split, n, config.data.size,
+                            kind=config.data.kind, quantize=config.data.quantize)
 
 
 def _train_or_restore(wd: Workdir, name: str, label: str, model, images, masks,
                       train_config: train.TrainConfig, bar: Progress, index: int):
   """Restores ``checkpoints/<name>`` of this config, or trains and saves it."""
-  found = wd.load_model(name, seed=train_config.seed)
-  total = bar.total
-  if found is not None:
-    print(f"[model {index} of {total}] {label}: restored from {wd.path}/checkpoints/{name}",
+  def fit():
+    print(f"[model {index} of {bar.total}] {label}: training on {images.shape[0]} images",
           flush=True)
-    bar.update(index, f"{label} restored", restored=True)
-    return found[0], found[1]["history"]
-  print(f"[model {index} of {total}] {label}: training on {images.shape[0]} images",
-        flush=True)
-  variables, history = train.fit(model, images, masks, train_config)
-  wd.save_model(name, variables, seed=train_config.seed, history=history)
-  bar.update(index, f"{label} trained")
-  return variables, history
+    variables, history = train.fit(model, images, masks, train_config)
+    return variables, {"history": history}
+
+  variables, meta, restored = wd.train_or_restore(name, fit, seed=train_config.seed)
+  if restored:
+    print(f"[model {index} of {bar.total}] {label}: restored from {wd.path}/checkpoints/{name}",
+          flush=True)
+  bar.update(index, f"{label} {'restored' if restored else 'trained'}", restored=restored)
+  return variables, meta["history"]
 
 
 def figure(rows, path, title):

@@ -112,8 +112,8 @@ def plan_of(config) -> Plan:
 
 def _source_sets(config, source: data.Domain, split: str, n: int):
   """Stacked (images[S], masks[S]): seed i's own draw of the split."""
-  sets = [data.make_dataset(data.split_key(config.seed + i, source, split), source, n,
-                            config.data.size) for i in range(config.seeds)]
+  sets = [data.split_dataset(config.seed + i, source, split, n, config.data.size)
+          for i in range(config.seeds)]
   return jnp.stack([s[0] for s in sets]), jnp.stack([s[1] for s in sets])
 
 
@@ -136,16 +136,16 @@ def _scores(model, variables, images, masks, strategy):
 def _train_stack(wd, config, plan, variant, name, images, masks):
   """The stack of ``config.seeds`` models trained on ``images[S]``, restored
   from ``checkpoints/<name>`` when it is there."""
-  found = wd.load_model(name, seeds=config.seeds)
-  if found is not None:
+  def fit():
+    print(f"[{name}] training {images.shape[0]} models on {images.shape[1]} images each",
+          flush=True)
+    variables, _ = train.train_many(plan.models[variant], images, masks, plan.train[variant],
+                                    strategy=config.strategy)
+    return variables, {}
+
+  variables, _, restored = wd.train_or_restore(name, fit, seeds=config.seeds)
+  if restored:
     print(f"[{name}] restored from {wd.path}/checkpoints/{name}", flush=True)
-    return found[0]
-  print(f"[{name}] training {images.shape[0]} models on {images.shape[1]} images each",
-        flush=True)
-  variables, _ = train.train_many(plan.models[variant], images, masks, plan.train[variant],
-                                  strategy=config.strategy)
-  variables = jax.device_get(variables)
-  wd.save_model(name, variables, seeds=config.seeds)
   return variables
 
 

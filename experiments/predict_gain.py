@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -76,23 +77,39 @@ def load_sweep(sweep_dir):
   return wd.config, [data.Domain.from_json(d) for d in index["domains"]], stacked, results
 
 
-def plan_of(config):
-  """(sweep workdir, model, taps) of ``config``, every value checked before
-  anything is read at length or written; a :class:`bnjax.config.ConfigError`
-  naming the key otherwise."""
+class Plan(NamedTuple):
+  """What ``config`` and the sweep it reads resolve to, checked once."""
+  sweep_dir: str
+  seed: int                  # the sweep's data seed
+  size: int                  # image side
+  n_eval: int
+  n_adapt: int
+  transductive: bool         # adapt on the evaluation images
+  adapt_options: dict        # bnjax.adapt.recompute_batch_stats options of the sweep
+  model: models.UNet
+  taps: tuple
+
+
+def plan_of(config) -> Plan:
+  """The :class:`Plan` of ``config``, every value checked before anything is
+  read at length or written; a :class:`bnjax.config.ConfigError` naming the
+  key otherwise."""
   if not config.sweep_dir:
     raise cfg.ConfigError("config.sweep_dir must name the workdir of experiments/sweep.py")
-  sweep = cfg.value("sweep_dir", Workdir.read, config.sweep_dir, "sweep")
+  sweep = cfg.value("sweep_dir", Workdir.read, config.sweep_dir, "sweep").config
   for name in ("max_rows", "sinkhorn_points", "bootstrap"):
     cfg.positive_int(config[name], name)
   cfg.positive_int(config.seed, "seed", minimum=0)
-  size = sweep.config["data"]["size"]
-  model = models.UNet(**sweep.config["model"])
+  size = sweep["data"]["size"]
+  model = models.UNet(**sweep["model"])
   taps = cfg.taps(config.taps, model, size)
   if config.hist_tap not in taps:
     raise cfg.ConfigError(f"config.hist_tap must be one of the taps used, {tuple(taps)}, got "
                           f"{config.hist_tap!r}")
-  return sweep, model, taps
+  return Plan(config.sweep_dir, sweep["seed"], size, sweep["data"]["n_eval"],
+              sweep["data"]["n_adapt"], sweep["adapt"]["transductive"],
+              {"mode": sweep["adapt"]["mode"], "batch_size": sweep["adapt"]["batch_size"]},
+              model, tuple(taps))
 
 
 def layer_sum(d: dict) -> float:
@@ -103,36 +120,60 @@ def run(config, workdir: str) -> list[dict]:
   """Relates every predictor to the gains of the sweep in ``config.sweep_dir``;
   writes into ``workdir``; returns the ranking."""
   start = time.perf_counter()
-  _, model, taps = plan_of(config)
-  sweep, domains, stacked, results = load_sweep(config.sweep_dir)
+  plan = plan_of(config)
+  _, domains, stacked, results = load_sweep(plan.sweep_dir)
   wd = Workdir.open(workdir, "predict_gain", config)
-  size = sweep["data"]["size"]
-  position = {d: i for i, d in enumerate(domains)}
+  pairs = Pairs(plan, domains, stacked)
+  rows, row_domains, collapse = measure(config, plan, pairs, results)
+  wd.write_csv("distances.csv", rows, list(rows[0]), float_format=None)
+  analysis = analyse(config, rows)
+  wd.write_result("ranking", analysis["ranking"])
+  wd.write_result("heldout", {"train_sources": analysis["train_sources"],
+                              "results": analysis["heldout"]})
+  wd.write_result("collapse", collapse)
+  text = report(wd, config, plan, pairs, rows, row_domains, collapse, analysis,
+                time.perf_counter() - start)
+  print(text)
+  return analysis["ranking"]
+
+
+class Pairs:
+  """The sweep's source models and the images of a (source, target) pair."""
+
+  def __init__(self, plan: Plan, domains, stacked):
+    self.plan, self.stacked = plan, stacked
+    self.position = {d: i for i, d in enumerate(domains)}
+    self.source_features = {}  # source domain -> {tap: features of its evaluation images}
+
+  def dataset(self, d, split, n):
+    return data.split_dataset(self.plan.seed, d, split, n, self.plan.size)
+
+  def models(self, src, tgt):
+    """(source variables, adapted variables, target evaluation images)."""
+    p = self.plan
+    v_src = jax.tree_util.tree_map(lambda a: a[self.position[src]], self.stacked)
+    x_tgt, _ = self.dataset(tgt, "eval", p.n_eval)
+    x_adapt = x_tgt if p.transductive else self.dataset(tgt, "adapt", p.n_adapt)[0]
+    return v_src, adapt.recompute_batch_stats(p.model, v_src, x_adapt, **p.adapt_options), x_tgt
+
+
+def measure(config, plan: Plan, pairs: Pairs, results):
+  """(rows, their (source, target) domains, collapse): every predictor of
+  every pair the sweep scored."""
+  model, taps = plan.model, list(plan.taps)
   key = jax.random.key(config.seed)
-
-  def dataset(d, split, n):
-    return data.make_dataset(data.split_key(sweep["seed"], d, split), d, n, size)
-
-  pairs = [(g, data.Domain.from_json(res["sources"][k]), data.Domain.from_json(res["targets"][m]),
-            k, m)
-           for g, res in results.items()
-           for k in range(len(res["sources"])) for m in range(len(res["targets"]))]
-  bar = Progress(len(pairs), "pairs")
-  rows, row_domains, source_cache, collapse = [], [], {}, {}
-  adapt_options = {"mode": sweep["adapt"]["mode"], "batch_size": sweep["adapt"]["batch_size"]}
-
-  def pair_models(src, tgt):
-    v_src = jax.tree_util.tree_map(lambda a: a[position[src]], stacked)
-    x_tgt, _ = dataset(tgt, "eval", sweep["data"]["n_eval"])
-    x_adapt = (x_tgt if sweep["adapt"]["transductive"]
-               else dataset(tgt, "adapt", sweep["data"]["n_adapt"])[0])
-    return v_src, adapt.recompute_batch_stats(model, v_src, x_adapt, **adapt_options), x_tgt
-
-  for i, (group, src, tgt, k, m) in enumerate(pairs):
+  todo = [(g, data.Domain.from_json(res["sources"][k]), data.Domain.from_json(res["targets"][m]),
+           k, m)
+          for g, res in results.items()
+          for k in range(len(res["sources"])) for m in range(len(res["targets"]))]
+  bar = Progress(len(todo), "pairs")
+  rows, row_domains, collapse = [], [], {}
+  source_cache = pairs.source_features
+  for i, (group, src, tgt, k, m) in enumerate(todo):
     res = results[group]
-    v_src, v_ad, x_tgt = pair_models(src, tgt)
+    v_src, v_ad, x_tgt = pairs.models(src, tgt)
     if src not in source_cache:
-      x_src, _ = dataset(src, "eval", sweep["data"]["n_eval"])
+      x_src, _ = pairs.dataset(src, "eval", plan.n_eval)
       source_cache[src] = features.extract_all(model, v_src, x_src, taps)
       # Rows are (image, position): [n h w, C] reshaped is the per-image [n, h w C].
       collapse[str(src)] = {t: features.collapse_fraction(f.reshape(len(x_src), -1))
@@ -164,11 +205,14 @@ def run(config, workdir: str) -> list[dict]:
     rows.append(row)
     row_domains.append((src, tgt))
     bar.update(i + 1)
+  return rows, row_domains, collapse
 
+
+def analyse(config, rows) -> dict:
+  """Every predictor against the gain and the adapted IoU (Spearman, Pearson,
+  bootstrap intervals), ranked; and the held-out isotonic fits."""
   predictors = [c for c in rows[0] if c not in ("group", "source", "target", "iou_no_adapt",
                                                 "iou_adapted", "gain", "source_overlap")]
-  wd.write_csv("distances.csv", rows, list(rows[0]), float_format=None)
-
   rng = np.random.default_rng(config.seed)
   gain = np.array([r["gain"] for r in rows])
   iou_ad = np.array([r["iou_adapted"] for r in rows])
@@ -201,18 +245,23 @@ def run(config, workdir: str) -> list[dict]:
                       "test_mae": float(np.mean(np.abs(pred - iou_ad[~is_train]))),
                       "baseline_mae": float(np.mean(np.abs(iou_ad[is_train].mean() - iou_ad[~is_train])))})
     heldout.sort(key=lambda h: h["test_mae"])
-  wd.write_result("ranking", ranking)
-  wd.write_result("heldout", {"train_sources": sorted(train_src), "results": heldout})
+  return {"predictors": predictors, "log_x": log_x, "ranking": ranking, "heldout": heldout,
+          "train_sources": sorted(train_src)}
 
-  # Collapse per tap (fraction of per-image feature dimensions constant across
-  # the source's own images), and channel histograms of two telling pairs.
-  wd.write_result("collapse", collapse)
+
+def report(wd, config, plan: Plan, pairs: Pairs, rows, row_domains, collapse, analysis,
+           seconds: float) -> str:
+  """ranking.md, the channel histograms of two telling pairs and the scatter
+  of the six best-ranked predictors; returns the Markdown."""
+  model, taps = plan.model, list(plan.taps)
+  ranking, heldout, log_x = analysis["ranking"], analysis["heldout"], analysis["log_x"]
+  train_src, source_cache = analysis["train_sources"], pairs.source_features
   hist_tap = config.hist_tap
   chosen = {"largest_gain": max(range(len(rows)), key=lambda i: rows[i]["gain"]),
             "lowest_iou_adapted": min(range(len(rows)), key=lambda i: rows[i]["iou_adapted"])}
   for label, i in chosen.items():
     r, (src, tgt) = rows[i], row_domains[i]
-    v_src, v_ad, x_tgt = pair_models(src, tgt)
+    v_src, v_ad, x_tgt = pairs.models(src, tgt)
     plots.channel_histograms(
         {"source": source_cache[src][hist_tap],
          "target, unadapted": features.extract(model, v_src, x_tgt, hist_tap),
@@ -242,12 +291,11 @@ def run(config, workdir: str) -> list[dict]:
   for t in taps:
     vals = [c[t] for c in collapse.values()]
     lines.append(f"| {t} | {np.mean(vals):.3f} | {np.max(vals):.3f} |")
-  lines.append(f"\n({time.perf_counter() - start:.0f} s)")
+  lines.append(f"\n({seconds:.0f} s)")
   text = "\n".join(lines)
   wd.write_text("ranking.md", text + "\n")
   scatter(rows, log_x, [e["predictor"] for e in ranking[:6]], wd, "scatter_top6")
-  print(text)
-  return ranking
+  return text
 
 
 def scatter(rows, log_x, names, wd, stem):

@@ -128,22 +128,22 @@ def plan_of(config) -> Plan:
 
 
 def _pool(config, plan, split: str, n: int, seed: int = 0):
-  return data.make_dataset(data.split_key(config.seed + seed, plan.source, split), plan.source,
-                           n, config.data.size)
+  return data.split_dataset(config.seed + seed, plan.source, split, n, config.data.size)
 
 
 def _train_models(wd, config, plan):
-  found = wd.load_model("source_models", seeds=config.seeds)
-  if found is not None:
+  def fit():
+    sets = [_pool(config, plan, "train", config.data.n_train, i) for i in range(config.seeds)]
+    print(f"[source_models] training {config.seeds} models on {config.data.n_train} images "
+          "each", flush=True)
+    v, _ = train.train_many(plan.model, jnp.stack([s[0] for s in sets]),
+                            jnp.stack([s[1] for s in sets]), plan.train,
+                            strategy=config.strategy)
+    return v, {}
+
+  v, _, restored = wd.train_or_restore("source_models", fit, seeds=config.seeds)
+  if restored:
     print(f"[source_models] restored from {wd.path}/checkpoints/source_models", flush=True)
-    return found[0]
-  sets = [_pool(config, plan, "train", config.data.n_train, i) for i in range(config.seeds)]
-  print(f"[source_models] training {config.seeds} models on {config.data.n_train} images each",
-        flush=True)
-  v, _ = train.train_many(plan.model, jnp.stack([s[0] for s in sets]),
-                          jnp.stack([s[1] for s in sets]), plan.train, strategy=config.strategy)
-  v = jax.device_get(v)
-  wd.save_model("source_models", v, seeds=config.seeds)
   return v
 
 

@@ -121,8 +121,7 @@ def _unique(domains) -> list[data.Domain]:
 
 
 def _dataset(config, domains, split, n):
-  pairs = [data.make_dataset(data.split_key(config.seed, d, split), d, n, config.data.size)
-           for d in domains]
+  pairs = [data.split_dataset(config.seed, d, split, n, config.data.size) for d in domains]
   return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
@@ -135,27 +134,24 @@ def _train_all(wd: Workdir, config, model, domains, train_config):
   for c, chunk in enumerate(chunks):
     name = f"chunk_{c:04d}"
     domains_json = [d.to_json() for d in chunk]
-    found = wd.load_model(name, domains=domains_json)
     first, last = done + 1, done + len(chunk)
-    if found is not None:
-      variables.append(found[0])
-      histories.append({k: np.asarray(v, float) for k, v in found[1]["history"].items()})
-      done += len(chunk)
-      bar.update(done, f"models {first}-{last} of {len(domains)} restored", restored=True)
-      continue
-    print(f"[models {first}-{last} of {len(domains)}] training a stack of {len(chunk)}",
-          flush=True)
-    x, y = _dataset(config, chunk, "train", config.data.n_train)
-    seed0 = config.seed + domains.index(chunk[0])
-    v, h = train.train_many(model, x, y, dataclasses.replace(train_config, seed=seed0),
-                            strategy=config.strategy)
-    h = {k: np.asarray(val, float) for k, val in h.items() if k != "seconds"}
-    wd.save_model(name, v, domains=domains_json,
-                  history={k: np.where(np.isnan(a), None, a).tolist() for k, a in h.items()})
-    variables.append(jax.device_get(v))
-    histories.append(h)
+
+    def fit():
+      print(f"[models {first}-{last} of {len(domains)}] training a stack of {len(chunk)}",
+            flush=True)
+      x, y = _dataset(config, chunk, "train", config.data.n_train)
+      seed0 = config.seed + domains.index(chunk[0])
+      v, h = train.train_many(model, x, y, dataclasses.replace(train_config, seed=seed0),
+                              strategy=config.strategy)
+      h = {k: np.asarray(val, float) for k, val in h.items() if k != "seconds"}
+      return v, {"history": {k: np.where(np.isnan(a), None, a).tolist() for k, a in h.items()}}
+
+    v, meta, restored = wd.train_or_restore(name, fit, domains=domains_json)
+    variables.append(v)
+    histories.append({k: np.asarray(a, float) for k, a in meta["history"].items()})
     done += len(chunk)
-    bar.update(done, f"models {first}-{last} of {len(domains)} trained")
+    bar.update(done, f"models {first}-{last} of {len(domains)} "
+                     f"{'restored' if restored else 'trained'}", restored=restored)
   stacked = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *variables)
   epochs = max(h["train_loss"].shape[0] for h in histories)
   pad = lambda a: np.pad(a, ((0, epochs - a.shape[0]), (0, 0)), constant_values=np.nan)

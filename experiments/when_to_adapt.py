@@ -179,20 +179,20 @@ def _train_seeds(wd, config, plan, model):
       name = f"seed{j}_chunk{c // config.chunk:02d}"
       sources = plan.sources[c:c + config.chunk]
       meta = {"sources": [str(s) for s in sources]}
-      found = wd.load_model(name, **meta)
-      if found is not None:
+
+      def fit(j=j, c=c, sources=sources, name=name):
+        sets = [data.split_dataset(config.seed + j, s, "train", config.data.n_train,
+                                   config.data.size) for s in sources]
+        print(f"[{name}] training {len(sets)} source models on {config.data.n_train} images "
+              "each", flush=True)
+        tc = dataclasses.replace(plan.train, seed=config.seed + 1000 * j + c)
+        v, _ = train.train_many(model, jnp.stack([s[0] for s in sets]),
+                                jnp.stack([s[1] for s in sets]), tc, strategy=config.strategy)
+        return v, {}
+
+      v, _, restored = wd.train_or_restore(name, fit, **meta)
+      if restored:
         print(f"[{name}] restored from {wd.path}/checkpoints/{name}", flush=True)
-        chunks.append(found[0])
-        continue
-      sets = [data.make_dataset(data.split_key(config.seed + j, s, "train"), s,
-                                config.data.n_train, config.data.size) for s in sources]
-      print(f"[{name}] training {len(sets)} source models on {config.data.n_train} images "
-            "each", flush=True)
-      tc = dataclasses.replace(plan.train, seed=config.seed + 1000 * j + c)
-      v, _ = train.train_many(model, jnp.stack([s[0] for s in sets]),
-                              jnp.stack([s[1] for s in sets]), tc, strategy=config.strategy)
-      v = jax.device_get(v)
-      wd.save_model(name, v, **meta)
       chunks.append(v)
     stacks.append(jax.tree_util.tree_map(lambda *a: np.concatenate(a), *chunks))
   return stacks
@@ -201,10 +201,10 @@ def _train_seeds(wd, config, plan, model):
 def _target_sets(config, pair: Pair, seed: int, src_eval, src_adapt):
   """(eval images, eval masks, adaptation images) of the pair's target."""
   if pair.kind == "grid":
-    x, y = data.make_dataset(data.split_key(config.seed + seed, pair.target, "eval"), pair.target,
-                             config.data.n_eval, config.data.size)
-    xa, _ = data.make_dataset(data.split_key(config.seed + seed, pair.target, "adapt"),
-                              pair.target, config.data.n_adapt, config.data.size)
+    x, y = data.split_dataset(config.seed + seed, pair.target, "eval", config.data.n_eval,
+                              config.data.size)
+    xa, _ = data.split_dataset(config.seed + seed, pair.target, "adapt", config.data.n_adapt,
+                               config.data.size)
     return x, y, xa
   k = lambda split: data.named_key(config.seed + seed, pair.shift, pair.severity, split)
   x, y = shifts.apply(k("eval"), *src_eval, pair.shift, pair.severity)
@@ -260,10 +260,10 @@ def _score_source(wd, config, plan, model, stacks, i, source, bar, done):
   rows = []
   for j in range(config.seeds):
     v = jax.tree_util.tree_map(lambda a: a[i], stacks[j])
-    src_eval = data.make_dataset(data.split_key(config.seed + j, source, "eval"), source,
-                                 config.data.n_eval, config.data.size)
-    src_adapt = data.make_dataset(data.split_key(config.seed + j, source, "adapt"), source,
-                                  config.data.n_adapt, config.data.size)
+    src_eval = data.split_dataset(config.seed + j, source, "eval", config.data.n_eval,
+                                  config.data.size)
+    src_adapt = data.split_dataset(config.seed + j, source, "adapt", config.data.n_adapt,
+                                   config.data.size)
     src = (src_eval, src_adapt, features.extract(model, v, src_eval[0], config.tap))
     for index, pair in pairs:
       rows += _pair_rows(config, plan, model, v, pair, j, src, index)

@@ -93,3 +93,33 @@ def test_a_workdir_whose_run_kept_nothing_takes_another_config(tmp_path):
   stored = json.loads((tmp_path / "run" / "config.json").read_text())
   assert stored["config"]["train"]["epochs"] == 3
   assert Workdir.open(tmp_path / "run", "study", config(epochs=3), log=said.append).resumed
+
+
+def test_train_or_restore_trains_once_and_retrains_for_other_metadata(tmp_path):
+  wd = Workdir.open(tmp_path / "run", "study", config(), log=lambda *a: None)
+  calls = []
+
+  def train():
+    calls.append(1)
+    return {"params": {"w": np.arange(3.0) + len(calls)}}, {"history": [0.5, 0.25]}
+
+  v, meta, restored = wd.train_or_restore("m", train, seed=3)
+  assert not restored and len(calls) == 1 and meta == {"seed": 3, "history": [0.5, 0.25]}
+  np.testing.assert_array_equal(v["params"]["w"], [1.0, 2.0, 3.0])
+  v2, meta2, restored2 = wd.train_or_restore("m", train, seed=3)   # the same run: restored
+  assert restored2 and len(calls) == 1
+  np.testing.assert_array_equal(v2["params"]["w"], [1.0, 2.0, 3.0])
+  assert meta2["history"] == [0.5, 0.25] and meta2["seed"] == 3
+  v3, _, restored3 = wd.train_or_restore("m", train, seed=4)       # other metadata: trained again
+  assert not restored3 and len(calls) == 2
+  np.testing.assert_array_equal(v3["params"]["w"], [2.0, 3.0, 4.0])
+
+
+def test_split_dataset_is_the_split_key_draw():
+  d = data.Domain(90, 50, 170, 50)
+  x, y = data.split_dataset(5, d, "adapt", 4, 16)
+  x2, y2 = data.make_dataset(data.split_key(5, d, "adapt"), d, 4, 16)
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(y, y2)
+  x3, _ = data.split_dataset(5, d, "eval", 4, 16)   # another split: other images
+  assert not np.allclose(x, x3)

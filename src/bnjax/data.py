@@ -33,7 +33,7 @@ import numpy as np
 
 from bnjax import _checks
 
-__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
+__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "split_dataset", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
 
 #: How masks are rendered as images: ``"white_noise"`` (the domain's intensities),
 #: ``"gradient"`` or ``"edges"`` (the study's textures).
@@ -308,6 +308,14 @@ def split_key(seed: int, domain: Domain, split: Split) -> jax.Array:
   digest = hashlib.sha256(repr(dataclasses.astuple(domain)).encode()).digest()
   key = jax.random.fold_in(jax.random.key(seed), int.from_bytes(digest[:4], "little") >> 1)
   return jax.random.fold_in(key, SPLITS.index(split))
+
+
+def split_dataset(seed: int, domain: Domain, split: Split, n: int, size: int = 64,
+                  **kwargs) -> tuple[jax.Array, jax.Array]:
+  """``make_dataset(split_key(seed, domain, split), domain, n, size, **kwargs)``:
+  the images and masks of one split of one domain in an experiment with this
+  seed (the same images wherever the domain appears)."""
+  return make_dataset(split_key(seed, domain, split), domain, n, size, **kwargs)
 
 
 def named_key(seed: int, *names) -> jax.Array:

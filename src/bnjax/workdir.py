@@ -26,7 +26,9 @@ import io
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
+
+import jax
 
 from bnjax import checkpoint
 from bnjax import distributed
@@ -235,6 +237,20 @@ class Workdir:
       return checkpoint.restore(path), meta
     except ValueError:
       return None
+
+  def train_or_restore(self, name: str, train: Callable[[], tuple[Any, dict]],
+                       **expected) -> tuple[Any, dict, bool]:
+    """``(variables, metadata, restored)``: ``checkpoints/<name>`` when it is
+    complete and was saved with ``expected`` (the run resumes), else
+    ``train()`` -> ``(variables, metadata)``, saved under ``name`` with
+    ``expected`` and that metadata before it is returned."""
+    found = self.load_model(name, **expected)
+    if found is not None:
+      return found[0], found[1], True
+    variables, metadata = train()
+    variables = jax.device_get(variables)
+    self.save_model(name, variables, **expected, **metadata)
+    return variables, {**expected, **metadata}, False
 
   def checkpoints(self) -> list[str]:
     """Names of the complete checkpoints."""
