@@ -326,12 +326,8 @@ def report(wd, config, plan, rows) -> str:
             "Every cell whose mean IoU is below the unadapted model's; the paired "
             "difference (method - none) over seeds with its 95 % half-width "
             "(**bold**: the interval lies below 0).", ""]
-  if not lowered:
-    lines.append("None.")
-  for variant, shift, sev, m, mean, half in lowered:
-    sure = np.isfinite(half) and mean + half < 0
-    text = f"{mean:+.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
-    lines.append(f"- {variant}, {shift} {sev}, {m}: " + (f"**{text}**" if sure else text))
+  lines += [f"- {variant}, {shift} {sev}, {m}: {stats.difference_text(mean, half)}"
+            for variant, shift, sev, m, mean, half in lowered] or ["None."]
   lines.append("")
   counts = {}
   for (variant, _, _), (best, _) in winners_all.items():

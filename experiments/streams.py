@@ -380,12 +380,8 @@ def report(wd, config, plan, rows, curves) -> str:
             "Every (batch size, setting, method) whose mean online IoU is below no adaptation's; "
             "the paired difference over seeds with its 95 % half-width (**bold**: the "
             "interval lies below 0).", ""]
-  if not below:
-    lines.append("None.")
-  for b, setting, m, mean, half in below:
-    text = f"{mean:+.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
-    sure = np.isfinite(half) and mean + half < 0
-    lines.append(f"- batch {b}, {setting}, {m}: " + (f"**{text}**" if sure else text))
+  lines += [f"- batch {b}, {setting}, {m}: {stats.difference_text(mean, half)}"
+            for b, setting, m, mean, half in below] or ["None."]
   gates = gate_analysis(plan, curves)
   lines += ["", "## The gate, replayed on every step", "",
             "For each adapting method: use its prediction where its agreement with the source's "

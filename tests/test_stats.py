@@ -106,3 +106,10 @@ def test_t_interval_matches_scipy():
     np.testing.assert_allclose(mean, x.mean(-1))
     np.testing.assert_allclose(half, (hi - lo) / 2, rtol=1e-3)
   assert np.isnan(stats.t_interval(np.ones((2, 1)))[1]).all()
+
+
+def test_difference_text_bold_only_for_an_interval_below_zero():
+  assert stats.difference_text(-0.018, 0.012) == "**-0.018 ± 0.012**"   # [-0.030, -0.006]
+  assert stats.difference_text(-0.013, 0.015) == "-0.013 ± 0.015"       # crosses 0
+  assert stats.difference_text(0.020, 0.010) == "+0.020 ± 0.010"
+  assert stats.difference_text(-0.5, float("nan")) == "-0.500"           # one seed: no interval

@@ -13,7 +13,8 @@ import dataclasses
 import numpy as np
 
 __all__ = ["pearson", "spearman", "kendall", "ranks", "bootstrap_ci", "isotonic_fit", "Step",
-           "group_folds", "t_interval", "constant_dims"]
+           "group_folds", "t_interval", "constant_dims",
+           "difference_text"]
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30
 # (standard tables, e.g. NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.2);
@@ -194,3 +195,11 @@ def constant_dims(x, tol: float = 1e-6) -> np.ndarray:
   (max - min <= ``tol`` x (1 + abs(mean))), all-zero ReLU outputs included."""
   x = np.asarray(x, np.float64)
   return (x.max(0) - x.min(0)) <= tol * (1 + np.abs(x.mean(0)))
+
+
+def difference_text(mean: float, half: float, digits: int = 3) -> str:
+  """``"+0.012 ± 0.004"`` for a difference and the half-width of its
+  interval (``"+0.012"`` when the half-width is not finite), in Markdown bold
+  when the whole interval lies below 0 (a sure loss)."""
+  text = f"{mean:+.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
+  return f"**{text}**" if np.isfinite(half) and mean + half < 0 else text
