@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/adapt_pair
 
-.PHONY: run test test-slow docs bench clean
+.PHONY: run test test-slow docs gpu-wheels bench clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -36,6 +36,13 @@ test-slow: $(VENV)/.installed
 docs: $(VENV)/.docs
 	rm -rf docs/_build
 	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+
+# Pure-Python wheels the accelerator machine lacks (it has no package registry),
+# carried with the working tree by the device tool; benchmarks/gpu.sh installs
+# only those the machine cannot import.
+gpu-wheels: $(VENV)/bin/python
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -c constraints.txt \
+	  -d benchmarks/wheels ott-jax jaxopt lineax equinox jaxtyping wadler-lindig ml-collections
 
 clean:
 	rm -rf $(VENV) runs

@@ -85,3 +85,26 @@ def test_streams_benchmark_runs_both_sides_to_the_same_masks():
   rows = streams_many.run(m=2, batch_sizes="1,2", images=4, features=2, size=16, reps=1)
   check_times(rows)
   assert [r["value"] for r in rows] == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_gpu_summary_at_toy_sizes(tmp_path):
+  """benchmarks/gpu.py (what gpu.sh runs on the accelerator) at toy sizes:
+  the summary holds the environment, a row per case and a status per
+  benchmark, and an unknown name is refused before anything runs."""
+  import json
+
+  import gpu
+
+  summary = gpu.main(["--out", str(tmp_path), "--quick", "--only", "train_step,adapt_cost"])
+  assert summary["status"] == {"train_step": "ok", "adapt_cost": "ok"}
+  saved = json.loads((tmp_path / "gpu_summary.json").read_text())
+  assert saved["environment"]["missing"] == [] and saved["environment"]["jax"]
+  assert {r["benchmark"] for r in saved["rows"]} == {"train_step", "adapt"}
+  step = next(r for r in saved["rows"] if r["benchmark"] == "train_step")
+  assert abs(step["images_per_s"] - 2 / step["bnjax_s"]) < 1e-6 * step["images_per_s"]
+  md = (tmp_path / "gpu_summary.md").read_text()
+  assert md.startswith("# bnjax on the accelerator") and "| train_step |" in md
+  with pytest.raises(SystemExit):
+    gpu.main(["--out", str(tmp_path / "x"), "--only", "train_steps"])
+  assert not (tmp_path / "x").exists()
