@@ -14,7 +14,9 @@ error, and the others still run):
 3. data generation (100 000 pairs 64x64) against ``jax.random.normal``;
 4. exact adaptation (width 64, 256 images: one chunk, chunks of 64) in
    forward passes;
-5. the streams runner: ``run_many`` over 16 streams against 16 ``run`` calls.
+5. the streams runner: ``run_many`` over 16 streams against 16 ``run`` calls;
+6. TENT, histogram matching and the scores over 64 pairs in one call against
+   64 per-pair calls (the benchmark's and when-to-adapt's batched methods).
 
 The machine's environment comes first in the summary: versions, devices, and
 which optional packages are missing (and what that skips).
@@ -104,10 +106,18 @@ def _streams(quick):
                           size=16 if quick else 32, reps=2 if quick else 3)
 
 
+def _methods(quick):
+  import methods_many
+  return methods_many.run(pairs=2 if quick else 64, width=4 if quick else 8,
+                          size=16 if quick else 32, n=8 if quick else 64, steps=2 if quick else 10,
+                          reps=2 if quick else 3)
+
+
 BENCHMARKS = {"train_many": _train_many, "train_step": _train_step, "data_gen": _data_gen,
-              "adapt_cost": _adapt_cost, "streams": _streams}
+              "adapt_cost": _adapt_cost, "streams": _streams, "methods": _methods}
 # A benchmark starts only if this many seconds are left (about its length on an H200).
-NEEDS_S = {"train_many": 120, "train_step": 60, "data_gen": 40, "adapt_cost": 60, "streams": 60}
+NEEDS_S = {"train_many": 120, "train_step": 60, "data_gen": 40, "adapt_cost": 60, "streams": 60,
+           "methods": 60}
 
 
 def _markdown(summary: dict) -> str:

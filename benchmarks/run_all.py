@@ -26,6 +26,7 @@ import common  # noqa: E402
 import conv_parts  # noqa: E402
 import data_gen  # noqa: E402
 import frechet  # noqa: E402
+import methods_many  # noqa: E402
 import sliced_wasserstein  # noqa: E402
 import streams_many  # noqa: E402
 import train_many  # noqa: E402
@@ -40,6 +41,7 @@ BENCHMARKS = {
     "sliced_w2": lambda: sliced_wasserstein.run(reps=2),
     "train_many": lambda: train_many.run(ks="4,8", strategies="auto", reps=7),
     "streams": lambda: streams_many.run(),
+    "methods": lambda: methods_many.run(),
 }
 
 

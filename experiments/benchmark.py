@@ -15,9 +15,10 @@ without it.
 Methods: ``none`` (the source model), ``adabn`` (BN statistics recomputed
 on the target adaptation images, ``"exact"``), ``adabn_prior`` (the same
 with the source statistics as ``config.adapt.prior`` prior images, Schneider
-et al. 2020), ``tent`` (:func:`bnjax.methods.tent` on the adaptation
-images), ``histogram_match`` (each target image matched to the pooled
-unlabelled source images), ``oracle`` (models of the variant trained on the
+et al. 2020), ``tent`` (:func:`bnjax.methods.tent_stacked` on the adaptation
+images: every (seed, severity) pair in one compiled call), ``histogram_match``
+(each target image matched to the pooled unlabelled source images,
+:func:`bnjax.methods.histogram_match_stacked`), ``oracle`` (models of the variant trained on the
 shifted training images, one stack per shift and severity).
 
 Resumable: each variant's stack is a checkpoint, each (variant, shift) a
@@ -181,18 +182,15 @@ def _cell_methods(wd, config, plan, variant, sources, shift, severities):
                                                  prior=prior, strategy=config.strategy)
       out[method] = _scores(model, v_ad, eval_x, eval_y, config.strategy)
     elif method == "tent":
-      adapted = [methods.tent(model, jax.tree_util.tree_map(lambda a: a[p], v), adapt_x[p],
-                              steps=plan.tent["steps"],
-                              learning_rate=plan.tent["learning_rate"],
-                              batch_size=min(plan.tent["batch_size"], adapt_x.shape[1]),
-                              key=data.named_key(config.seed + int(seed_of[p]), "tent", shift,
-                                                 severities[p // s]))
-                 for p in range(len(seed_of))]
-      out[method] = _scores(model, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *adapted),
-                            eval_x, eval_y, config.strategy)
+      keys = jnp.stack([data.named_key(config.seed + int(seed_of[p]), "tent", shift,
+                                       severities[p // s]) for p in range(len(seed_of))])
+      adapted = methods.tent_stacked(model, v, adapt_x, keys=keys, steps=plan.tent["steps"],
+                                     learning_rate=plan.tent["learning_rate"],
+                                     batch_size=min(plan.tent["batch_size"], adapt_x.shape[1]),
+                                     strategy=config.strategy)
+      out[method] = _scores(model, adapted, eval_x, eval_y, config.strategy)
     elif method == "histogram_match":
-      matched = jnp.stack([methods.histogram_match(eval_x[p], src_adapt[0][seed_of[p]])
-                           for p in range(len(seed_of))])
+      matched = methods.histogram_match_stacked(eval_x, src_adapt[0][seed_of])
       out[method] = _scores(model, v, matched, eval_y, config.strategy)
     elif method == "oracle":
       if shift is None:

@@ -212,41 +212,63 @@ def _target_sets(config, pair: Pair, seed: int, src_eval, src_adapt):
   return x, y, xa
 
 
-def _pair_rows(config, plan, model, v, pair, seed, src, index):
-  """Rows of every method on one (pair, seed)."""
+def _seed_rows(config, plan, model, v, pairs, seed, src):
+  """Rows of every method on every pair of one source model (one seed): the
+  adaptations, predictions and scores of all its pairs in one compiled call
+  each (:func:`bnjax.methods.tent_stacked`, ``histogram_match_stacked``,
+  :func:`bnjax.selection.scores_stacked`, the unadapted and source maps
+  shared by every method); feature distances pair by pair."""
   src_eval, src_adapt, src_features = src
-  x, y, xa = _target_sets(config, pair, seed, src_eval, src_adapt)
-  key = data.named_key(config.seed + seed, "pair", index)
-  iou0 = metrics.iou(inference.predict(model, v, x), y)
-  v_adabn = adapt.recompute_batch_stats(model, v, xa, mode="exact")
-  kf = jax.random.fold_in(key, 1)
-  fs = distances.subsample(src_features, config.max_rows, kf)
-  ft = distances.subsample(features.extract(model, v, xa, config.tap), config.max_rows, kf)
-  shared = {"bn_w2": float(sum(distances.diag_w2(v["batch_stats"],
-                                                 v_adabn["batch_stats"]).values())),
-            "frechet": distances.frechet(fs, ft),
-            "sliced_w2": distances.sliced_wasserstein(fs, ft, key=kf, n_proj=100),
-            "overlap": class_overlap(x, y)}
-  rows = []
+  sets = [_target_sets(config, pair, seed, src_eval, src_adapt) for _, pair in pairs]
+  x, y, xa = (jnp.stack([t[i] for t in sets]) for i in range(3))
+  n_pairs = len(pairs)
+  tile = lambda t: jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n_pairs, *a.shape)), t)
+  vs = tile(v)
+  keys = [data.named_key(config.seed + seed, "pair", index) for index, _ in pairs]
+  v_adabn = adapt.recompute_batch_stats_stacked(model, vs, xa, mode="exact",
+                                                strategy=config.strategy)
+  adapted = {}
   for method in plan.methods:
-    eval_x, score_x, v_m = x, None, v
     if method == "adabn":
-      v_m = v_adabn
+      adapted[method] = (v_adabn, x, None)
     elif method == "tent":
-      v_m = methods.tent(model, v, xa, steps=plan.tent["steps"],
-                         learning_rate=plan.tent["learning_rate"],
-                         batch_size=min(plan.tent["batch_size"], xa.shape[0]),
-                         key=jax.random.fold_in(key, 2))
+      adapted[method] = (methods.tent_stacked(
+          model, vs, xa, keys=jnp.stack([jax.random.fold_in(k, 2) for k in keys]),
+          steps=plan.tent["steps"], learning_rate=plan.tent["learning_rate"],
+          batch_size=min(plan.tent["batch_size"], xa.shape[1]), strategy=config.strategy),
+          x, None)
     else:  # histogram matching to the pooled unlabelled source images
-      eval_x = methods.histogram_match(x, src_adapt[0])
-      score_x = methods.histogram_match(xa, src_adapt[0])
-    iou1 = metrics.iou(inference.predict(model, v_m, eval_x), y)
-    s = selection.scores(model, v, v_m, xa, source_inputs=src_eval, adapted_inputs=score_x)
-    rows.append({"kind": pair.kind, "family": pair.family, "group": pair.group,
-                 "source": str(pair.source), "target": pair.target_name,
-                 "severity": pair.severity, "seed": seed, "method": method,
-                 "iou_no_adapt": iou0, "iou_adapted": iou1, "gain": iou1 - iou0,
-                 **s, **shared})
+      reference = jnp.broadcast_to(src_adapt[0], (n_pairs, *src_adapt[0].shape))
+      adapted[method] = (vs, methods.histogram_match_stacked(x, reference),
+                         methods.histogram_match_stacked(xa, reference))
+  pred0 = inference.stacked_predict(model, vs, x, strategy=config.strategy)
+  pred1 = {m: inference.stacked_predict(model, v_m, eval_x, strategy=config.strategy)
+           for m, (v_m, eval_x, _) in adapted.items()}
+  scored = selection.scores_stacked(
+      model, vs, [v_m for v_m, _, _ in adapted.values()], xa,
+      source_inputs=tuple(tile(a) for a in src_eval),
+      adapted_inputs=[score_x for _, _, score_x in adapted.values()], strategy=config.strategy)
+  scored = dict(zip(adapted, scored))
+  rows = []
+  for p, (index, pair) in enumerate(pairs):
+    kf = jax.random.fold_in(keys[p], 1)
+    fs = distances.subsample(src_features, config.max_rows, kf)
+    ft = distances.subsample(features.extract(model, v, xa[p], config.tap), config.max_rows, kf)
+    v_ad_p = jax.tree_util.tree_map(lambda a: a[p], v_adabn)
+    shared = {"bn_w2": float(sum(distances.diag_w2(v["batch_stats"],
+                                                   v_ad_p["batch_stats"]).values())),
+              "frechet": distances.frechet(fs, ft),
+              "sliced_w2": distances.sliced_wasserstein(fs, ft, key=kf, n_proj=100),
+              "overlap": class_overlap(x[p], y[p])}
+    iou0 = metrics.iou(pred0[p], y[p])
+    for method in plan.methods:
+      iou1 = metrics.iou(pred1[method][p], y[p])
+      s = {k: float(scored[method][k][p]) for k in selection.KEYS}
+      rows.append({"kind": pair.kind, "family": pair.family, "group": pair.group,
+                   "source": str(pair.source), "target": pair.target_name,
+                   "severity": pair.severity, "seed": seed, "method": method,
+                   "iou_no_adapt": iou0, "iou_adapted": iou1, "gain": iou1 - iou0,
+                   **s, **shared})
   return rows
 
 
@@ -265,10 +287,9 @@ def _score_source(wd, config, plan, model, stacks, i, source, bar, done):
     src_adapt = data.split_dataset(config.seed + j, source, "adapt", config.data.n_adapt,
                                    config.data.size)
     src = (src_eval, src_adapt, features.extract(model, v, src_eval[0], config.tap))
-    for index, pair in pairs:
-      rows += _pair_rows(config, plan, model, v, pair, j, src, index)
-      done += 1
-      bar.update(done, f"{source} seed {j}")
+    rows += _seed_rows(config, plan, model, v, pairs, j, src)
+    done += len(pairs)
+    bar.update(done, f"{source} seed {j}")
   wd.write_result(name, {"source": str(source), "rows": rows})
   return rows, done
 

@@ -108,3 +108,15 @@ def test_gpu_summary_at_toy_sizes(tmp_path):
   with pytest.raises(SystemExit):
     gpu.main(["--out", str(tmp_path / "x"), "--only", "train_steps"])
   assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_methods_benchmark_both_sides_compute_the_same():
+  """benchmarks/methods_many.py at toy sizes: the one-call methods and the
+  per-pair loop return the same numbers (unroll: bit for bit)."""
+  import methods_many
+
+  rows = methods_many.run(pairs=2, width=2, size=16, n=8, steps=2, reps=1, strategy="unroll")
+  check_times(rows)
+  assert [r["case"].split()[0] for r in rows] == ["tent", "histogram_match", "scores"]
+  assert all(r["value"] == 0.0 for r in rows)

@@ -149,3 +149,27 @@ def test_rule_errors_name_the_problem(tmp_path):
   del d["edges"]
   with pytest.raises(ValueError, match="lacks its field 'edges'"):
     selection.Rule.from_json(d)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "unroll"])
+def test_scores_stacked_equals_scores_pair_by_pair(setup, strategy):
+  """scores_stacked over P = 2 pairs and two methods (one an input-space
+  method) against scores pair by pair (checked against NumPy above)."""
+  model, v, v_ad, src, src_masks, tgt = setup
+  tgt2 = jnp.clip(tgt * 0.8 + 0.1, 0, 1)
+  v2 = adapt.recompute_batch_stats(model, v, tgt2)
+  stack = lambda *t: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *t)
+  variables, adapted = stack(v, v), stack(v_ad, v2)
+  inputs, other = jnp.stack([tgt, tgt2]), jnp.stack([tgt2, tgt])
+  source = (jnp.stack([src, src]), np.stack([src_masks, src_masks]))
+  got = selection.scores_stacked(model, variables, [adapted, variables], inputs,
+                                 source_inputs=source, adapted_inputs=[None, other],
+                                 strategy=strategy)
+  for p, (x, va) in enumerate([(tgt, v_ad), (tgt2, v2)]):
+    for m, (adapted_p, x_ad) in enumerate([(va, None), (v, other[p])]):
+      want = selection.scores(model, v, adapted_p, x, source_inputs=(src, src_masks),
+                              adapted_inputs=x_ad)
+      for k in selection.KEYS:
+        np.testing.assert_allclose(got[m][k][p], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  with pytest.raises(ValueError, match="as long as adapted_variables"):
+    selection.scores_stacked(model, variables, [adapted], inputs, adapted_inputs=[None, None])

@@ -29,8 +29,10 @@ from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import adapt as _adapt
 from bnjax import compiler
+from bnjax import stacking
 
-__all__ = ["tent", "mean_entropy", "histogram_match", "bn_affine_paths"]
+__all__ = ["tent", "tent_stacked", "mean_entropy", "histogram_match",
+           "histogram_match_stacked", "bn_affine_paths"]
 
 
 def mean_entropy(logits: jax.Array) -> jax.Array:
@@ -90,6 +92,15 @@ def _tent_run(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths, episodic: b
 
   return _m.cached(model, ("tent", kw.key(), is_batch_norm, optimizer, tuple(paths), episodic),
                    build)
+
+
+def _batch_order(key, n: int, batch_size: int, steps: int) -> jax.Array:
+  """int[steps, batch_size]: TENT's online batches, a new permutation of the
+  ``n`` inputs every pass (the last incomplete batch of a pass dropped)."""
+  per_pass = n // batch_size
+  orders = [jax.random.permutation(jax.random.fold_in(key, e), n)[:per_pass * batch_size]
+            for e in range(-(-steps // per_pass))]
+  return jnp.concatenate(orders).reshape(-1, batch_size)[:steps]
 
 
 def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
@@ -165,10 +176,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
     episodes = np.arange(n).reshape(n // batch_size, 1, batch_size)
     idx = jnp.asarray(np.broadcast_to(episodes, (n // batch_size, steps, batch_size)))
   else:
-    per_pass = n // batch_size
-    orders = [jax.random.permutation(jax.random.fold_in(key, e), n)[:per_pass * batch_size]
-              for e in range(-(-steps // per_pass))]
-    idx = jnp.concatenate(orders).reshape(-1, batch_size)[:steps]
+    idx = _batch_order(key, n, batch_size, steps)
   theta = run(dict(variables), inputs, arrays, idx, jnp.float32(lr))
   flat = traverse_util.flatten_dict(variables["params"])
   options = dict(mode="exact", batch_size=stats_batch_size, apply_kwargs=apply_kwargs,
@@ -186,6 +194,97 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   chunks = tuple(a.reshape(b, batch_size, *a.shape[1:]) for a in inputs)
   return _adapt.recompute_batch_stats_stacked(model, {**stacked, "params": params}, chunks,
                                               **options)
+
+
+def tent_stacked(model: nn.Module, variables: Mapping, inputs, *, keys, steps: int = 1,
+                 learning_rate: float = 1e-3, batch_size: int | None = None,
+                 optimizer: optax.GradientTransformation | None = None,
+                 apply_kwargs: Mapping | None = None, is_batch_norm: Callable | None = None,
+                 stats_batch_size: int | None = None, strategy: str = "auto",
+                 image_range="auto") -> dict:
+  """:func:`tent` (online, ``episodic=False``) for P (model, input set) pairs
+  in one compiled call: every leaf of ``variables`` and of ``inputs``
+  (``[P, n, ...]``, or a tuple of such) has a leading axis P, ``keys`` holds
+  P keys (``jax.random.split``), and entry ``p`` of the result is
+  ``tent(model, variables[p], inputs[p], key=keys[p], ...)`` (the same batch
+  orders; the numbers agree up to float32 rounding of the mapped program).
+  ``strategy`` is how the pairs are mapped (:mod:`bnjax.stacking`); the final
+  statistics come from :func:`bnjax.adapt.recompute_batch_stats_stacked`."""
+  steps = _checks.positive_int("steps", steps)
+  lr = _checks.number("learning_rate", learning_rate)
+  image_range = _checks.image_range_of(model, image_range)
+  inputs = _checks.inputs(inputs, lead=2, image_range=image_range)
+  pairs, n = inputs[0].shape[:2]
+  if not isinstance(keys, jax.Array) or keys.shape[:1] != (pairs,):
+    raise ValueError(f"keys must hold one PRNG key per pair ({pairs}, e.g. "
+                     f"jax.random.split(key, {pairs})), got "
+                     f"{getattr(keys, 'shape', type(keys).__name__)}")
+  _checks.key(keys[0])
+  batch_size = min(64, n) if batch_size is None else _checks.positive_int("batch_size",
+                                                                          batch_size)
+  if batch_size > n:
+    raise ValueError(f"batch_size must be in 1..{n} (the inputs per pair), got {batch_size}")
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  if not isinstance(variables, Mapping) or not _m.stats_paths(variables.get("batch_stats")):
+    raise ValueError("tent needs a model with BatchNorm layers: variables have no "
+                     "'batch_stats' mean/var")
+  paths = bn_affine_paths(variables)
+  if not paths:
+    raise ValueError("tent optimises the BatchNorm scale and bias, and no BatchNorm layer "
+                     "of this model has either (use_scale=False, use_bias=False)")
+  kw, arrays = _m.Kwargs.split(kwargs)
+  idx = jnp.stack([_batch_order(keys[p], n, batch_size, steps) for p in range(pairs)])
+  run = _tent_stacked_run(model, kw, is_batch_norm, optimizer, tuple(paths),
+                          stacking.resolve(strategy))
+  theta = run(dict(variables), inputs, arrays, idx, jnp.float32(lr))
+  flat = traverse_util.flatten_dict(variables["params"])
+  params = traverse_util.unflatten_dict({**flat, **theta})
+  return _adapt.recompute_batch_stats_stacked(
+      model, {**variables, "params": params}, inputs, mode="exact", batch_size=stats_batch_size,
+      apply_kwargs=apply_kwargs, is_batch_norm=is_batch_norm, strategy=strategy,
+      image_range=None)  # inputs checked above
+
+
+def _tent_stacked_run(model, kw, is_batch_norm, optimizer, paths, strategy):
+  """TENT's optimisation mapped over the pair axis, compiled once per model,
+  options and strategy."""
+  def build():
+    one = _tent_run(model, kw, is_batch_norm, optimizer, paths, False)
+    return compiler.jit(stacking.stacked(one, strategy, in_axes=(0, 0, None, 0, None)))
+
+  return _m.cached(model, ("tent_stacked", kw.key(), is_batch_norm, optimizer, paths, strategy),
+                   build)
+
+
+def histogram_match_stacked(images, reference_images) -> jax.Array:
+  """:func:`histogram_match` for P (images, reference) pairs in one compiled
+  call: ``images`` ``[P, n, H, W, C]``, ``reference_images`` ``[P, m, H', W',
+  C]``; entry ``p`` is ``histogram_match(images[p], reference_images[p])``."""
+  images = jnp.asarray(images)
+  reference = jnp.asarray(reference_images)
+  if images.ndim == 4:
+    images = images[..., None]
+  if reference.ndim == 4:
+    reference = reference[..., None]
+  if images.ndim != 5 or reference.ndim != 5:
+    raise ValueError(f"images and reference_images must be [P, n, H, W, C] (or [P, n, H, W]), "
+                     f"got {images.shape} and {reference.shape}")
+  if images.shape[0] != reference.shape[0]:
+    raise ValueError(f"images and reference_images must have the same number of pairs P, "
+                     f"got {images.shape[0]} and {reference.shape[0]}")
+  # the checks (and conversions) of histogram_match, pair by pair
+  images = jnp.stack([_checks.images(x, image_range=None) for x in images])
+  reference = jnp.stack([_checks.images(r, name="reference_images", image_range=None)
+                         for r in reference])
+  if reference.shape[-1] != images.shape[-1]:
+    raise ValueError(f"reference_images must have the channels of images "
+                     f"({images.shape[-1]}), got {reference.shape[-1]}")
+  return _match_stacked(images, reference)
+
+
+@jax.jit
+def _match_stacked(images, reference):
+  return jax.vmap(_match)(images, reference)
 
 
 @jax.jit

@@ -60,11 +60,11 @@ from bnjax import _batching
 from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import compiler
-from bnjax import distances, metrics, stats
+from bnjax import distances, metrics, stacking, stats
 from bnjax._io import write_json_atomic
 from bnjax.metrics import logits_to_masks
 
-__all__ = ["scores", "KEYS", "pixel_maps", "Rule", "Decision", "fit_rule", "should_adapt"]
+__all__ = ["scores", "scores_stacked", "KEYS", "pixel_maps", "Rule", "Decision", "fit_rule", "should_adapt"]
 
 RULE_FORMAT = "bnjax.selection.Rule/1"
 
@@ -127,28 +127,105 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
     if adapted_inputs.shape != inputs.shape:
       raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
                        f"got {adapted_inputs.shape}")
-  conf0, ent0, pred0 = _pixel_maps(model, variables, inputs, batch_size)
-  conf1, ent1, pred1 = _pixel_maps(model, adapted_variables, adapted_inputs, batch_size)
+  before = _pixel_maps(model, variables, inputs, batch_size)
+  after = _pixel_maps(model, adapted_variables, adapted_inputs, batch_size)
+  source = None
+  if source_inputs is not None:
+    src_x, src_y = _source_inputs(source_inputs)
+    source = (_pixel_maps(model, variables, src_x, batch_size), np.asarray(src_y))
+  return _from_maps(before, after, source, variables.get("batch_stats"),
+                    adapted_variables.get("batch_stats"))
+
+
+def _source_inputs(source_inputs, stacked: bool = False):
+  if not isinstance(source_inputs, (tuple, list)) or len(source_inputs) != 2:
+    raise ValueError("source_inputs must be a tuple (images, masks) of held-out source data")
+  return _checks.images(*source_inputs, stacked=stacked)
+
+
+def _from_maps(before, after, source, bs0, bs1) -> dict[str, float]:
+  """The scores from the pixel maps before and after adaptation, the source
+  maps and masks (or None) and the two ``batch_stats``."""
+  (conf0, ent0, pred0), (conf1, ent1, pred1) = before, after
   out = {"confidence_before": float(conf0.mean()), "confidence_after": float(conf1.mean()),
          "entropy_before": float(ent0.mean()), "entropy_after": float(ent1.mean()),
          "agreement": metrics.iou(pred1, pred0),
          "foreground_change": float(pred1.mean() - pred0.mean())}
   out["confidence_change"] = out["confidence_after"] - out["confidence_before"]
   out["atc"] = out["atc_after"] = out["doc"] = math.nan
-  if source_inputs is not None:
-    if not isinstance(source_inputs, (tuple, list)) or len(source_inputs) != 2:
-      raise ValueError("source_inputs must be a tuple (images, masks) of held-out source data")
-    src_x, src_y = _checks.images(*source_inputs)
-    conf_s, _, pred_s = _pixel_maps(model, variables, src_x, batch_size)
-    accuracy = float(np.mean(pred_s == np.asarray(src_y)))
+  if source is not None:
+    (conf_s, _, pred_s), src_y = source
+    accuracy = float(np.mean(pred_s == src_y))
     threshold = float(np.quantile(conf_s.astype(np.float64), 1.0 - accuracy))
     out["atc"] = float(np.mean(conf0 > threshold))
     out["atc_after"] = float(np.mean(conf1 > threshold))
     out["doc"] = float(conf_s.mean()) - out["confidence_before"]
-  bs0, bs1 = variables.get("batch_stats"), adapted_variables.get("batch_stats")
   out["bn_w2"] = (float(sum(distances.diag_w2(bs0, bs1).values())) if bs0 and bs1
                   else math.nan)
   return {k: out[k] for k in KEYS}
+
+
+def scores_stacked(model, variables, adapted_variables, inputs, *, source_inputs=None,
+                   adapted_inputs=None, batch_size: int = 64, strategy: str = "auto"):
+  """:func:`scores` for P pairs, each forward pass one compiled call over the
+  pairs: ``variables`` stacked (leading axis P), ``inputs`` ``[P, n, H, W,
+  C]``, ``source_inputs`` ``(images [P, m, ...], masks [P, m, ...])``.
+
+  ``adapted_variables`` is one stack, or a list of stacks (one per method,
+  ``adapted_inputs`` then a list of the same length, None where a method
+  scores ``inputs``): the unadapted and source maps are computed once and
+  shared. Returns ``{key: float64[P]}`` (a list of them for a list);
+  entry ``p`` agrees with ``scores`` on pair ``p`` up to float32 rounding of
+  the mapped forward passes."""
+  many = isinstance(adapted_variables, (list, tuple))
+  adapted_list = list(adapted_variables) if many else [adapted_variables]
+  if adapted_inputs is None:
+    adapted_inputs = [None] * len(adapted_list)
+  elif not many:
+    adapted_inputs = [adapted_inputs]
+  if len(adapted_inputs) != len(adapted_list):
+    raise ValueError(f"adapted_inputs must be a list as long as adapted_variables "
+                     f"({len(adapted_list)}), got {len(adapted_inputs)}")
+  inputs = _checks.images(inputs, stacked=True)
+  pairs = inputs.shape[0]
+  _checks.model_axis(variables, pairs)
+  batch_size = _checks.positive_int("batch_size", batch_size)
+  checked = []
+  for v, x in zip(adapted_list, adapted_inputs):
+    _checks.model_axis(v, pairs)
+    if x is not None:
+      x = _checks.images(x, name="adapted_inputs", stacked=True)
+      if x.shape != inputs.shape:
+        raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
+                         f"got {x.shape}")
+    checked.append((v, inputs if x is None else x))
+  strategy = stacking.resolve(strategy)
+  maps = lambda v, x: _stacked_maps(model, v, x, batch_size, strategy)
+  before = maps(variables, inputs)
+  source = None
+  if source_inputs is not None:
+    src_x, src_y = _source_inputs(source_inputs, stacked=True)
+    source = (maps(variables, src_x), np.asarray(src_y))
+  index = lambda t, p: None if t is None else jax.tree_util.tree_map(lambda a: a[p], t)
+  out = []
+  for v, x in checked:
+    after = maps(v, x)
+    rows = [_from_maps(tuple(a[p] for a in before), tuple(a[p] for a in after),
+                       None if source is None else (tuple(a[p] for a in source[0]),
+                                                    source[1][p]),
+                       index(variables.get("batch_stats"), p), index(v.get("batch_stats"), p))
+            for p in range(pairs)]
+    out.append({k: np.array([r[k] for r in rows], np.float64) for k in KEYS})
+  return out if many else out[0]
+
+
+def _stacked_maps(model, variables, images, batch_size: int, strategy: str):
+  """:func:`pixel_maps` of model p on set p, one compiled call."""
+  b = min(batch_size, images.shape[1])
+  run = _m.cached(model, ("selection_maps_stacked", strategy), lambda: compiler.jit(
+      lambda v, x, b: stacking.stacked(lambda vv, xx: _maps_of(model, vv, xx, b), strategy)(v, x),
+      static_argnums=(2,)))
+  return tuple(np.asarray(a) for a in run(variables, images, b))
 
 
 # --------------------------------------------------------------------------
