@@ -30,6 +30,10 @@ def test_quiet_off_a_terminal_with_a_line_at_the_end(monkeypatch):
   bar.update(4)            # the end: a line
   lines = out.getvalue().splitlines()
   assert len(lines) == 3, lines
+  bar2 = Progress(3, "models", stream=out, interval=30.0)
+  bar2.update(1, "1 restored", restored=True)   # restored work: always a line
+  bar2.update(2, "2 restored", restored=True)
+  assert out.getvalue().splitlines()[3:] and len(out.getvalue().splitlines()) == 5
   assert lines[0].startswith("pairs") and "1/4" in lines[0]
   assert "3/4" in lines[1] and "note" in lines[1]
   assert "4/4" in lines[2]

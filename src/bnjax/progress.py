@@ -2,7 +2,8 @@
 
 On a terminal, a tqdm bar on stderr. Elsewhere (CI logs, a file, ``nohup``)
 tqdm's bar would be written as carriage-return frames, so the same line is
-printed at most once every ``interval`` seconds, and at the end: a log stays
+printed at most once every ``interval`` seconds, for every piece of work
+restored from disk (what a resumed run reused), and at the end: a log stays
 short and still says how far a run has come.
 """
 
@@ -50,7 +51,7 @@ class Progress:
       self._bar.set_postfix_str(note, refresh=True)
       if finished:
         self._bar.close()
-    elif now - self._last >= self.interval or finished:
+    elif restored or now - self._last >= self.interval or finished:
       print(line, file=self.stream, flush=True)
       self._last = now
     return line
