@@ -94,6 +94,20 @@ def _tent_run(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths, episodic: b
                    build)
 
 
+def _tent_model(model, variables, apply_kwargs, n_inputs: int):
+  """(keyword arguments, their arrays, BatchNorm affine paths) of a model TENT
+  can adapt; a ValueError for one it cannot."""
+  kwargs = _m.apply_kwargs(model, apply_kwargs, n_inputs)
+  if not isinstance(variables, Mapping) or not _m.stats_paths(variables.get("batch_stats")):
+    raise ValueError("tent needs a model with BatchNorm layers: variables have no "
+                     "'batch_stats' mean/var")
+  paths = bn_affine_paths(variables)
+  if not paths:
+    raise ValueError("tent optimises the BatchNorm scale and bias, and no BatchNorm layer "
+                     "of this model has either (use_scale=False, use_bias=False)")
+  return (*_m.Kwargs.split(kwargs), paths)
+
+
 def _batch_order(key, n: int, batch_size: int, steps: int) -> jax.Array:
   """int[steps, batch_size]: TENT's online batches, a new permutation of the
   ``n`` inputs every pass (the last incomplete batch of a pass dropped)."""
@@ -162,15 +176,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   if episodic and n % batch_size:
     raise ValueError(f"episodic=True cuts the {n} inputs into episodes of batch_size; "
                      f"batch_size={batch_size} does not divide {n}")
-  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
-  if not isinstance(variables, Mapping) or not _m.stats_paths(variables.get("batch_stats")):
-    raise ValueError("tent needs a model with BatchNorm layers: variables have no "
-                     "'batch_stats' mean/var")
-  paths = bn_affine_paths(variables)
-  if not paths:
-    raise ValueError("tent optimises the BatchNorm scale and bias, and no BatchNorm layer "
-                     "of this model has either (use_scale=False, use_bias=False)")
-  kw, arrays = _m.Kwargs.split(kwargs)
+  kw, arrays, paths = _tent_model(model, variables, apply_kwargs, len(inputs))
   run = _tent_run(model, kw, is_batch_norm, optimizer, paths, bool(episodic))
   if episodic:
     episodes = np.arange(n).reshape(n // batch_size, 1, batch_size)
@@ -224,15 +230,7 @@ def tent_stacked(model: nn.Module, variables: Mapping, inputs, *, keys, steps: i
                                                                           batch_size)
   if batch_size > n:
     raise ValueError(f"batch_size must be in 1..{n} (the inputs per pair), got {batch_size}")
-  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
-  if not isinstance(variables, Mapping) or not _m.stats_paths(variables.get("batch_stats")):
-    raise ValueError("tent needs a model with BatchNorm layers: variables have no "
-                     "'batch_stats' mean/var")
-  paths = bn_affine_paths(variables)
-  if not paths:
-    raise ValueError("tent optimises the BatchNorm scale and bias, and no BatchNorm layer "
-                     "of this model has either (use_scale=False, use_bias=False)")
-  kw, arrays = _m.Kwargs.split(kwargs)
+  kw, arrays, paths = _tent_model(model, variables, apply_kwargs, len(inputs))
   idx = jnp.stack([_batch_order(keys[p], n, batch_size, steps) for p in range(pairs)])
   run = _tent_stacked_run(model, kw, is_batch_norm, optimizer, tuple(paths),
                           stacking.resolve(strategy))
