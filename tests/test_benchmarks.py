@@ -40,7 +40,7 @@ def test_small_benchmarks_run_and_compute_what_their_references_compute(root):
   # side: the same statistics, bit for bit.
   rows = adapt_cost.run(width=2, size=32, n=8, reps=1,
                         compare_with=os.path.join(root, "src", "bnjax", "adapt.py"))
-  assert [r["case"].endswith("vs other") for r in rows] == [False, True] * 4
+  assert [r["case"].endswith("vs other") for r in rows] == [False, True] * 5
   check_times(rows)
   assert all(r["reference_value"] == 0.0 for r in rows if "reference_value" in r)
 
