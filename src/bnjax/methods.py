@@ -108,6 +108,16 @@ def _tent_model(model, variables, apply_kwargs, n_inputs: int):
   return (*_m.Kwargs.split(kwargs), paths)
 
 
+def _tent_batch_size(batch_size, n: int, what: str) -> int:
+  """TENT's batch size: ``min(64, n)`` by default, else an integer in 1..n."""
+  if batch_size is None:
+    return min(64, n)
+  batch_size = _checks.positive_int("batch_size", batch_size)
+  if batch_size > n:
+    raise ValueError(f"batch_size must be in 1..{n} ({what}), got {batch_size}")
+  return batch_size
+
+
 def _batch_order(key, n: int, batch_size: int, steps: int) -> jax.Array:
   """int[steps, batch_size]: TENT's online batches, a new permutation of the
   ``n`` inputs every pass (the last incomplete batch of a pass dropped)."""
@@ -169,10 +179,7 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   image_range = _checks.image_range_of(model, image_range)
   inputs = _checks.inputs(inputs, lead=1, image_range=image_range)
   n = inputs[0].shape[0]
-  batch_size = min(64, n) if batch_size is None else _checks.positive_int("batch_size",
-                                                                          batch_size)
-  if batch_size > n:
-    raise ValueError(f"batch_size must be in 1..{n} (the number of inputs), got {batch_size}")
+  batch_size = _tent_batch_size(batch_size, n, "the number of inputs")
   if episodic and n % batch_size:
     raise ValueError(f"episodic=True cuts the {n} inputs into episodes of batch_size; "
                      f"batch_size={batch_size} does not divide {n}")
@@ -226,10 +233,8 @@ def tent_stacked(model: nn.Module, variables: Mapping, inputs, *, keys, steps: i
                      f"jax.random.split(key, {pairs})), got "
                      f"{getattr(keys, 'shape', type(keys).__name__)}")
   _checks.key(keys[0])
-  batch_size = min(64, n) if batch_size is None else _checks.positive_int("batch_size",
-                                                                          batch_size)
-  if batch_size > n:
-    raise ValueError(f"batch_size must be in 1..{n} (the inputs per pair), got {batch_size}")
+  _checks.model_axis(variables, pairs)
+  batch_size = _tent_batch_size(batch_size, n, "the inputs per pair")
   kw, arrays, paths = _tent_model(model, variables, apply_kwargs, len(inputs))
   idx = jnp.stack([_batch_order(keys[p], n, batch_size, steps) for p in range(pairs)])
   run = _tent_stacked_run(model, kw, is_batch_norm, optimizer, tuple(paths),
@@ -258,26 +263,15 @@ def histogram_match_stacked(images, reference_images) -> jax.Array:
   """:func:`histogram_match` for P (images, reference) pairs in one compiled
   call: ``images`` ``[P, n, H, W, C]``, ``reference_images`` ``[P, m, H', W',
   C]``; entry ``p`` is ``histogram_match(images[p], reference_images[p])``."""
-  images = jnp.asarray(images)
-  reference = jnp.asarray(reference_images)
-  if images.ndim == 4:
-    images = images[..., None]
-  if reference.ndim == 4:
-    reference = reference[..., None]
-  if images.ndim != 5 or reference.ndim != 5:
+  images, reference = jnp.asarray(images), jnp.asarray(reference_images)
+  if images.ndim not in (4, 5) or reference.ndim not in (4, 5):
     raise ValueError(f"images and reference_images must be [P, n, H, W, C] (or [P, n, H, W]), "
                      f"got {images.shape} and {reference.shape}")
   if images.shape[0] != reference.shape[0]:
     raise ValueError(f"images and reference_images must have the same number of pairs P, "
                      f"got {images.shape[0]} and {reference.shape[0]}")
-  # the checks (and conversions) of histogram_match, pair by pair
-  images = jnp.stack([_checks.images(x, image_range=None) for x in images])
-  reference = jnp.stack([_checks.images(r, name="reference_images", image_range=None)
-                         for r in reference])
-  if reference.shape[-1] != images.shape[-1]:
-    raise ValueError(f"reference_images must have the channels of images "
-                     f"({images.shape[-1]}), got {reference.shape[-1]}")
-  return _match_stacked(images, reference)
+  pairs = [_match_inputs(x, r) for x, r in zip(images, reference)]  # histogram_match's checks
+  return _match_stacked(jnp.stack([x for x, _ in pairs]), jnp.stack([r for _, r in pairs]))
 
 
 @jax.jit
@@ -325,9 +319,14 @@ def histogram_match(images, reference_images) -> jax.Array:
   Returns:
     float32 images of the shape of ``images``, values within the reference's range.
   """
+  return _match(*_match_inputs(images, reference_images))
+
+
+def _match_inputs(images, reference_images):
+  """The checked (images, reference) of :func:`histogram_match`."""
   images = _checks.images(images, image_range=None)
   reference = _checks.images(reference_images, name="reference_images", image_range=None)
   if reference.shape[-1] != images.shape[-1]:
     raise ValueError(f"reference_images must have the channels of images "
                      f"({images.shape[-1]}), got {reference.shape[-1]}")
-  return _match(images, reference)
+  return images, reference

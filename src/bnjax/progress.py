@@ -31,8 +31,8 @@ class Progress:
     self.total, self.label = max(int(total), 1), label
     self._start = self._t0 = time.perf_counter()
     self._n0, self._last = 0, -float("inf")
-    self._bar = tqdm(total=self.total, desc=label, file=self.stream, disable=not terminal,
-                     dynamic_ncols=True, smoothing=0.0) if terminal else None
+    self._bar = tqdm(total=self.total, desc=label, file=self.stream, dynamic_ncols=True,
+                     smoothing=0.0) if terminal else None
 
   def update(self, done: int, note: str = "", restored: bool = False) -> str:
     """Moves the bar to ``done`` of ``total`` and returns its line."""

@@ -120,13 +120,7 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
   """
   inputs = _checks.images(inputs)
   batch_size = _checks.positive_int("batch_size", batch_size)
-  if adapted_inputs is None:
-    adapted_inputs = inputs
-  else:
-    adapted_inputs = _checks.images(adapted_inputs)
-    if adapted_inputs.shape != inputs.shape:
-      raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
-                       f"got {adapted_inputs.shape}")
+  adapted_inputs = _adapted_inputs(adapted_inputs, inputs)
   before = _pixel_maps(model, variables, inputs, batch_size)
   after = _pixel_maps(model, adapted_variables, adapted_inputs, batch_size)
   source = None
@@ -135,6 +129,17 @@ def scores(model, variables, adapted_variables, inputs, *, source_inputs=None,
     source = (_pixel_maps(model, variables, src_x, batch_size), np.asarray(src_y))
   return _from_maps(before, after, source, variables.get("batch_stats"),
                     adapted_variables.get("batch_stats"))
+
+
+def _adapted_inputs(adapted_inputs, inputs, stacked: bool = False):
+  """The checked images the adapted model is scored on (``inputs`` if None)."""
+  if adapted_inputs is None:
+    return inputs
+  adapted_inputs = _checks.images(adapted_inputs, name="adapted_inputs", stacked=stacked)
+  if adapted_inputs.shape != inputs.shape:
+    raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
+                     f"got {adapted_inputs.shape}")
+  return adapted_inputs
 
 
 def _source_inputs(source_inputs, stacked: bool = False):
@@ -193,12 +198,7 @@ def scores_stacked(model, variables, adapted_variables, inputs, *, source_inputs
   checked = []
   for v, x in zip(adapted_list, adapted_inputs):
     _checks.model_axis(v, pairs)
-    if x is not None:
-      x = _checks.images(x, name="adapted_inputs", stacked=True)
-      if x.shape != inputs.shape:
-        raise ValueError(f"adapted_inputs must have the shape of inputs {inputs.shape}, "
-                         f"got {x.shape}")
-    checked.append((v, inputs if x is None else x))
+    checked.append((v, _adapted_inputs(x, inputs, stacked=True)))
   strategy = stacking.resolve(strategy)
   maps = lambda v, x: _stacked_maps(model, v, x, batch_size, strategy)
   before = maps(variables, inputs)
@@ -207,14 +207,17 @@ def scores_stacked(model, variables, adapted_variables, inputs, *, source_inputs
     src_x, src_y = _source_inputs(source_inputs, stacked=True)
     source = (maps(variables, src_x), np.asarray(src_y))
   index = lambda t, p: None if t is None else jax.tree_util.tree_map(lambda a: a[p], t)
+  # What every method's scores share, pair by pair: the unadapted maps, the
+  # source maps and masks, the unadapted statistics.
+  shared = [(tuple(a[p] for a in before),
+             None if source is None else (tuple(a[p] for a in source[0]), source[1][p]),
+             index(variables.get("batch_stats"), p)) for p in range(pairs)]
   out = []
   for v, x in checked:
     after = maps(v, x)
-    rows = [_from_maps(tuple(a[p] for a in before), tuple(a[p] for a in after),
-                       None if source is None else (tuple(a[p] for a in source[0]),
-                                                    source[1][p]),
-                       index(variables.get("batch_stats"), p), index(v.get("batch_stats"), p))
-            for p in range(pairs)]
+    rows = [_from_maps(before_p, tuple(a[p] for a in after), source_p, stats_p,
+                       index(v.get("batch_stats"), p))
+            for p, (before_p, source_p, stats_p) in enumerate(shared)]
     out.append({k: np.array([r[k] for r in rows], np.float64) for k in KEYS})
   return out if many else out[0]
 
