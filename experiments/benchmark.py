@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import adapt, data, inference, methods, metrics, plots, shifts, stats, train
+from bnjax import adapt, data, distributed, inference, methods, metrics, plots, shifts, stats, train
 from bnjax import config as cfg
 from bnjax.progress import Progress
 from bnjax.cli import main
@@ -100,6 +100,7 @@ def plan_of(config) -> Plan:
   size = cfg.image_size(config.data.size)
   for name in ("n_train", "n_eval", "n_adapt"):
     cfg.positive_int(config.data[name], f"data.{name}")
+  cfg.positive_int(config.pair_chunk, "pair_chunk")
   cfg.strategy(config.strategy)
   return Plan(variants, cfg.names(config.shifts, shifts.SHIFTS, "shifts"),
               cfg.ints(config.severities, 1, 5, "severities",
@@ -169,45 +170,55 @@ def _cell_methods(wd, config, plan, variant, sources, shift, severities):
   seed_of = np.tile(np.arange(s), reps)
   v = jax.tree_util.tree_map(lambda a: a[seed_of], src_v)
   has_bn = "batch_stats" in src_v
-  out = {}
-  for method in plan.methods:
-    if method in BN_METHODS and not has_bn:
-      continue
-    if method == "none":
-      out[method] = _scores(model, v, eval_x, eval_y, config.strategy)
-    elif method in ("adabn", "adabn_prior"):
-      prior = plan.adapt["prior"] if method == "adabn_prior" else None
-      v_ad = adapt.recompute_batch_stats_stacked(model, v, adapt_x, mode="exact",
-                                                 batch_size=plan.adapt["batch_size"],
-                                                 prior=prior, strategy=config.strategy)
-      out[method] = _scores(model, v_ad, eval_x, eval_y, config.strategy)
-    elif method == "tent":
-      keys = jnp.stack([data.named_key(config.seed + int(seed_of[p]), "tent", shift,
-                                       severities[p // s]) for p in range(len(seed_of))])
-      adapted = methods.tent_stacked(model, v, adapt_x, keys=keys, steps=plan.tent["steps"],
-                                     learning_rate=plan.tent["learning_rate"],
-                                     batch_size=min(plan.tent["batch_size"], adapt_x.shape[1]),
-                                     strategy=config.strategy)
-      out[method] = _scores(model, adapted, eval_x, eval_y, config.strategy)
-    elif method == "histogram_match":
-      matched = methods.histogram_match_stacked(eval_x, src_adapt[0][seed_of])
-      out[method] = _scores(model, v, matched, eval_y, config.strategy)
-    elif method == "oracle":
-      if shift is None:
-        oracle = jax.tree_util.tree_map(lambda a: a[seed_of], src_v)
-      else:
-        stacks = []
-        for sev in severities:
-          tx, ty = _shifted(config, shift, sev, "train", *src_train)
-          stacks.append(_train_stack(wd, config, plan, variant,
-                                     f"oracle_{variant}_{shift}_{sev}", tx, ty))
-        oracle = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *stacks)
-      out[method] = _scores(model, oracle, eval_x, eval_y, config.strategy)
+  run = [m for m in plan.methods if has_bn or m not in BN_METHODS]
+  oracle = None
+  if "oracle" in run:  # trained (or restored) first: a stack sharded like any training
+    if shift is None:
+      oracle = v
+    else:
+      stacks = []
+      for sev in severities:
+        tx, ty = _shifted(config, shift, sev, "train", *src_train)
+        stacks.append(_train_stack(wd, config, plan, variant,
+                                   f"oracle_{variant}_{shift}_{sev}", tx, ty))
+      oracle = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *stacks)
+  keys = jnp.stack([data.named_key(config.seed + int(seed_of[p]), "tent", shift,
+                                   severities[p // s]) for p in range(len(seed_of))])
+
+  def pairs(v, eval_x, eval_y, adapt_x, keys, reference, oracle):
+    """Every method on this device's share of the pairs."""
+    out = {}
+    for method in run:
+      if method == "none":
+        out[method] = _scores(model, v, eval_x, eval_y, config.strategy)
+      elif method in ("adabn", "adabn_prior"):
+        prior = plan.adapt["prior"] if method == "adabn_prior" else None
+        v_ad = adapt.recompute_batch_stats_stacked(model, v, adapt_x, mode="exact",
+                                                   batch_size=plan.adapt["batch_size"],
+                                                   prior=prior, strategy=config.strategy)
+        out[method] = _scores(model, v_ad, eval_x, eval_y, config.strategy)
+      elif method == "tent":
+        adapted = methods.tent_stacked(model, v, adapt_x, keys=keys, steps=plan.tent["steps"],
+                                       learning_rate=plan.tent["learning_rate"],
+                                       batch_size=min(plan.tent["batch_size"], adapt_x.shape[1]),
+                                       strategy=config.strategy)
+        out[method] = _scores(model, adapted, eval_x, eval_y, config.strategy)
+      elif method == "histogram_match":
+        matched = methods.histogram_match_stacked(eval_x, reference)
+        out[method] = _scores(model, v, matched, eval_y, config.strategy)
+      elif method == "oracle":
+        out[method] = _scores(model, oracle, eval_x, eval_y, config.strategy)
+    return out
+
+  # The pairs split over every process's devices, each computed once.
+  out = distributed.map_pairs(pairs, v, eval_x, eval_y, adapt_x, keys, src_adapt[0][seed_of],
+                              oracle, chunk=config.pair_chunk,
+                              name=f"{variant} {shift or 'source'}")
   family = "source" if shift is None else shifts.family_of(shift)
   return [dict(variant=variant, shift=shift or "source", family=family,
                severity=int(severities[p // s]), method=m, seed=int(seed_of[p]),
                iou=float(iou[p]), dice=float(dice[p]))
-          for m, (iou, dice) in out.items() for p in range(len(seed_of))]
+          for m in run for iou, dice in [out[m]] for p in range(len(seed_of))]
 
 
 def _run_variant(wd, config, plan, variant, bar, done):

@@ -178,7 +178,8 @@ def _score_group(wd, config, plan, group, take) -> dict:
   scores = inference.evaluate_grid(
       plan.model, take(group.sources), src_eval, tgt_adapt, tgt_eval,
       oracle=take(group.targets) if config.oracle else None, strategy=config.strategy,
-      pair_chunk=config.pair_chunk, progress=lambda d, t: bar.update(d), **plan.adapt)
+      pair_chunk=config.pair_chunk, progress=lambda d, t: bar.update(d), name=group.label,
+      **plan.adapt)
   res = {"sources": [d.to_json() for d in group.sources],
          "targets": [d.to_json() for d in group.targets],
          "mask_fraction": float(tgt_eval[1].mean()),

@@ -50,6 +50,7 @@ crosses) and ``rules/<method>.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -58,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from bnjax import (adapt, data, distances, features, inference, methods, metrics, models, plots,
-                   selection, shifts, stats, train)
+from bnjax import (adapt, data, distances, distributed, features, inference, methods, metrics,
+                   models, plots, selection, shifts, stats, train)
 from bnjax import config as cfg
 from bnjax.progress import Progress
 from bnjax.cli import main
@@ -141,7 +142,7 @@ def plan_of(config) -> Plan:
   size = cfg.image_size(config.data.size)
   for name in ("n_train", "n_eval", "n_adapt"):
     cfg.positive_int(config.data[name], f"data.{name}")
-  for name in ("max_rows", "bootstrap", "chunk"):
+  for name in ("max_rows", "bootstrap", "chunk", "pair_chunk"):
     cfg.positive_int(config[name], name)
   cfg.strategy(config.strategy)
   model = cfg.unet(config.model, image_size=size)
@@ -213,18 +214,41 @@ def _target_sets(config, pair: Pair, seed: int, src_eval, src_adapt):
 
 
 def _seed_rows(config, plan, model, v, pairs, seed, src):
-  """Rows of every method on every pair of one source model (one seed): the
-  adaptations, predictions and scores of all its pairs in one compiled call
-  each (:func:`bnjax.methods.tent_stacked`, ``histogram_match_stacked``,
+  """Rows of every method on every pair of one source model (one seed). The
+  pairs are split over every process's devices (each pair computed once,
+  :func:`bnjax.distributed.map_pairs`); on each device the adaptations,
+  predictions and scores of its pairs are one compiled call each
+  (:func:`bnjax.methods.tent_stacked`, ``histogram_match_stacked``,
   :func:`bnjax.selection.scores_stacked`, the unadapted and source maps
-  shared by every method); feature distances pair by pair."""
-  src_eval, src_adapt, src_features = src
-  sets = [_target_sets(config, pair, seed, src_eval, src_adapt) for _, pair in pairs]
+  shared by every method), feature distances pair by pair."""
+  sets = [_target_sets(config, pair, seed, *src[:2]) for _, pair in pairs]
   x, y, xa = (jnp.stack([t[i] for t in sets]) for i in range(3))
-  n_pairs = len(pairs)
+  keys = jnp.stack([data.named_key(config.seed + seed, "pair", index) for index, _ in pairs])
+  got = distributed.map_pairs(functools.partial(_pair_measures, config, plan, model),
+                              x, y, xa, keys, v, src, in_axes=(0, 0, 0, 0, None, None),
+                              chunk=config.pair_chunk, name=f"{pairs[0][1].source} seed {seed}")
+  rows = []
+  for p, (index, pair) in enumerate(pairs):
+    shared = {k: float(a[p]) for k, a in got["shared"].items()}
+    iou0 = float(got["iou0"][p])
+    for method in plan.methods:
+      iou1 = float(got["iou1"][method][p])
+      s = {k: float(got["scores"][method][k][p]) for k in selection.KEYS}
+      rows.append({"kind": pair.kind, "family": pair.family, "group": pair.group,
+                   "source": str(pair.source), "target": pair.target_name,
+                   "severity": pair.severity, "seed": seed, "method": method,
+                   "iou_no_adapt": iou0, "iou_adapted": iou1, "gain": iou1 - iou0,
+                   **s, **shared})
+  return rows
+
+
+def _pair_measures(config, plan, model, x, y, xa, keys, v, src):
+  """The IoUs, label-free scores and distances of a share of one source
+  model's pairs (evaluation images, masks and adaptation images [p, ...])."""
+  src_eval, src_adapt, src_features = src
+  n_pairs = x.shape[0]
   tile = lambda t: jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n_pairs, *a.shape)), t)
   vs = tile(v)
-  keys = [data.named_key(config.seed + seed, "pair", index) for index, _ in pairs]
   v_adabn = adapt.recompute_batch_stats_stacked(model, vs, xa, mode="exact",
                                                 strategy=config.strategy)
   adapted = {}
@@ -233,12 +257,12 @@ def _seed_rows(config, plan, model, v, pairs, seed, src):
       adapted[method] = (v_adabn, x, None)
     elif method == "tent":
       adapted[method] = (methods.tent_stacked(
-          model, vs, xa, keys=jnp.stack([jax.random.fold_in(k, 2) for k in keys]),
+          model, vs, xa, keys=jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys),
           steps=plan.tent["steps"], learning_rate=plan.tent["learning_rate"],
           batch_size=min(plan.tent["batch_size"], xa.shape[1]), strategy=config.strategy),
           x, None)
     else:  # histogram matching to the pooled unlabelled source images
-      reference = jnp.broadcast_to(src_adapt[0], (n_pairs, *src_adapt[0].shape))
+      reference = tile(src_adapt[0])
       adapted[method] = (vs, methods.histogram_match_stacked(x, reference),
                          methods.histogram_match_stacked(xa, reference))
   pred0 = inference.stacked_predict(model, vs, x, strategy=config.strategy)
@@ -248,28 +272,24 @@ def _seed_rows(config, plan, model, v, pairs, seed, src):
       model, vs, [v_m for v_m, _, _ in adapted.values()], xa,
       source_inputs=tuple(tile(a) for a in src_eval),
       adapted_inputs=[score_x for _, _, score_x in adapted.values()], strategy=config.strategy)
-  scored = dict(zip(adapted, scored))
-  rows = []
-  for p, (index, pair) in enumerate(pairs):
+  x, y = np.asarray(x), np.asarray(y)
+  shared = {k: [] for k in ("bn_w2", "frechet", "sliced_w2", "overlap")}
+  for p in range(n_pairs):
     kf = jax.random.fold_in(keys[p], 1)
     fs = distances.subsample(src_features, config.max_rows, kf)
     ft = distances.subsample(features.extract(model, v, xa[p], config.tap), config.max_rows, kf)
     v_ad_p = jax.tree_util.tree_map(lambda a: a[p], v_adabn)
-    shared = {"bn_w2": float(sum(distances.diag_w2(v["batch_stats"],
-                                                   v_ad_p["batch_stats"]).values())),
-              "frechet": distances.frechet(fs, ft),
-              "sliced_w2": distances.sliced_wasserstein(fs, ft, key=kf, n_proj=100),
-              "overlap": class_overlap(x[p], y[p])}
-    iou0 = metrics.iou(pred0[p], y[p])
-    for method in plan.methods:
-      iou1 = metrics.iou(pred1[method][p], y[p])
-      s = {k: float(scored[method][k][p]) for k in selection.KEYS}
-      rows.append({"kind": pair.kind, "family": pair.family, "group": pair.group,
-                   "source": str(pair.source), "target": pair.target_name,
-                   "severity": pair.severity, "seed": seed, "method": method,
-                   "iou_no_adapt": iou0, "iou_adapted": iou1, "gain": iou1 - iou0,
-                   **s, **shared})
-  return rows
+    shared["bn_w2"].append(float(sum(distances.diag_w2(v["batch_stats"],
+                                                       v_ad_p["batch_stats"]).values())))
+    shared["frechet"].append(distances.frechet(fs, ft))
+    shared["sliced_w2"].append(distances.sliced_wasserstein(fs, ft, key=kf, n_proj=100))
+    shared["overlap"].append(class_overlap(x[p], y[p]))
+  return {"iou0": np.array([metrics.iou(pred0[p], y[p]) for p in range(n_pairs)]),
+          "iou1": {m: np.array([metrics.iou(pred1[m][p], y[p]) for p in range(n_pairs)])
+                   for m in adapted},
+          "scores": {m: {k: np.asarray(scored_m[k]) for k in selection.KEYS}
+                     for m, scored_m in zip(adapted, scored)},
+          "shared": {k: np.asarray(a, float) for k, a in shared.items()}}
 
 
 def _score_source(wd, config, plan, model, stacks, i, source, bar, done):

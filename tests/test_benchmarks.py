@@ -120,3 +120,30 @@ def test_methods_benchmark_both_sides_compute_the_same():
   check_times(rows)
   assert [r["case"].split()[0] for r in rows] == ["tent", "histogram_match", "scores"]
   assert all(r["value"] == 0.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_pairs_split_benchmark_counts_each_processes_share():
+  """benchmarks/pairs_split.py at toy sizes: 1 x 1, 1 x 2 and 2 x 1 adapt the
+  same 3 pairs (the first statistics' checksum agrees to float32 rounding),
+  and 2 processes split them 2 + 1, as counted by the pair function."""
+  import pairs_split
+
+  results = pairs_split.run(pairs=3, width=2, size=16, images=8, chunk=4, rounds=1)
+  (one,), (two_devices,), (two_processes,) = results.values()
+  assert one["pairs_per_process"] == two_devices["pairs_per_process"] == [3]
+  assert two_processes["pairs_per_process"] == [2, 1]
+  for r in (one, two_devices, two_processes):
+    assert r["first_s"] > 0 and r["second_s"] > 0
+    # A sum of statistics of order 1: another program shape may round the
+    # float32 moments differently by a few ulps.
+    assert abs(r["checksum"] - one["checksum"]) <= 1e-5 * max(1.0, abs(one["checksum"]))
+
+
+@pytest.mark.slow
+def test_pair_chunk_benchmark_runs():
+  import pair_chunk
+
+  rows = pair_chunk.run(pairs=(1, 2), width=2, size=16, images=8, steps=2)
+  assert [r["pairs"] for r in rows] == [1, 2]
+  assert all(r["first_s"] > 0 and r["second_s"] > 0 for r in rows)

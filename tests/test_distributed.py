@@ -8,12 +8,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import tolerance
-from bnjax import checkpoint, inference, launch, models, workdir
+from bnjax import adapt, checkpoint, distributed, inference, launch, models, workdir
 from experiments import benchmark, sweep
 
 PY = sys.executable
@@ -68,6 +71,80 @@ def _budget(masks) -> int:
   predict differently: 0.2 % (tests/test_sweep.py: measured 0; a model of
   another seed disagrees on 3-44 %)."""
   return int(0.002 * np.asarray(masks).size)
+
+
+@pytest.mark.slow
+def test_map_pairs_computes_each_pair_once_across_processes_and_devices(root, tmp_path):
+  """Exact AdaBN of 7 pairs split over 2 processes x 2 devices and over 1
+  process x 4 devices: each pair handed to one device of one process (counted
+  from what the pair function received), the shares contiguous, and every
+  pair's statistics those of adapting that pair alone in this process."""
+  import multiprocess_pairs as script
+  path = os.path.join(root, "tests", "multiprocess_pairs.py")
+  r = _run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2", path,
+            str(tmp_path / "two.npz")])
+  assert r.returncode == 0, r.stdout[-3000:]
+  # Shares of ceil(7 / 4) = 2 pairs per device, one pair per call: process 0 has pairs 0-3,
+  # process 1 pairs 4-6 (its last device's share is pair 6 and its repeat).
+  assert "[p0] handed pairs [0, 1, 2, 3] (4 rows) in process 0 of 2" in r.stdout
+  assert "[p1] handed pairs [4, 5, 6] (4 rows) in process 1 of 2" in r.stdout
+  assert "[p0] [adabn] process 0 of 2: 4 of 7 pairs (pairs 0..3) on 2 device(s)" in r.stdout
+  assert "[p1] [adabn] process 1 of 2: 3 of 7 pairs (pairs 4..6) on 2 device(s)" in r.stdout
+  r = _run([PY, path, str(tmp_path / "four.npz")], devices=4)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "handed pairs [0, 1, 2, 3, 4, 5, 6] (8 rows) in process 0 of 1" in r.stdout
+  two, four = np.load(tmp_path / "two.npz"), np.load(tmp_path / "four.npz")
+  for got in (two, four):
+    np.testing.assert_array_equal(got["index"], np.arange(7))
+    # Pair i on the (i // 2)-th device in process-then-id order.
+    ids = sorted(set(got["device"].tolist()))
+    assert [ids.index(d) for d in got["device"]] == [0, 0, 1, 1, 2, 2, 3]
+  variables, images = script.inputs()
+  keys = [k for k in four.files if k not in ("index", "device")]
+  assert len(keys) >= 8  # mean and var of every BatchNorm layer
+  for i in range(7):
+    v = jax.tree_util.tree_map(lambda a: a[i], variables)
+    alone = adapt.recompute_batch_stats(script.MODEL, v, images[i], mode="exact")
+    flat = traverse_util.flatten_dict(alone["batch_stats"], sep="/")
+    for k in keys:
+      # Float32 statistics of the same pair; other program shapes may sum in
+      # another order (a few ulps of values of order 1).
+      np.testing.assert_allclose(two[k][i], flat[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      np.testing.assert_allclose(four[k][i], flat[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_map_pairs_on_one_device_and_its_checks():
+  seen = []
+
+  def fn(index, x, scale):
+    seen.append(np.asarray(index).tolist())
+    return {"sum": jnp.sum(x, axis=1) * scale, "index": index}
+
+  x = np.arange(12, dtype=np.float32).reshape(4, 3)
+  out = distributed.map_pairs(fn, np.arange(4), x, 2.0, in_axes=(0, 0, None))
+  assert seen == [[0, 1, 2, 3]]  # one device: every pair in one call
+  np.testing.assert_allclose(out["sum"], x.sum(1) * 2)
+  assert isinstance(out["sum"], np.ndarray)
+  # Calls of 3 pairs: the last filled with repeats of pair 6, dropped after.
+  seen.clear()
+  x7 = np.arange(21, dtype=np.float32).reshape(7, 3)
+  out = distributed.map_pairs(fn, np.arange(7), x7, 1.0, in_axes=(0, 0, None), chunk=3)
+  assert seen == [[0, 1, 2], [3, 4, 5], [6, 6, 6]]
+  np.testing.assert_allclose(out["sum"], x7.sum(1))
+  np.testing.assert_array_equal(out["index"], np.arange(7))
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+      distributed.map_pairs(fn, np.arange(7), x7, 1.0, in_axes=(0, 0, None), chunk=bad)
+  with pytest.raises(ValueError, match="in_axes must be 0 or None"):
+    distributed.map_pairs(fn, np.arange(4), x, 2.0, in_axes=(0, 1, None))
+  with pytest.raises(ValueError, match=r"one leading pair axis, got leading sizes \[3, 4\]"):
+    distributed.map_pairs(fn, np.arange(3), x, 2.0, in_axes=(0, 0, None))
+  with pytest.raises(ValueError, match="pair axis is empty"):
+    distributed.map_pairs(fn, np.arange(0), x[:0], 2.0, in_axes=(0, 0, None))
+  with pytest.raises(ValueError, match="maps no argument"):
+    distributed.map_pairs(fn, np.arange(4), x, 2.0, in_axes=None)
+  with pytest.raises(ValueError, match="devices is empty"):
+    distributed.map_pairs(fn, np.arange(4), x, 2.0, in_axes=(0, 0, None), devices=[])
 
 
 @pytest.mark.slow
@@ -130,6 +207,9 @@ def test_sweep_across_two_processes_equals_one_and_resumes_after_a_kill(root, tm
   launcher = [PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2"]
   r = _run([*launcher, *SWEEP, f"--workdir={two}"])
   assert r.returncode == 0, r.stdout[-3000:]
+  # The 4 x 4 grid's pairs adapted and scored once: half in each process.
+  assert "[p0] [custom] process 0 of 2: 8 of 16 pairs (pairs 0..7) on 2 device(s)" in r.stdout
+  assert "[p1] [custom] process 1 of 2: 8 of 16 pairs (pairs 8..15) on 2 device(s)" in r.stdout
   # Every file once, as one process writes them: the same files as the
   # 1-process run outside orbax's own layout, and no per-process copies in it.
   outside = lambda d: [f for f in _files(d) if "/variables/" not in f]

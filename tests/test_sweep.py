@@ -243,6 +243,13 @@ SHARDED = textwrap.dedent("""
         val = np.asarray(y[i])[np.asarray(jax.random.permutation(train._seed_keys(i)[1], 20))[n_train:]]
         np.testing.assert_allclose(ha["val_dice"][:, i], hb["val_dice"][:, i], rtol=0,
                                    atol=tolerance.dice_tolerance(val, budget))
+    # The 3 x 3 grid's pairs split over the 4 devices against one device.
+    grid = lambda devices: inference.evaluate_grid(model, a, (x, y), x, (x, y), pair_chunk=2,
+                                                   oracle=b, devices=devices)
+    g4, g1 = grid(None), grid(jax.devices()[:1])
+    tol = max(tolerance.iou_tolerance(y[i], budget) for i in range(3))
+    for key in ("source_iou", "iou_no_adapt", "iou_adapted", "iou_oracle"):
+      np.testing.assert_allclose(g4[key], g1[key], rtol=0, atol=tol, err_msg=key)
     print("SHARDED-OK")
 """)
 

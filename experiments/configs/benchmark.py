@@ -53,4 +53,8 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.tent = BASE["tent"]()  # bnjax.methods.tent
 
   c.strategy = "auto"    # how stacks are mapped: auto | vmap | unroll
+  # Pairs per compiled call of the methods (bnjax.distributed.map_pairs' chunk):
+  # 1 on CPU, where a stack of pairs runs no faster per pair and its compile
+  # grows with it (docs/measured.md); many on an accelerator (vmap).
+  c.pair_chunk = 32 if full else 1
   return c

@@ -8,7 +8,7 @@ Expected on 2 CPU cores (the default: the CPU versions of the study's
 brightness, geometric and clip_corrected grids, and the shift benchmark's 12
 shifts at severities 1, 3, 5 of the source (90,50,170,50); 32x32 images,
 width 8, 3 retrainings; 151 pairs x 3 seeds x 3 methods): about 20 minutes
-(1148 s measured; a rerun redoes only the analysis, ~30 s).
+(1121 s measured; a rerun redoes only the analysis, ~30 s).
 The agreement between the unadapted and the adapted masks ranks the gain
 best (Spearman about -0.8 for every method, in every retraining); for AdaBN
 the fitted rule matches always-adapt (mean IoU 0.676; never 0.399, best
@@ -70,4 +70,8 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.bootstrap = 1000     # resamples of the 95 % intervals
   c.chunk = 4            # models trained per stack (one checkpoint each)
   c.strategy = "auto"    # how stacks are mapped: auto | vmap | unroll
+  # Pairs per compiled call of the methods (bnjax.distributed.map_pairs' chunk):
+  # 1 on CPU, where a stack of pairs runs no faster per pair and its compile
+  # grows with it (docs/measured.md); many on an accelerator (vmap).
+  c.pair_chunk = 32 if full else 1
   return c

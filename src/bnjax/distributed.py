@@ -8,6 +8,14 @@ shards from its copy (:func:`global_array`), and results are gathered back
 into every process (:func:`gather`). One process (:func:`is_primary`) writes
 the files.
 
+Work on independent pairs (adapting model i to target set i, scoring it,
+extracting its features) is split with :func:`map_pairs`: the pair axis is cut
+into equal shares, one per device of every process; each process runs the
+pair function on its own devices' shares (one thread per local device), so
+every pair is computed once, and the results are gathered once, into every
+process. A pair function may be a host loop of compiled calls (exact
+adaptation in chunks is one), which a single sharded program could not hold.
+
 :func:`initialize` starts ``jax.distributed`` from arguments or from the
 environment that ``python -m bnjax.launch`` sets (``BNJAX_COORDINATOR``,
 ``BNJAX_NUM_PROCESSES``, ``BNJAX_PROCESS_ID``); on a cluster, call
@@ -17,6 +25,8 @@ JAX) or pass the three values.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
 import sys
 import zlib
@@ -24,7 +34,8 @@ import zlib
 import jax
 import numpy as np
 
-__all__ = ["initialize", "is_primary", "barrier", "global_array", "gather", "check_same", "ENV"]
+__all__ = ["initialize", "is_primary", "barrier", "global_array", "gather", "check_same",
+           "map_pairs", "workers", "ENV"]
 
 #: The environment variables that start a multi-process run: coordinator address,
 #: process count, this process's id.
@@ -127,3 +138,130 @@ def check_same(name: str, tree) -> None:
   if len(set(sums.ravel().tolist())) != 1:
     raise ValueError(f"{name} differ between processes (checksums {sums.ravel().tolist()}): "
                      "every process must generate the same data from the same seed and config")
+
+
+# --------------------------------------------------------------------------
+# Independent pairs split over every process's devices
+
+
+def workers(devices=None) -> list:
+  """The devices :func:`map_pairs` splits pairs over, in share order: by
+  process, then by device id (default: every device of every process).
+  ValueError unless every process contributes the same number of devices."""
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
+  if not devices:
+    raise ValueError("devices is empty: give at least one device")
+  per_process = collections.Counter(d.process_index for d in devices)
+  if len(set(per_process.values())) != 1 or (
+      jax.process_count() > 1 and len(per_process) != jax.process_count()):
+    raise ValueError(f"devices must hold the same number of devices of every process "
+                     f"(processes 0..{jax.process_count() - 1}), got {dict(per_process)}")
+  return devices
+
+
+def _pair_count(args, axes) -> int:
+  sizes = {getattr(leaf, "shape", (None,))[0] if getattr(leaf, "ndim", 0) else None
+           for a, ax in zip(args, axes) if ax == 0 for leaf in jax.tree_util.tree_leaves(a)}
+  if not sizes:
+    raise ValueError("in_axes maps no argument: give at least one with a leading pair axis")
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(f"the mapped arguments must share one leading pair axis, got leading "
+                     f"sizes {sorted(s for s in sizes if s is not None)}"
+                     f"{' and a scalar' if None in sizes else ''}")
+  n = sizes.pop()
+  if n < 1:
+    raise ValueError("the pair axis is empty: give at least one pair")
+  return n
+
+
+def map_pairs(fn, *args, in_axes=0, devices=None, chunk: int | None = None,
+              name: str | None = None):
+  """``fn`` over the pairs (the leading axis of the arguments that ``in_axes``
+  maps, 0 or None per argument as in ``jax.vmap``), every pair computed once
+  on one device of one process; the results gathered into every process.
+
+  The P pairs are cut into ``len(devices)`` = D equal contiguous shares, in
+  the order of :func:`workers`, and each share into calls of
+  ``min(chunk, ceil(P / D))`` pairs (default: the whole share); the last pair
+  is repeated to fill the last call, and the repeats are dropped. Every call
+  of ``fn`` thus sees the same number of pairs: a compiled pair function
+  compiles once per P (once for every P >= D x ``chunk``). Each process
+  calls ``fn`` on its own devices' shares (the array arguments placed on the
+  device, the unmapped ones whole; the device is also the default device of
+  the call; several local devices run in threads), and ``fn`` returns a
+  pytree whose leaves have the call's pair count as leading axis. Every
+  process must hold the same arguments (checked, as :func:`check_same`).
+  With one device and no ``chunk``, ``fn`` gets every pair in one call.
+
+  Args:
+    fn: the pair function: arguments with a leading axis of this call's
+      pairs (unmapped ones whole) -> pytree of arrays, one row per pair.
+    *args: pytrees; the mapped ones with leading axis P.
+    in_axes: 0 or None, or one of them per argument.
+    devices: the devices to split over (default: every device of every
+      process; :func:`workers` orders them).
+    chunk: pairs per call of ``fn`` (a positive int; None: a device's share).
+    name: when given and the work is split, a line per process saying
+      which pairs it computed (counted from the calls ``fn`` was given).
+
+  Returns:
+    ``fn``'s pytree with NumPy leaves of leading axis P, in every process.
+  """
+  axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+  if len(axes) != len(args) or any(ax not in (0, None) for ax in axes):
+    raise ValueError(f"in_axes must be 0 or None, or one of them per argument ({len(args)}), "
+                     f"got {in_axes!r}")
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer))
+                            or chunk < 1):
+    raise ValueError(f"chunk must be a positive int (pairs per call) or None, got {chunk!r}")
+  n = _pair_count(args, axes)
+  devices = workers(devices)
+  split = len(devices) > 1 or jax.process_count() > 1
+  if not split and chunk is None:
+    with jax.default_device(devices[0]):
+      return jax.tree_util.tree_map(np.asarray, fn(*args))
+  is_array = lambda a: isinstance(a, (np.ndarray, jax.Array))
+  if split:
+    check_same(f"the arguments given to map_pairs{f' ({name})' if name else ''}",
+               [leaf for leaf in jax.tree_util.tree_leaves(args) if is_array(leaf)])
+  share = -(-n // len(devices))
+  per_call = share if chunk is None else min(int(chunk), share)
+  share = -(-share // per_call) * per_call
+  me = jax.process_index()
+  local = [(g, d) for g, d in enumerate(devices) if d.process_index == me]
+
+  def run(g, device):
+    put = lambda tree, pick=lambda a: a: jax.tree_util.tree_map(
+        lambda a: jax.device_put(pick(a), device) if is_array(a) else a, tree)
+    whole = [None if ax == 0 else put(a) for a, ax in zip(args, axes)]  # placed once
+    outs = []
+    for start in range(g * share, (g + 1) * share, per_call):
+      rows = np.minimum(np.arange(start, start + per_call), n - 1)
+      part = [put(a, lambda b: b[rows]) if ax == 0 else w for a, ax, w in zip(args, axes, whole)]
+      with jax.default_device(device):
+        out = jax.tree_util.tree_map(np.asarray, fn(*part))
+      for leaf in jax.tree_util.tree_leaves(out):
+        if leaf.ndim == 0 or leaf.shape[0] != per_call:
+          raise ValueError(f"map_pairs: fn must return leaves with a leading axis of its "
+                           f"{per_call} pairs, got shape {leaf.shape}")
+      outs.append(out)
+    return (jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs),
+            list(range(g * share, min((g + 1) * share, n))))
+
+  if len(local) == 1:
+    results = [run(*local[0])]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(len(local)) as pool:
+      results = list(pool.map(lambda gd: run(*gd), local))
+  block = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *(out for out, _ in results))
+  if name is not None and split:
+    done = sorted(i for _, pairs in results for i in pairs)
+    span = f"pairs {done[0]}..{done[-1]}" if done else "no pairs"
+    print(f"[{name}] process {me} of {jax.process_count()}: {len(done)} of {n} pairs "
+          f"({span}) on {len(local)} device(s)", flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    block = jax.tree_util.tree_map(
+        np.asarray, multihost_utils.process_allgather(block, tiled=True))
+  return jax.tree_util.tree_map(lambda a: a[:n], block)

@@ -10,6 +10,7 @@ target sets without and with BN adaptation (stacks mapped as in
 from __future__ import annotations
 
 import functools
+import threading
 
 import flax.linen as nn
 import jax
@@ -21,6 +22,7 @@ from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import adapt as _adapt
 from bnjax import compiler
+from bnjax import distributed
 from bnjax import metrics as _metrics
 from bnjax import stacking
 from bnjax.metrics import logits_to_masks
@@ -102,7 +104,8 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
                   mode: _adapt.Mode = "exact", oracle=None, *,
                   strategy: stacking.Strategy = "auto", pair_chunk: int = 8,
                   empty: float = 1.0, eval_batch_size: int = 64, progress=None,
-                  image_range=_checks.UNIT_RANGE, **adapt_options) -> dict:
+                  image_range=_checks.UNIT_RANGE, devices=None, name: str | None = None,
+                  **adapt_options) -> dict:
   """Scores K stacked source models on M target sets, without and with BN adaptation.
 
   Args:
@@ -115,10 +118,16 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
     targets_eval: (images float[M, n_e, H, W, C], masks bool[M, n_e, H, W]).
     mode, ``**adapt_options``: as :func:`bnjax.adapt.recompute_batch_stats`.
     oracle: optional stacked variables of M target-trained models.
-    pair_chunk: (source, target) pairs adapted per call.
+    pair_chunk: (source, target) pairs adapted per call (the last call of a
+      device filled by repeating its last pair: one compiled shape).
     eval_batch_size: images per forward pass when scoring.
-    progress: optional callable(done_pairs, total_pairs).
+    progress: optional callable(done_pairs, total_pairs) (several processes:
+      this process's pairs times the process count).
     image_range: the range every image must lie in (None: any float values).
+    devices, name: the pairs are split over ``devices`` (default: every
+      device of every process) by :func:`bnjax.distributed.map_pairs`, each
+      pair adapted and scored once; with ``name`` each process says which
+      pairs it computed.
 
   Returns:
     float[K, M] arrays ``source_iou`` (model k on its own source, repeated
@@ -137,22 +146,31 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   iou = functools.partial(_stacked_iou, model, strategy=strategy,
                           empty=_checks.unit_interval("empty", empty),
                           batch_size=_checks.positive_int("eval_batch_size", eval_batch_size))
-  source_iou = iou(variables, src_x, src_y)
-  pairs = [(a, b) for a in range(k) for b in range(m)]
-  none, adapted = np.zeros((k, m)), np.zeros((k, m))
-  for start in range(0, len(pairs), pair_chunk):
-    chunk = pairs[start:start + pair_chunk]
-    ks = np.array([a for a, _ in chunk])
-    ms = np.array([b for _, b in chunk])
-    v = jax.tree_util.tree_map(lambda a: a[ks], variables)
-    none[ks, ms] = iou(v, tgt_x[ms], tgt_y[ms])
-    v_ad = _adapt.recompute_batch_stats_stacked(model, v, tgt_a[ms], mode=mode,
+  index = lambda a, i: jax.tree_util.tree_map(lambda b: b[i], a)
+  # Every source model on its own set, and every (source, target) pair, split
+  # over the devices of every process (each pair scored and adapted once).
+  source_iou = distributed.map_pairs(iou, variables, src_x, src_y, devices=devices)
+  ks, ms = np.divmod(np.arange(k * m), m)
+  lock, done = threading.Lock(), [0]
+
+  def pairs(a, b, variables, tgt_x, tgt_y, tgt_a):  # pair_chunk pairs (a[i], b[i])
+    v = index(variables, a)
+    none = iou(v, tgt_x[b], tgt_y[b])
+    v_ad = _adapt.recompute_batch_stats_stacked(model, v, tgt_a[b], mode=mode,
                                                 strategy=strategy, **adapt_options)
-    adapted[ks, ms] = iou(v_ad, tgt_x[ms], tgt_y[ms])
+    adapted = iou(v_ad, tgt_x[b], tgt_y[b])
     if progress is not None:
-      progress(start + len(chunk), len(pairs))
+      with lock:  # this process's pairs, scaled to all processes'
+        done[0] += len(a)
+        progress(min(done[0] * jax.process_count(), k * m), k * m)
+    return none, adapted
+
+  none, adapted = distributed.map_pairs(pairs, ks, ms, variables, tgt_x, tgt_y, tgt_a,
+                                        in_axes=(0, 0, None, None, None, None),
+                                        devices=devices, chunk=pair_chunk, name=name)
   out = {"source_iou": np.repeat(source_iou[:, None], m, 1),
-         "iou_no_adapt": none, "iou_adapted": adapted}
+         "iou_no_adapt": none.reshape(k, m), "iou_adapted": adapted.reshape(k, m)}
   if oracle is not None:
-    out["iou_oracle"] = np.repeat(iou(oracle, tgt_x, tgt_y)[None], k, 0)
+    out["iou_oracle"] = np.repeat(
+        distributed.map_pairs(iou, oracle, tgt_x, tgt_y, devices=devices)[None], k, 0)
   return out
