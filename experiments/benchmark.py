@@ -183,7 +183,8 @@ def _cell_methods(wd, config, plan, variant, sources, shift, severities):
                                    f"oracle_{variant}_{shift}_{sev}", tx, ty))
       oracle = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *stacks)
   keys = jnp.stack([data.named_key(config.seed + int(seed_of[p]), "tent", shift,
-                                   severities[p // s]) for p in range(len(seed_of))])
+                                   severities[p // s])
+                    for p in range(len(seed_of))]) if "tent" in run else None
 
   def pairs(v, eval_x, eval_y, adapt_x, keys, reference, oracle):
     """Every method on this device's share of the pairs."""

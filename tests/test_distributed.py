@@ -133,7 +133,7 @@ def test_map_pairs_on_one_device_and_its_checks():
   np.testing.assert_allclose(out["sum"], x7.sum(1))
   np.testing.assert_array_equal(out["index"], np.arange(7))
   for bad in (0, 2.5, True):
-    with pytest.raises(ValueError, match="chunk must be a positive int"):
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
       distributed.map_pairs(fn, np.arange(7), x7, 1.0, in_axes=(0, 0, None), chunk=bad)
   with pytest.raises(ValueError, match="in_axes must be 0 or None"):
     distributed.map_pairs(fn, np.arange(4), x, 2.0, in_axes=(0, 1, None))

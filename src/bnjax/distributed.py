@@ -34,6 +34,8 @@ import zlib
 import jax
 import numpy as np
 
+from bnjax import _checks
+
 __all__ = ["initialize", "is_primary", "barrier", "global_array", "gather", "check_same",
            "map_pairs", "workers", "ENV"]
 
@@ -212,9 +214,8 @@ def map_pairs(fn, *args, in_axes=0, devices=None, chunk: int | None = None,
   if len(axes) != len(args) or any(ax not in (0, None) for ax in axes):
     raise ValueError(f"in_axes must be 0 or None, or one of them per argument ({len(args)}), "
                      f"got {in_axes!r}")
-  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer))
-                            or chunk < 1):
-    raise ValueError(f"chunk must be a positive int (pairs per call) or None, got {chunk!r}")
+  if chunk is not None:
+    chunk = _checks.positive_int("chunk", chunk)
   n = _pair_count(args, axes)
   devices = workers(devices)
   split = len(devices) > 1 or jax.process_count() > 1
@@ -226,7 +227,7 @@ def map_pairs(fn, *args, in_axes=0, devices=None, chunk: int | None = None,
     check_same(f"the arguments given to map_pairs{f' ({name})' if name else ''}",
                [leaf for leaf in jax.tree_util.tree_leaves(args) if is_array(leaf)])
   share = -(-n // len(devices))
-  per_call = share if chunk is None else min(int(chunk), share)
+  per_call = share if chunk is None else min(chunk, share)
   share = -(-share // per_call) * per_call
   me = jax.process_index()
   local = [(g, d) for g, d in enumerate(devices) if d.process_index == me]

@@ -146,7 +146,6 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   iou = functools.partial(_stacked_iou, model, strategy=strategy,
                           empty=_checks.unit_interval("empty", empty),
                           batch_size=_checks.positive_int("eval_batch_size", eval_batch_size))
-  index = lambda a, i: jax.tree_util.tree_map(lambda b: b[i], a)
   # Every source model on its own set, and every (source, target) pair, split
   # over the devices of every process (each pair scored and adapted once).
   source_iou = distributed.map_pairs(iou, variables, src_x, src_y, devices=devices)
@@ -154,7 +153,7 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   lock, done = threading.Lock(), [0]
 
   def pairs(a, b, variables, tgt_x, tgt_y, tgt_a):  # pair_chunk pairs (a[i], b[i])
-    v = index(variables, a)
+    v = stacking.tree_index(variables, a)
     none = iou(v, tgt_x[b], tgt_y[b])
     v_ad = _adapt.recompute_batch_stats_stacked(model, v, tgt_a[b], mode=mode,
                                                 strategy=strategy, **adapt_options)
