@@ -10,11 +10,11 @@ The modules, in the order their imports point (``bnjax._map``; a module
 imports only modules above it): ``launch``, ``distributed``, ``compiler``,
 ``progress``, ``data``, ``shifts``, ``models``, ``stacking``, ``metrics``,
 ``stats``, ``distances``, ``plots``, ``checkpoint``, ``train``, ``adapt``,
-``methods``, ``inference``, ``streams``, ``features``, ``selection``,
+``methods``, ``inference``, ``cyclegan``, ``streams``, ``features``, ``selection``,
 ``config``, ``workdir``, ``cli``. The documentation's API page describes each.
 """
 
-from bnjax import (adapt, checkpoint, cli, compiler, config, data, distances, distributed, features,
+from bnjax import (adapt, checkpoint, cli, compiler, config, cyclegan, data, distances, distributed, features,
                    inference, launch, methods, metrics, models, plots, progress, selection,
                    shifts, stacking, stats, streams, train, workdir)
 from bnjax._version import __version__
@@ -26,7 +26,7 @@ from bnjax.train import TrainConfig, fit, train_many
 
 __all__ = [
     # modules
-    "adapt", "checkpoint", "cli", "compiler", "config", "data", "distances", "distributed", "features",
+    "adapt", "checkpoint", "cli", "compiler", "config", "cyclegan", "data", "distances", "distributed", "features",
     "inference", "launch", "methods", "metrics", "models", "plots", "progress", "selection",
     "shifts", "stacking", "stats", "streams", "train", "workdir",
     # the names most programs need

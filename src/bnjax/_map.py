@@ -20,6 +20,7 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("adapt", "BatchNorm adaptation of any Flax model (AdaBN)"),
     ("methods", "TENT and histogram matching"),
     ("inference", "predictions and stacked scores"),
+    ("cyclegan", "pixel-level adaptation: CycleGAN translators, many at once, and their measures"),
     ("streams", "online adaptation on streams of batches"),
     ("features", "latent spaces of any Flax model"),
     ("selection", "label-free scores of an adaptation, rules of when to adapt"),
