@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import adapt, data, distributed, inference, methods, metrics, plots, shifts, stats, train
+from bnjax import (adapt, cyclegan, data, distributed, inference, methods, metrics, plots, shifts,
+                   stats, train)
 from bnjax import config as cfg
 from bnjax.progress import Progress
 from bnjax.cli import main
@@ -67,9 +68,15 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no_norm": ({"norm": "none"}, "ce+dice"),
     "standardize": ({"standardize": True}, "ce+dice"),
 }
-METHODS = ("none", "adabn", "adabn_prior", "tent", "histogram_match", "oracle")
+# Pixel-level translation: method -> the generators' upsampling (bnjax.cyclegan.Up).
+CYCLEGAN = {"cyclegan_transpose": "transpose", "cyclegan_resize_conv": "resize_conv"}
+METHODS = ("none", "adabn", "adabn_prior", "tent", "histogram_match", *CYCLEGAN, "oracle")
 BN_METHODS = ("adabn", "adabn_prior", "tent")
 FIELDS = ("variant", "shift", "family", "severity", "method", "seed", "iou", "dice")
+# The measures of each translator (one row per shift, severity, seed, generator).
+CYCLEGAN_FIELDS = ("shift", "severity", "seed", "up", "period2", "checkerboard_ratio",
+                   "spectral_l1", "sharpness_ratio", "edge_overlap", "train_seconds",
+                   "images_per_second")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +92,7 @@ class Plan:
   train: dict     # variant -> its TrainConfig (its loss)
   adapt: dict     # recompute_batch_stats options (batch_size, prior)
   tent: dict      # methods.tent options
+  cyclegan: dict  # method -> CycleGANConfig; "shifts", "severities": where they run
 
 
 def plan_of(config) -> Plan:
@@ -102,6 +110,12 @@ def plan_of(config) -> Plan:
     cfg.positive_int(config.data[name], f"data.{name}")
   cfg.positive_int(config.pair_chunk, "pair_chunk")
   cfg.strategy(config.strategy)
+  translators = {"shifts": cfg.names(config.cyclegan.shifts, shifts.SHIFTS, "cyclegan.shifts"),
+                 "severities": cfg.ints(config.cyclegan.severities, 1, 5, "cyclegan.severities")}
+  for m in methods_:
+    if m in CYCLEGAN:
+      translators[m] = cfg.cyclegan_config(config.cyclegan.train, image_size=size,
+                                           up=CYCLEGAN[m])
   return Plan(variants, cfg.names(config.shifts, shifts.SHIFTS, "shifts"),
               cfg.ints(config.severities, 1, 5, "severities",
                        " (severity 0, the source, is always scored)"), methods_,
@@ -109,7 +123,7 @@ def plan_of(config) -> Plan:
               {v: cfg.unet(config.model, image_size=size, **VARIANTS[v][0]) for v in variants},
               {v: cfg.train_config(config.train, n_images=config.data.n_train,
                                    loss=VARIANTS[v][1], seed=config.seed) for v in variants},
-              cfg.adapt_options(config.adapt), cfg.tent_options(config.tent))
+              cfg.adapt_options(config.adapt), cfg.tent_options(config.tent), translators)
 
 
 def _source_sets(config, source: data.Domain, split: str, n: int):
@@ -149,6 +163,64 @@ def _train_stack(wd, config, plan, variant, name, images, masks):
   if restored:
     print(f"[{name}] restored from {wd.path}/checkpoints/{name}", flush=True)
   return variables
+
+
+def _translator_severities(plan, shift) -> list[int]:
+  """The severities of ``shift`` the CycleGAN methods run at (none if the
+  shift is not one of ``config.cyclegan.shifts``)."""
+  if shift not in plan.cyclegan["shifts"]:
+    return []
+  return [v for v in plan.severities if v in plan.cyclegan["severities"]]
+
+
+def _translations(wd, config, plan, method, shift, sources):
+  """float[P, n, H, W, C]: the shifted evaluation images of every (severity,
+  seed) pair of ``shift`` (severity-major) translated into the source style
+  by that pair's target -> source generator. The translators of a shift are
+  trained together (one stack: each seed's unlabelled source images against
+  its shifted adaptation images) and checkpointed; the translations and the
+  translators' measures are kept in the workdir and shared by every
+  variant."""
+  name = f"cyclegan__{CYCLEGAN[method]}__{shift}"
+  path = wd.file(f"translations/{name}.npz")
+  found = wd.read_result(name)
+  if found is not None and os.path.isfile(path):
+    return np.load(path)["images"]
+  _, src_eval, src_adapt, _ = sources
+  sevs = _translator_severities(plan, shift)
+  s = config.seeds
+  seed_of = np.tile(np.arange(s), len(sevs))
+  eval_x, eval_y = (jnp.concatenate(a) for a in zip(
+      *[_shifted(config, shift, sev, "eval", *src_eval) for sev in sevs]))
+  adapt_x = jnp.concatenate([_shifted(config, shift, sev, "adapt", *src_adapt)[0]
+                             for sev in sevs])
+  keys = jnp.stack([data.named_key(config.seed + int(seed_of[p]), "cyclegan", shift,
+                                   sevs[p // s]) for p in range(len(seed_of))])
+  cc = plan.cyclegan[method]
+  print(f"[{name}] training {len(seed_of)} translators ({cc.steps} steps each)", flush=True)
+  translators, history = cyclegan.train_translators(
+      keys, src_adapt[0][seed_of], adapt_x, cc, strategy=config.strategy,
+      workdir=os.path.join(wd.path, "checkpoints", name))
+  generator = cc.generator(eval_x.shape[-1])
+  out, rows = [], []
+  per_translator = history["seconds"] / len(seed_of)
+  for p in range(len(seed_of)):
+    params = jax.tree_util.tree_map(lambda a: a[p], translators["to_source"])
+    images = cyclegan.translate(generator, params, eval_x[p])
+    board = cyclegan.checkerboard(images, eval_x[p])
+    sharp = cyclegan.sharpness(images, src_eval[0][seed_of[p]])
+    rows.append(dict(shift=shift, severity=int(sevs[p // s]), seed=int(seed_of[p]),
+                     up=cc.up, period2=board.period2, checkerboard_ratio=board.ratio,
+                     spectral_l1=board.spectral_l1, sharpness_ratio=sharp.ratio,
+                     edge_overlap=cyclegan.edge_overlap(images, eval_y[p]),
+                     train_seconds=per_translator,
+                     images_per_second=history["images_per_second"]))
+    out.append(images)
+  out = np.stack(out)
+  if distributed.is_primary():
+    np.savez(path, images=out)
+  wd.write_result(name, {"rows": rows, "steps_run": history["steps_run"]})
+  return out
 
 
 def _cell_methods(wd, config, plan, variant, sources, shift, severities):
@@ -209,17 +281,30 @@ def _cell_methods(wd, config, plan, variant, sources, shift, severities):
         out[method] = _scores(model, v, matched, eval_y, config.strategy)
       elif method == "oracle":
         out[method] = _scores(model, oracle, eval_x, eval_y, config.strategy)
-    return out
+    return out  # the CycleGAN methods are scored after the split (their translators are
+    # trained for a whole shift at once)
 
   # The pairs split over every process's devices, each computed once.
   out = distributed.map_pairs(pairs, v, eval_x, eval_y, adapt_x, keys, src_adapt[0][seed_of],
                               oracle, chunk=config.pair_chunk,
                               name=f"{variant} {shift or 'source'}")
+  pairs_of = {m: range(len(seed_of)) for m in out}
+  # Pixel-level translation: the source model on the translated images, at
+  # the severities the translators were trained for.
+  sevs = _translator_severities(plan, shift)
+  for method in [m for m in run if m in CYCLEGAN and sevs]:
+    translated = _translations(wd, config, plan, method, shift, sources)
+    idx = np.asarray([p for p in range(len(seed_of)) if severities[p // s] in sevs])
+    iou, dice = _scores(model, jax.tree_util.tree_map(lambda a: a[idx], v), translated,
+                        eval_y[idx], config.strategy)
+    out[method] = (np.zeros(len(seed_of)), np.zeros(len(seed_of)))
+    out[method][0][idx], out[method][1][idx] = iou, dice
+    pairs_of[method] = idx
   family = "source" if shift is None else shifts.family_of(shift)
   return [dict(variant=variant, shift=shift or "source", family=family,
                severity=int(severities[p // s]), method=m, seed=int(seed_of[p]),
                iou=float(iou[p]), dice=float(dice[p]))
-          for m in run for iou, dice in [out[m]] for p in range(len(seed_of))]
+          for m in run if m in out for iou, dice in [out[m]] for p in pairs_of[m]]
 
 
 def _run_variant(wd, config, plan, variant, bar, done):
@@ -274,7 +359,88 @@ def _winner(iou, variant, shift, sev, ms) -> tuple[str, float]:
 
 
 def _methods_of(iou, variant, plan):
-  return [m for m in plan.methods if (variant, "source", 0, m) in iou]
+  """The methods with rows for ``variant`` (the CycleGAN methods run on some
+  shifts and severities only)."""
+  have = {k[3] for k in iou if k[0] == variant}
+  return [m for m in plan.methods if m in have]
+
+
+def _cyclegan_report(wd, config, plan, iou) -> list[str]:
+  """The translators' measures (``cyclegan.csv``/``.json``), a table of
+  their means and of translation against AdaBN, and ``cyclegan_examples.png``."""
+  ups = [m for m in plan.methods if m in CYCLEGAN]
+  rows = [r for m in ups for shift in plan.shifts if _translator_severities(plan, shift)
+          for r in (wd.read_result(f"cyclegan__{CYCLEGAN[m]}__{shift}") or {"rows": []})["rows"]]
+  if not rows:
+    return []
+  wd.write_csv("cyclegan.csv", rows, CYCLEGAN_FIELDS, ".6g")
+  wd.write_json("cyclegan.json", {"fields": list(CYCLEGAN_FIELDS), "rows": rows})
+  cc = plan.cyclegan[ups[0]]
+  lines = ["## Pixel-level translation (CycleGAN)", "",
+           f"Translators trained per (shift, severity, seed): {cc.steps} steps of "
+           f"{cc.batch_size} image(s) per domain, generators of width {cc.features} with "
+           f"{cc.n_blocks} residual blocks, λ_cyc {cc.lambda_cycle:g}, λ_id "
+           f"{cc.identity_weight:g}. Means over seeds. checkerboard: period-2 energy of the "
+           "translations relative to the shifted inputs; spectral L1: of the log azimuthal "
+           "spectra, translations vs inputs; sharpness: high-frequency energy of the "
+           "translations relative to real source images; edges: share of the strongest "
+           "edges on the mask outline (± 1 px); cost: training seconds per translator "
+           "and target images seen per second.", "",
+           "| shift | severity | generator | checkerboard | spectral L1 | sharpness | edges | "
+           "train s | images/s |", "|---|---|---|---|---|---|---|---|---|"]
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["shift"], r["severity"], r["up"]), []).append(r)
+  for (shift, sev, up), rs in groups.items():
+    mean = lambda f: float(np.mean([r[f] for r in rs]))
+    lines.append(f"| {shift} | {sev} | {up} | {mean('checkerboard_ratio'):.2f} | "
+                 f"{mean('spectral_l1'):.3f} | {mean('sharpness_ratio'):.2f} | "
+                 f"{mean('edge_overlap'):.2f} | {mean('train_seconds'):.1f} | "
+                 f"{mean('images_per_second'):.0f} |")
+  lines += ["", "Translation against AdaBN (mean IoU over seeds; **bold**: the better):", ""]
+  for variant in plan.variants:
+    cells = sorted({(k[1], k[2]) for k in iou if k[0] == variant and k[3] in ups})
+    if not cells:
+      continue
+    lines += [f"- {variant}: " + "; ".join(
+        f"{shift} {sev}: " + ", ".join(
+            f"{m.removeprefix('cyclegan_')} {iou[(variant, shift, sev, m)].mean():.3f}"
+            for m in ups if (variant, shift, sev, m) in iou)
+        + (f" vs adabn {iou[(variant, shift, sev, 'adabn')].mean():.3f}"
+           if (variant, shift, sev, "adabn") in iou else "")
+        + f" (none {iou[(variant, shift, sev, 'none')].mean():.3f})"
+        for shift, sev in cells)]
+  lines.append("")
+  _example_figure(wd, config, plan, ups)
+  return lines
+
+
+def _example_figure(wd, config, plan, ups):
+  """Seed 0's first evaluation image at the highest translated severity of
+  each translated shift: the source-domain image it was drawn as, the
+  shifted (target) image and each generator's translation."""
+  shifted = [sh for sh in plan.shifts if _translator_severities(plan, sh)
+             and all(os.path.isfile(wd.file(f"translations/cyclegan__{CYCLEGAN[m]}__{sh}.npz"))
+                     for m in ups)]
+  if not shifted:
+    return
+  src_eval = _source_sets(config, plan.source, "eval", config.data.n_eval)
+  grid, rows = [], []
+  for sh in shifted:
+    sevs = _translator_severities(plan, sh)
+    sev = sevs[-1]
+    x, _ = _shifted(config, sh, sev, "eval", src_eval[0][:1], src_eval[1][:1])
+    p = (len(sevs) - 1) * config.seeds  # seed 0 of the highest severity
+    row = [np.asarray(src_eval[0][0, 0]), np.asarray(x[0, 0])]
+    row += [np.load(wd.file(f"translations/cyclegan__{CYCLEGAN[m]}__{sh}.npz"))["images"][p, 0]
+            for m in ups]
+    grid.append(row)
+    rows.append(f"{sh} {sev}")
+  plots.image_grid(grid, rows, ["source", "target (shifted)"]
+                   + [f"{CYCLEGAN[m]} translation" for m in ups],
+                   wd.file("cyclegan_examples.png"),
+                   "CycleGAN translations of target images into the source style "
+                   "(seed 0, first evaluation image)")
 
 
 def report(wd, config, plan, rows) -> str:
@@ -297,11 +463,13 @@ def report(wd, config, plan, rows) -> str:
     for shift, sev in cells:
       if (variant, shift, sev, "none") not in iou:
         continue
-      means = {m: float(iou[(variant, shift, sev, m)].mean()) for m in ms}
-      best, margin = _winner(iou, variant, shift, sev, ms)
+      here = [m for m in ms if (variant, shift, sev, m) in iou]
+      means = {m: float(iou[(variant, shift, sev, m)].mean()) for m in here}
+      best, margin = _winner(iou, variant, shift, sev, here)
       lines.append(f"| {shift} | {sev} | " + " | ".join(
-          _fmt(iou[(variant, shift, sev, m)]) for m in ms) + f" | {best} |")
-      for m in ms:
+          _fmt(iou[(variant, shift, sev, m)]) if m in here else "—" for m in ms)
+          + f" | {best} |")
+      for m in here:
         if m not in ("none", "oracle") and means[m] < means["none"]:
           diff = iou[(variant, shift, sev, m)] - iou[(variant, shift, sev, "none")]
           mean, half = stats.t_interval(diff)
@@ -311,7 +479,10 @@ def report(wd, config, plan, rows) -> str:
     for shift in plan.shifts:
       curves[shift] = {}
       for m in ms:
-        sev = [0] + plan.severities
+        sev = [v for v in [0] + plan.severities
+               if (variant, "source" if v == 0 else shift, v, m) in iou]
+        if not sev:
+          continue
         vals = [stats.t_interval(iou[(variant, "source" if v == 0 else shift, v, m)])
                 for v in sev]
         curves[shift][m] = (sev, [a for a, _ in vals], [b for _, b in vals])
@@ -322,7 +493,9 @@ def report(wd, config, plan, rows) -> str:
     plots.severity_curves(curves, ms, wd.file(f"{variant}_severity.png"),
                           f"{variant} U-Net: IoU against severity (mean over "
                           f"{config.seeds} seeds)")
-    heat = np.array([[np.mean([iou[(variant, s, v, m)].mean() for v in plan.severities])
+    # a method's mean over the severities it ran at (blank: none)
+    heat = np.array([[np.mean([iou[(variant, s, v, m)].mean() for v in plan.severities
+                               if (variant, s, v, m) in iou] or [np.nan])
                       for s in plan.shifts] for m in ms])
     plots.labelled_heatmap(heat, ms, plan.shifts, wd.file(f"{variant}_methods.png"),
                            f"{variant} U-Net: mean IoU over severities "
@@ -346,6 +519,7 @@ def report(wd, config, plan, rows) -> str:
   lines += ["## Wins per method (shift x severity cells)", ""]
   lines += [f"- {v}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items(), key=lambda t: -t[1]))
             for v, c in counts.items()]
+  lines += _cyclegan_report(wd, config, plan, iou)
   wd.write_csv("benchmark.csv", rows, FIELDS, ".6f")
   wd.write_json("benchmark.json", {"fields": list(FIELDS), "rows": rows,
                                                 "dice_mean": {"|".join(map(str, k)): float(v.mean())

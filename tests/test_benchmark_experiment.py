@@ -21,6 +21,8 @@ def tiny():
   c.shifts = "brightness,zoom"
   c.severities = "5"
   c.methods = "none,adabn,adabn_prior,tent,histogram_match,oracle"
+  c.cyclegan.train.update(dict(steps=4, batch_size=2, features=4, n_blocks=1, disc_features=4,
+                               disc_layers=1, steps_per_call=2, pool_size=3))
   c.data.size, c.data.n_train, c.data.n_eval, c.data.n_adapt = 16, 24, 8, 8
   c.model.features, c.model.depth = 2, 2
   c.train.epochs, c.train.batch_size = 1, 8
@@ -122,6 +124,20 @@ def test_benchmark_config_errors():
     c[field] = value
     with pytest.raises(ValueError, match=match):
       benchmark.plan_of(c)
+  c = tiny()
+  c.methods = "none,cyclegan_transpose"
+  c.cyclegan.train.steps = 0
+  with pytest.raises(ValueError, match=r"config\.cyclegan\.train\.steps must be an integer >= 1"):
+    benchmark.plan_of(c)
+  c = tiny()
+  c.methods = "none,cyclegan_resize_conv"
+  c.cyclegan.train.disc_layers = 4  # 16x16 images leave no patch
+  with pytest.raises(ValueError, match="config.cyclegan.train: images of 16x16 leave no patch"):
+    benchmark.plan_of(c)
+  c = tiny()
+  c.cyclegan.shifts = "sepia"
+  with pytest.raises(ValueError, match="config.cyclegan.shifts"):
+    benchmark.plan_of(c)
   plan = benchmark.plan_of(tiny())
   assert plan.methods[0] == "none" and plan.severities == [5]
   assert set(benchmark.VARIANTS) >= {"reference", "strided", "resize_conv", "no_skip", "ce",
@@ -149,3 +165,63 @@ def test_brightness_acceptance_on_the_default_source(tmp_path):
   for m in ("adabn", "tent", "histogram_match"):
     assert iou[("reference", "brightness", m)] >= 0.85 * src, m
   assert iou[("instance", "brightness", "none")] >= 0.85 * iou[("instance", "source", "none")]
+
+
+@pytest.mark.slow
+def test_benchmark_cyclegan_methods(tmp_path, monkeypatch, capsys):
+  """Both generators at brightness 5 (not at zoom): their rows, the
+  translators' measures, the figure, one IoU and one checkerboard measure
+  recomputed by hand, and a rerun that trains nothing."""
+  from bnjax import cyclegan
+
+  config = tiny()
+  config.methods = "none,adabn,cyclegan_transpose,cyclegan_resize_conv"
+  config.cyclegan.shifts, config.cyclegan.severities = "brightness", "5"
+  rows = benchmark.run(config, str(tmp_path))
+  translated = {(r["variant"], r["shift"], r["method"]) for r in rows
+                if r["method"].startswith("cyclegan")}
+  assert translated == {(v, "brightness", m) for v in ("reference", "instance")
+                        for m in benchmark.CYCLEGAN}
+  assert sum(r["method"] == "cyclegan_transpose" for r in rows) == 2 * config.seeds
+  with open(tmp_path / "cyclegan.csv") as f:
+    measures = list(csv.DictReader(f))
+  assert len(measures) == 2 * config.seeds and set(measures[0]) == set(benchmark.CYCLEGAN_FIELDS)
+  for name in ("cyclegan_examples.png", "cyclegan_examples.json", "cyclegan.json"):
+    assert (tmp_path / name).stat().st_size > 0
+  md = (tmp_path / "benchmark.md").read_text()
+  assert "## Pixel-level translation (CycleGAN)" in md and "| brightness | 5 | transpose |" in md
+  assert "| zoom | 5 |" in md and "— |" in md  # no translator at zoom: a dash in the table
+
+  # By hand: seed 1's translated images (severity 5) scored by its source model
+  # against its shifted masks drawn afresh, and their period-2 energy relative
+  # to the shifted inputs with NumPy's FFT.
+  wd = workdir.Workdir.read(str(tmp_path))
+  stack, _ = wd.load_model("reference")
+  images = np.load(tmp_path / "translations" / "cyclegan__transpose__brightness.npz")["images"]
+  source = data.Domain.from_json(config.source)
+  x1, y1 = data.make_dataset(data.split_key(config.seed + 1, source, "eval"), source,
+                             config.data.n_eval, config.data.size)
+  xs, ys = shifts.apply(data.named_key(config.seed + 1, "brightness", 5, "eval"), x1, y1,
+                        "brightness", 5)
+  model = models.UNet(features=2, depth=2)
+  want, tol = _iou_and_tolerance(model, jax.tree_util.tree_map(lambda a: a[1], stack),
+                                 images[1], ys)
+  got = [r["iou"] for r in rows if (r["variant"], r["shift"], r["method"], r["seed"])
+         == ("reference", "brightness", "cyclegan_transpose", 1)]
+  assert got == [pytest.approx(want, abs=tol)]
+
+  def share(a):
+    p = np.abs(np.fft.fft2(np.asarray(a, np.float64)[..., 0])) ** 2
+    h, w = p.shape[1:]
+    return np.mean((p[:, h // 2, 0] + p[:, 0, w // 2] + p[:, h // 2, w // 2])
+                   / (p.sum(axis=(1, 2)) - p[:, 0, 0]))
+
+  row = next(r for r in measures if (r["up"], r["seed"]) == ("transpose", "1"))
+  assert float(row["checkerboard_ratio"]) == pytest.approx(share(images[1]) / share(xs),
+                                                           rel=1e-4)
+
+  # Rerun: the translations restored, no translator trained.
+  monkeypatch.setattr(cyclegan, "train_translators",
+                      lambda *a, **k: pytest.fail("translators retrained"))
+  monkeypatch.setattr(train, "train_many", lambda *a, **k: pytest.fail("retrained"))
+  assert benchmark.run(config, str(tmp_path)) == rows

@@ -147,3 +147,19 @@ def test_pair_chunk_benchmark_runs():
   rows = pair_chunk.run(pairs=(1, 2), width=2, size=16, images=8, steps=2)
   assert [r["pairs"] for r in rows] == [1, 2]
   assert all(r["first_s"] > 0 and r["second_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_cyclegan_benchmark_both_sides_train_the_same_translators():
+  """benchmarks/cyclegan_many.py at toy sizes: K translators in one program
+  and one at a time end with the same cycle loss (unrolled: the same
+  arithmetic), and the AdaBN comparison row is there."""
+  import cyclegan_many
+
+  rows = cyclegan_many.run(k=2, steps=2, size=16, features=2, n_blocks=1, disc_features=2,
+                           disc_layers=1, batch=2, n=8, unet_features=2, reps=1,
+                           strategy="unroll")
+  check_times(rows)
+  assert [r["benchmark"] for r in rows] == ["cyclegan_many", "cyclegan_cost"]
+  assert rows[0]["value"] == pytest.approx(rows[0]["reference_value"], rel=1e-6)
+  assert rows[0]["translator_images_per_s"] > 0

@@ -58,6 +58,16 @@ def test_messages_start_with_the_key():
     cfg.tent_options({"steps": 0, "learning_rate": 1e-3, "batch_size": 4})
   with pytest.raises(cfg.ConfigError, match=r"^config\.tent\.learning_rate must be a number"):
     cfg.tent_options({"steps": 1, "learning_rate": float("nan"), "batch_size": 4})
+  with pytest.raises(cfg.ConfigError, match=r"^config\.cyclegan\.train\.pool_size must be an "
+                                            r"integer >= 0"):
+    cfg.cyclegan_config({"pool_size": -1})
+  with pytest.raises(cfg.ConfigError, match=r"^config\.cyclegan\.train\.lambda_cyc is not a "
+                                            r"field of CycleGANConfig"):
+    cfg.cyclegan_config({"lambda_cyc": 1.0})
+  with pytest.raises(cfg.ConfigError, match=r"^config\.cyclegan\.train: images must have a "
+                                            r"height and width that are multiples of 4"):
+    cfg.cyclegan_config({}, image_size=18)
+  assert cfg.cyclegan_config({"steps": 3}, up="resize_conv").up == "resize_conv"
   with pytest.raises(cfg.ConfigError, match=r"^config\.seed must be an integer >= 0"):
     cfg.positive_int(-1, "seed", minimum=0)
   with pytest.raises(cfg.ConfigError, match=r"^config\.empty_iou must be in \[0, 1\]"):

@@ -216,6 +216,8 @@ def test_config_and_input_errors(sets):
   with pytest.raises(ValueError, match="no patch"):
     cg.train_translators(key, src[:, :8, :8], stack[:, :, :8, :8],
                          cg.CycleGANConfig(disc_layers=3, verbose=False))
+  with pytest.raises(ValueError, match="2 sets for 3 target sets"):
+    cg.train_translators(key, src[None].repeat(2, 0), stack, TINY)
   with pytest.raises(ValueError, match="3 keys"):
     cg.train_translators(jax.random.split(key, 2), src, stack, TINY)
   with pytest.raises(ValueError, match="segmenter"):
@@ -244,7 +246,8 @@ def _leaves_close(a, b, **tol):
 def test_k_translators_equal_separate_trainings_and_a_resumed_one(sets, tmp_path, monkeypatch):
   src, stack = sets
   keys = jax.random.split(jax.random.key(0), 3)
-  together, hist = cg.train_translators(keys, src, stack, TINY)
+  sources = np.stack([src, src * 0.8, src])  # translator i's own source set
+  together, hist = cg.train_translators(keys, sources, stack, TINY)
   assert hist["losses"].shape == (4, 3, len(cg.LOSS_NAMES)) and hist["steps_run"] == 4
   losses = dict(zip(cg.LOSS_NAMES, np.moveaxis(hist["losses"], -1, 0)))
   # the generator's objective is the weighted sum of its parts
@@ -253,7 +256,7 @@ def test_k_translators_equal_separate_trainings_and_a_resumed_one(sets, tmp_path
       + 5 * losses["identity"], rtol=1e-5)
   assert np.all(losses["semantic"] == 0)
   for i in range(3):
-    alone, h1 = cg.train_translators(keys[i:i + 1], src, stack[i:i + 1], TINY)
+    alone, h1 = cg.train_translators(keys[i:i + 1], sources[i], stack[i:i + 1], TINY)
     _leaves_close(jax.tree_util.tree_map(lambda a: a[i], together),
                   jax.tree_util.tree_map(lambda a: a[0], alone), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(hist["losses"][:, i], h1["losses"][:, 0], rtol=1e-5, atol=1e-6)

@@ -41,7 +41,8 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.variants = ALL_VARIANTS if full else CPU_VARIANTS
   c.shifts = ALL_SHIFTS
   c.severities = "1,2,3,4,5" if full else "1,3,5"  # severity 0 (the source) is always scored
-  c.methods = "none,adabn,adabn_prior,tent,histogram_match" + (",oracle" if full else "")
+  c.methods = ("none,adabn,adabn_prior,tent,histogram_match,cyclegan_transpose,"
+               "cyclegan_resize_conv" + (",oracle" if full else ""))
 
   c.data.n_eval = 200 if full else 64
   c.data.n_adapt = 200 if full else 64
@@ -51,6 +52,19 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.adapt.prior = 16.0   # adabn_prior: source statistics weighted as N = 16 images
 
   c.tent = BASE["tent"]()  # bnjax.methods.tent
+
+  # Pixel-level translation (methods cyclegan_transpose, cyclegan_resize_conv):
+  # translators trained per (shift, severity, seed) at these shifts and
+  # severities only; c.cyclegan.train holds bnjax.cyclegan.CycleGANConfig fields.
+  c.cyclegan = config_dict.ConfigDict()
+  c.cyclegan.shifts = ALL_SHIFTS if full else "brightness,contrast,gamma,gradient,edges,blur"
+  c.cyclegan.severities = "1,2,3,4,5" if full else "3,5"
+  c.cyclegan.train = config_dict.ConfigDict({
+      "steps": 3000 if full else 300, "batch_size": 1 if full else 2,
+      "learning_rate": 2e-4, "lambda_cycle": 10.0, "pool_size": 50,
+      "features": 32 if full else 8, "n_blocks": 6 if full else 2,
+      "disc_features": 32 if full else 8, "disc_layers": 3 if full else 2,
+      "noise_sigma": 0.0, "steps_per_call": 50, "verbose": False})
 
   c.strategy = "auto"    # how stacks are mapped: auto | vmap | unroll
   # Pairs per compiled call of the methods (bnjax.distributed.map_pairs' chunk):

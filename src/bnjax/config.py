@@ -27,6 +27,7 @@ import jax
 
 from bnjax import _checks
 from bnjax import adapt
+from bnjax import cyclegan
 from bnjax import data
 from bnjax import features
 from bnjax import models
@@ -35,7 +36,7 @@ from bnjax import train
 
 __all__ = ["ConfigError", "value", "names", "ints", "positive_int", "unit_interval", "choice",
            "domain", "domains", "image_size", "unet", "taps", "train_config", "adapt_options",
-           "tent_options", "strategy"]
+           "tent_options", "cyclegan_config", "strategy"]
 
 
 class ConfigError(ValueError):
@@ -203,6 +204,19 @@ def tent_options(section, key: str = "tent") -> dict:
           "learning_rate": value(f"{key}.learning_rate", _checks.number, "learning_rate",
                                  given.get("learning_rate")),
           "batch_size": positive_int(given.get("batch_size"), f"{key}.batch_size")}
+
+
+def cyclegan_config(section, key: str = "cyclegan.train", image_size: int | None = None,
+                    **overrides) -> cyclegan.CycleGANConfig:
+  """The :class:`~bnjax.cyclegan.CycleGANConfig` of ``section`` (``overrides``
+  added, e.g. ``up``), checked; with ``image_size``, also that square images
+  of that side fit its networks."""
+  fields = {**_section(section, key), **overrides}
+  _fields(cyclegan.CycleGANConfig, fields, key)
+  cc = value(key, cyclegan.CycleGANConfig, **fields, prefix="CycleGANConfig.")
+  if image_size is not None:
+    value(key, cc.check_images, image_size, image_size)
+  return cc
 
 
 def strategy(v, key: str = "strategy") -> str:

@@ -137,6 +137,7 @@ class Generator(nn.Module):
   channels: int = 1
 
   def setup(self):
+    """The layers (``up`` checked first)."""
     _checks.choice("up", self.up, UPS)
     f = self.features
     self.stem = nn.Conv(f, (7, 7), padding="VALID", kernel_init=_INIT)
@@ -148,6 +149,7 @@ class Generator(nn.Module):
     self.norms = [_instance_norm() for _ in range(3)]
 
   def encode(self, x):
+    """Images float[n, H, W, C] in [0, 1] -> features float[n, H/4, W/4, 4f]."""
     x = 2.0 * x - 1.0
     x = nn.relu(self.norms[0](self.stem(_reflect(x, 3))))
     for down, norm in zip(self.downs, self.norms[1:]):
@@ -157,6 +159,7 @@ class Generator(nn.Module):
     return x
 
   def decode(self, h):
+    """Features float[n, h, w, 4f] -> images float[n, 4h, 4w, channels] in [0, 1]."""
     for up in self.ups:
       h = up(h)
     return (jnp.tanh(self.head(_reflect(h, 3))) + 1.0) / 2.0
@@ -596,7 +599,8 @@ def train_translators(key, source_images, target_images_stack,
   Args:
     key: one PRNG key (split into K) or K keys (a key array of shape [K]);
       translator i is what a call with K = 1 and key ``keys[i:i + 1]`` trains.
-    source_images: float[n_s, H, W, C] (or [n_s, H, W]) in [0, 1].
+    source_images: float[n_s, H, W, C] (or [n_s, H, W]) in [0, 1], shared by
+      every translator, or float[K, n_s, H, W, C]: translator i's own.
     target_images_stack: float[K, n_t, H, W, C] in [0, 1].
     config: a :class:`CycleGANConfig`.
     segmenter: ``(model, variables)`` of the frozen source segmenter
@@ -616,8 +620,9 @@ def train_translators(key, source_images, target_images_stack,
     [i]}``, or call :func:`translate`), and a history with ``losses``
     float[steps, K, 7] (the :data:`LOSS_NAMES`), ``seconds`` (training time
     of this call), ``steps_run`` (steps this call ran; fewer than ``steps``
-    after a resume) and ``images_per_second`` (target images translated per
-    second of training, per translator).
+    after a resume) and ``images_per_second`` (each translator's target
+    images, ``steps_run x batch_size``, over ``seconds``: with K translators
+    in one call, K times this many images went through in that time).
 
   Raises:
     ValueError: bad images, keys or settings (before anything is compiled).
@@ -626,13 +631,18 @@ def train_translators(key, source_images, target_images_stack,
   """
   if not isinstance(config, CycleGANConfig):
     raise ValueError(f"config must be a CycleGANConfig, got {type(config).__name__}")
-  source = _checks.images(source_images, name="source_images")
+  per_translator = np.ndim(source_images) == 5
+  source = _checks.images(source_images, name="source_images", stacked=per_translator)
   target = _checks.images(target_images_stack, name="target_images_stack", stacked=True)
-  if source.shape[1:] != target.shape[2:]:
-    raise ValueError(f"source_images [n, H, W, C] and target_images_stack [K, n, H, W, C] must "
-                     f"share H, W, C: got {source.shape} and {target.shape}")
-  config.check_images(*source.shape[1:3])
+  if source.shape[-3:] != target.shape[2:]:
+    raise ValueError(f"source_images [n, H, W, C] (or [K, n, H, W, C]) and target_images_stack "
+                     f"[K, n, H, W, C] must share H, W, C: got {source.shape} and "
+                     f"{target.shape}")
   k = target.shape[0]
+  if per_translator and source.shape[0] != k:
+    raise ValueError(f"source_images of shape {source.shape} hold {source.shape[0]} sets for "
+                     f"{k} target sets: pass one source set [n, H, W, C] or one per target set")
+  config.check_images(*source.shape[-3:-1])
   keys = _keys_of(key, k)
   if config.lambda_semantic > 0:
     if segmenter is None or len(segmenter) != 2:
@@ -647,7 +657,7 @@ def train_translators(key, source_images, target_images_stack,
   strategy = stacking.resolve(strategy)
   distributed.check_same("the images given to train_translators", (source, target))
   channels = source.shape[-1]
-  image_shape = tuple(source.shape[1:])
+  image_shape = tuple(source.shape[-3:])
 
   mesh = stacking.make_mesh(devices)
   k_pad = stacking.padded_size(k, mesh)
@@ -685,7 +695,8 @@ def train_translators(key, source_images, target_images_stack,
   # Every per-translator argument stacked (shared ones repeated) and padded.
   bcast = lambda tree: jax.tree_util.tree_map(
       lambda a: jnp.broadcast_to(a, (k, *jnp.shape(a))), tree)
-  args = (state, data_keys, bcast(source), target, bcast(seg_vars))
+  args = (state, data_keys, source if per_translator else bcast(source), target,
+          bcast(seg_vars))
   state, data_keys, src, tgt, sv = stacking.place(stacking.pad(args, k_pad), mesh)
   every = checkpoint_every or config.steps_per_call
   bar = progress.Progress(config.steps, f"CycleGAN ({k} translator{'s' * (k > 1)})",

@@ -15,7 +15,7 @@ from bnjax.stats import constant_dims
 
 __all__ = ["heatmaps", "sigma_panels", "surface", "histories", "channel_histograms",
            "severity_curves", "labelled_heatmap", "winner_grid", "predictor_scatter",
-           "stream_curves", "DOMAIN_NOTE"]
+           "stream_curves", "image_grid", "DOMAIN_NOTE"]
 
 
 def _plt():
@@ -518,4 +518,41 @@ def predictor_scatter(panels: dict, groups: Sequence[str], path, title: str = ""
   write_json_atomic(f"{_stem(path)}.json", {
       n: {k: (v if isinstance(v, str) else np.asarray(v).tolist()) for k, v in p.items()}
       for n, p in panels.items()})
+  return path
+
+
+def image_grid(images, rows: Sequence[str], cols: Sequence[str], path, title: str = "",
+               lo: float = 0.0, hi: float = 1.0) -> str:
+  """Images in a labelled grid (``images[i][j]``: float[H, W] or [H, W, 1],
+  grey from ``lo`` to ``hi``; row labels on the left, column titles on top);
+  beside it a JSON of each image's mean, standard deviation and range."""
+  plt = _plt()
+  if len(images) != len(rows) or any(len(r) != len(cols) for r in images):
+    raise ValueError(f"images must be {len(rows)} rows of {len(cols)} images (rows x cols), "
+                     f"got {[len(r) for r in images]}")
+  fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols) + 0.6,
+                                                          1.6 * len(rows) + 0.6), squeeze=False)
+  stats = []
+  for i, r in enumerate(images):
+    stats.append([])
+    for j, img in enumerate(r):
+      a = np.asarray(img, float)
+      a = a[..., 0] if a.ndim == 3 else a
+      ax = axes[i, j]
+      ax.imshow(a, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(cols[j], fontsize=7)
+      if j == 0:
+        ax.set_ylabel(rows[i], fontsize=7)
+      stats[-1].append({"mean": float(a.mean()), "std": float(a.std()),
+                        "min": float(a.min()), "max": float(a.max())})
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  write_json_atomic(f"{_stem(path)}.json", {"rows": list(rows), "cols": list(cols),
+                                            "pixels": stats})
   return path
