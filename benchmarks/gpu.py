@@ -113,11 +113,22 @@ def _methods(quick):
                           reps=2 if quick else 3)
 
 
+def _cyclegan(quick):
+  import cyclegan_many
+  return cyclegan_many.run(k=2 if quick else 32, steps=2 if quick else 100,
+                           size=16 if quick else 64, features=2 if quick else 32,
+                           n_blocks=1 if quick else 6, disc_features=2 if quick else 32,
+                           disc_layers=1 if quick else 3, batch=2 if quick else 1,
+                           n=8 if quick else 64, unet_features=2 if quick else 16,
+                           reps=1 if quick else 2)
+
+
 BENCHMARKS = {"train_many": _train_many, "train_step": _train_step, "data_gen": _data_gen,
-              "adapt_cost": _adapt_cost, "streams": _streams, "methods": _methods}
+              "adapt_cost": _adapt_cost, "streams": _streams, "methods": _methods,
+              "cyclegan": _cyclegan}
 # A benchmark starts only if this many seconds are left (about its length on an H200).
 NEEDS_S = {"train_many": 120, "train_step": 60, "data_gen": 40, "adapt_cost": 60, "streams": 60,
-           "methods": 60}
+           "methods": 60, "cyclegan": 120}
 
 
 def _markdown(summary: dict) -> str:

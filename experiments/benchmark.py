@@ -18,8 +18,13 @@ with the source statistics as ``config.adapt.prior`` prior images, Schneider
 et al. 2020), ``tent`` (:func:`bnjax.methods.tent_stacked` on the adaptation
 images: every (seed, severity) pair in one compiled call), ``histogram_match``
 (each target image matched to the pooled unlabelled source images,
-:func:`bnjax.methods.histogram_match_stacked`), ``oracle`` (models of the variant trained on the
-shifted training images, one stack per shift and severity).
+:func:`bnjax.methods.histogram_match_stacked`), ``cyclegan_transpose`` and
+``cyclegan_resize_conv`` (the shifted evaluation images translated into the
+source style by a CycleGAN trained on that seed's unlabelled source and
+shifted adaptation images, :mod:`bnjax.cyclegan`; only at the shifts and
+severities of ``config.cyclegan``, the translators shared by every variant),
+``oracle`` (models of the variant trained on the shifted training images,
+one stack per shift and severity).
 
 Resumable: each variant's stack is a checkpoint, each (variant, shift) a
 result file. The workdir (:mod:`bnjax.workdir`) receives ``config.json``,
@@ -31,7 +36,9 @@ adaptation), and per variant ``<variant>_severity.png`` (IoU against severity,
 one panel per shift, one line per method), ``<variant>_methods.png`` (method x
 shift heatmap of the mean IoU over severities >= 1) and
 ``<variant>_winners.png`` (the winning method of each shift and severity),
-each with its numbers beside it.
+each with its numbers beside it; with the CycleGAN methods also
+``translations/``, ``cyclegan.csv``/``.json`` (every translator's measures
+and cost) and ``cyclegan_examples.png``.
 """
 
 from __future__ import annotations
@@ -173,6 +180,11 @@ def _translator_severities(plan, shift) -> list[int]:
   return [v for v in plan.severities if v in plan.cyclegan["severities"]]
 
 
+def _translations_file(wd, name: str) -> str:
+  """Where the translations ``name`` are kept (read by every process)."""
+  return os.path.join(wd.path, "translations", f"{name}.npz")
+
+
 def _translations(wd, config, plan, method, shift, sources):
   """float[P, n, H, W, C]: the shifted evaluation images of every (severity,
   seed) pair of ``shift`` (severity-major) translated into the source style
@@ -182,9 +194,8 @@ def _translations(wd, config, plan, method, shift, sources):
   translators' measures are kept in the workdir and shared by every
   variant."""
   name = f"cyclegan__{CYCLEGAN[method]}__{shift}"
-  path = wd.file(f"translations/{name}.npz")
-  found = wd.read_result(name)
-  if found is not None and os.path.isfile(path):
+  path = _translations_file(wd, name)
+  if wd.read_result(name) is not None and os.path.isfile(path):
     return np.load(path)["images"]
   _, src_eval, src_adapt, _ = sources
   sevs = _translator_severities(plan, shift)
@@ -217,9 +228,8 @@ def _translations(wd, config, plan, method, shift, sources):
                      images_per_second=history["images_per_second"]))
     out.append(images)
   out = np.stack(out)
-  if distributed.is_primary():
-    np.savez(path, images=out)
-  wd.write_result(name, {"rows": rows, "steps_run": history["steps_run"]})
+  np.savez(wd.file(f"translations/{name}.npz"), images=out)  # process 0's is the workdir's
+  wd.write_result(name, {"rows": rows, "steps_run": history["steps_run"]})  # then a barrier
   return out
 
 
@@ -397,7 +407,7 @@ def _cyclegan_report(wd, config, plan, iou) -> list[str]:
                  f"{mean('spectral_l1'):.3f} | {mean('sharpness_ratio'):.2f} | "
                  f"{mean('edge_overlap'):.2f} | {mean('train_seconds'):.1f} | "
                  f"{mean('images_per_second'):.0f} |")
-  lines += ["", "Translation against AdaBN (mean IoU over seeds; **bold**: the better):", ""]
+  lines += ["", "Translation against AdaBN and no adaptation (mean IoU over seeds):", ""]
   for variant in plan.variants:
     cells = sorted({(k[1], k[2]) for k in iou if k[0] == variant and k[3] in ups})
     if not cells:
@@ -420,7 +430,7 @@ def _example_figure(wd, config, plan, ups):
   each translated shift: the source-domain image it was drawn as, the
   shifted (target) image and each generator's translation."""
   shifted = [sh for sh in plan.shifts if _translator_severities(plan, sh)
-             and all(os.path.isfile(wd.file(f"translations/cyclegan__{CYCLEGAN[m]}__{sh}.npz"))
+             and all(os.path.isfile(_translations_file(wd, f"cyclegan__{CYCLEGAN[m]}__{sh}"))
                      for m in ups)]
   if not shifted:
     return
@@ -432,7 +442,7 @@ def _example_figure(wd, config, plan, ups):
     x, _ = _shifted(config, sh, sev, "eval", src_eval[0][:1], src_eval[1][:1])
     p = (len(sevs) - 1) * config.seeds  # seed 0 of the highest severity
     row = [np.asarray(src_eval[0][0, 0]), np.asarray(x[0, 0])]
-    row += [np.load(wd.file(f"translations/cyclegan__{CYCLEGAN[m]}__{sh}.npz"))["images"][p, 0]
+    row += [np.load(_translations_file(wd, f"cyclegan__{CYCLEGAN[m]}__{sh}"))["images"][p, 0]
             for m in ups]
     grid.append(row)
     rows.append(f"{sh} {sev}")

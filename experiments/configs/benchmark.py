@@ -5,12 +5,17 @@ r"""The shift benchmark: U-Net variants x shifts x severities x methods x seeds.
     python experiments/benchmark.py --config=experiments/configs/benchmark.py --config.variants=reference,strided,ce --workdir=runs/bench_variants
 
 Expected on 2 CPU cores (the default: 32x32 images, width 8, 3 seeds, the
-``reference`` and ``instance`` variants, every shift at severities 1, 3, 5):
-about 6 minutes (348 s measured). On the source (90,50,170,50) the reference U-Net scores
+``reference`` and ``instance`` variants, every shift at severities 1, 3, 5,
+and 72 CycleGAN translators: 6 shifts x severities 3, 5 x 3 seeds x 2
+generators, 300 steps each): about 50 minutes (2992 s measured with a CI run
+sharing the cores; 348 s without the translators). Add
+``--config.methods=none,adabn,adabn_prior,tent,histogram_match`` for the
+6-minute run without them. On the source (90,50,170,50) the reference U-Net scores
 about 0.86 IoU; the brightness shift at severity 5 (+60: the domain
 (150,50,230,50)) drops it to the mask fraction (about 0.2) without
 adaptation, and AdaBN, TENT and histogram matching bring it back to the
-source level; the InstanceNorm U-Net needs no adaptation there. The table
+source level (the translators at this budget to about 0.47); the
+InstanceNorm U-Net needs no adaptation there. The table
 and the findings are in docs/guides/benchmark.md.
 
 ``full``: 64x64 images, width 16, every variant, every severity, 5 seeds,
