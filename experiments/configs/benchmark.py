@@ -70,6 +70,7 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
       "features": 32 if full else 8, "n_blocks": 6 if full else 2,
       "disc_features": 32 if full else 8, "disc_layers": 3 if full else 2,
       "noise_sigma": 0.0, "steps_per_call": 50, "verbose": False})
+  c.cyclegan.train.lambda_identity = config_dict.placeholder(float)  # None: 0.5 lambda_cycle
 
   c.strategy = "auto"    # how stacks are mapped: auto | vmap | unroll
   # Pairs per compiled call of the methods (bnjax.distributed.map_pairs' chunk):
