@@ -55,20 +55,24 @@ def run(k: int = 4, steps: int = 100, size: int = 32, features: int = 8, n_block
         f"{disc_features} x {disc_layers} layers, {steps} steps of batch {batch}, "
         f"strategy {name}", flush=True)
 
+  last = {}  # each side's latest losses, read after the timing
+
   def stacked():
-    return cyclegan.train_translators(keys, src, targets, cfg, strategy=strategy)[1]
+    last["stack"] = cyclegan.train_translators(keys, src, targets, cfg,
+                                               strategy=strategy)[1]["losses"]
+    return last["stack"]
 
   def one_by_one():
-    return [cyclegan.train_translators(keys[i:i + 1], src, targets[i:i + 1], cfg,
-                                       strategy=strategy)[1] for i in range(k)]
+    last["one"] = [cyclegan.train_translators(keys[i:i + 1], src, targets[i:i + 1], cfg,
+                                              strategy=strategy)[1]["losses"] for i in range(k)]
+    return last["one"]
 
-  c_stack = first_call(lambda: stacked()["losses"])
-  c_one = first_call(lambda: one_by_one()[0]["losses"])
-  t_stack, t_one = side_by_side([lambda: stacked()["losses"],
-                                 lambda: [h["losses"] for h in one_by_one()]], reps)
+  c_stack = first_call(stacked)
+  c_one = first_call(one_by_one)
+  t_stack, t_one = side_by_side([stacked, one_by_one], reps)
   cycle = cyclegan.LOSS_NAMES.index("cycle")
-  loss_stack = float(np.mean(stacked()["losses"][-1, :, cycle]))
-  loss_one = float(np.mean([h["losses"][-1, 0, cycle] for h in one_by_one()]))
+  loss_stack = float(np.mean(last["stack"][-1, :, cycle]))
+  loss_one = float(np.mean([h[-1, 0, cycle] for h in last["one"]]))
   images = k * steps * batch
   print(f"{'':>22} {'seconds':>9} {'translator img/s':>17} {'compile':>9} "
         f"{'final cycle loss':>17}")

@@ -185,42 +185,37 @@ def _translations_file(wd, name: str) -> str:
   return os.path.join(wd.path, "translations", f"{name}.npz")
 
 
-def _translations(wd, config, plan, method, shift, sources):
-  """float[P, n, H, W, C]: the shifted evaluation images of every (severity,
-  seed) pair of ``shift`` (severity-major) translated into the source style
-  by that pair's target -> source generator. The translators of a shift are
-  trained together (one stack: each seed's unlabelled source images against
-  its shifted adaptation images) and checkpointed; the translations and the
+def _translations(wd, config, plan, method, shift, pairs):
+  """float[P, n, H, W, C]: the shifted evaluation images of the (severity,
+  seed) pairs of ``shift`` at the translators' severities, translated into the
+  source style by that pair's target -> source generator. ``pairs``: the
+  pairs' (severities, seeds, shifted evaluation images, their masks,
+  shifted adaptation images, unlabelled source images, source evaluation
+  images), as the cell computed them. The translators of a shift are trained
+  together (one stack) and checkpointed; the translations and the
   translators' measures are kept in the workdir and shared by every
   variant."""
   name = f"cyclegan__{CYCLEGAN[method]}__{shift}"
   path = _translations_file(wd, name)
   if wd.read_result(name) is not None and os.path.isfile(path):
     return np.load(path)["images"]
-  _, src_eval, src_adapt, _ = sources
-  sevs = _translator_severities(plan, shift)
-  s = config.seeds
-  seed_of = np.tile(np.arange(s), len(sevs))
-  eval_x, eval_y = (jnp.concatenate(a) for a in zip(
-      *[_shifted(config, shift, sev, "eval", *src_eval) for sev in sevs]))
-  adapt_x = jnp.concatenate([_shifted(config, shift, sev, "adapt", *src_adapt)[0]
-                             for sev in sevs])
-  keys = jnp.stack([data.named_key(config.seed + int(seed_of[p]), "cyclegan", shift,
-                                   sevs[p // s]) for p in range(len(seed_of))])
+  sevs, seeds, eval_x, eval_y, adapt_x, source_x, source_eval = pairs
+  keys = jnp.stack([data.named_key(config.seed + int(seed), "cyclegan", shift, int(sev))
+                    for sev, seed in zip(sevs, seeds)])
   cc = plan.cyclegan[method]
-  print(f"[{name}] training {len(seed_of)} translators ({cc.steps} steps each)", flush=True)
+  print(f"[{name}] training {len(seeds)} translators ({cc.steps} steps each)", flush=True)
   translators, history = cyclegan.train_translators(
-      keys, src_adapt[0][seed_of], adapt_x, cc, strategy=config.strategy,
+      keys, source_x, adapt_x, cc, strategy=config.strategy,
       workdir=os.path.join(wd.path, "checkpoints", name))
   generator = cc.generator(eval_x.shape[-1])
   out, rows = [], []
-  per_translator = history["seconds"] / len(seed_of)
-  for p in range(len(seed_of)):
+  per_translator = history["seconds"] / len(seeds)
+  for p, (sev, seed) in enumerate(zip(sevs, seeds)):
     params = jax.tree_util.tree_map(lambda a: a[p], translators["to_source"])
     images = cyclegan.translate(generator, params, eval_x[p])
     board = cyclegan.checkerboard(images, eval_x[p])
-    sharp = cyclegan.sharpness(images, src_eval[0][seed_of[p]])
-    rows.append(dict(shift=shift, severity=int(sevs[p // s]), seed=int(seed_of[p]),
+    sharp = cyclegan.sharpness(images, source_eval[p])
+    rows.append(dict(shift=shift, severity=int(sev), seed=int(seed),
                      up=cc.up, period2=board.period2, checkerboard_ratio=board.ratio,
                      spectral_l1=board.spectral_l1, sharpness_ratio=sharp.ratio,
                      edge_overlap=cyclegan.edge_overlap(images, eval_y[p]),
@@ -302,9 +297,14 @@ def _cell_methods(wd, config, plan, variant, sources, shift, severities):
   # Pixel-level translation: the source model on the translated images, at
   # the severities the translators were trained for.
   sevs = _translator_severities(plan, shift)
-  for method in [m for m in run if m in CYCLEGAN and sevs]:
-    translated = _translations(wd, config, plan, method, shift, sources)
+  translating = [m for m in run if m in CYCLEGAN and sevs]
+  if translating:
     idx = np.asarray([p for p in range(len(seed_of)) if severities[p // s] in sevs])
+    translated_pairs = ([severities[p // s] for p in idx], seed_of[idx], eval_x[idx],
+                        eval_y[idx], adapt_x[idx], src_adapt[0][seed_of[idx]],
+                        src_eval[0][seed_of[idx]])
+  for method in translating:
+    translated = _translations(wd, config, plan, method, shift, translated_pairs)
     iou, dice = _scores(model, jax.tree_util.tree_map(lambda a: a[idx], v), translated,
                         eval_y[idx], config.strategy)
     out[method] = (np.zeros(len(seed_of)), np.zeros(len(seed_of)))

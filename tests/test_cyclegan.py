@@ -179,6 +179,8 @@ def test_edge_overlap_against_scipy():
   assert got > 0.9  # a step of 3 over noise of 1: the strong edges are the outline
   noise_only = cg.edge_overlap(rng.random((4, 32, 32)), masks)
   assert noise_only < 0.6
+  with pytest.raises(ValueError, match="masks must be boolean"):
+    cg.edge_overlap(textured, masks.astype(float))  # a probability map is not a mask
 
 
 # --------------------------------------------------------------------------

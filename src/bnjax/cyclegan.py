@@ -250,23 +250,13 @@ class CycleGANConfig:
   def __post_init__(self):
     for name in ("steps", "batch_size", "features", "disc_features", "disc_layers",
                  "steps_per_call"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"CycleGANConfig.{name} must be an integer >= 1, got {v!r}")
+      _checks.positive_int(f"CycleGANConfig.{name}", getattr(self, name))
     for name in ("n_blocks", "pool_size"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"CycleGANConfig.{name} must be an integer >= 0, got {v!r}")
+      _checks.positive_int(f"CycleGANConfig.{name}", getattr(self, name), minimum=0)
     for name in ("learning_rate", "lambda_cycle", "lambda_semantic", "noise_sigma"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-          math.isfinite(v) and v >= 0):
-        raise ValueError(f"CycleGANConfig.{name} must be a finite number >= 0, got {v!r}")
-    if self.lambda_identity is not None and not (
-        isinstance(self.lambda_identity, (int, float)) and math.isfinite(self.lambda_identity)
-        and self.lambda_identity >= 0):
-      raise ValueError("CycleGANConfig.lambda_identity must be None or a finite number >= 0, "
-                       f"got {self.lambda_identity!r}")
+      _checks.number(f"CycleGANConfig.{name}", getattr(self, name))
+    if self.lambda_identity is not None:
+      _checks.number("CycleGANConfig.lambda_identity", self.lambda_identity, what=" or None")
     if not 0.0 <= self.beta1 < 1.0:
       raise ValueError(f"CycleGANConfig.beta1 must be in [0, 1), got {self.beta1}")
     if not 0.0 <= self.decay_fraction <= 1.0:
@@ -455,7 +445,6 @@ def _step(config, channels, segmenter, state: _State, source, target, seg_vars, 
     noisy = lambda i, x: x + noise[i]
   else:
     noisy = lambda i, x: x
-  nk = range(6)
   g_apply = lambda p, x: gen.apply({"params": p}, x)
   d_apply = lambda p, x: disc.apply({"params": p}, x)
   dp = {n: state.params[n] for n in ("source_critic", "target_critic")}
@@ -463,8 +452,8 @@ def _step(config, channels, segmenter, state: _State, source, target, seg_vars, 
 
   def g_loss(gp):
     fake_s, fake_t = g_apply(gp["to_source"], t), g_apply(gp["to_target"], s)
-    adversarial = (lsgan_loss(d_apply(dp["source_critic"], noisy(nk[0], fake_s)), True)
-                   + lsgan_loss(d_apply(dp["target_critic"], noisy(nk[1], fake_t)), True))
+    adversarial = (lsgan_loss(d_apply(dp["source_critic"], noisy(0, fake_s)), True)
+                   + lsgan_loss(d_apply(dp["target_critic"], noisy(1, fake_t)), True))
     cycle = (cycle_loss(t, g_apply(gp["to_target"], fake_s))
              + cycle_loss(s, g_apply(gp["to_source"], fake_t)))
     identity = (identity_loss(s, g_apply(gp["to_source"], s))
@@ -489,10 +478,10 @@ def _step(config, channels, segmenter, state: _State, source, target, seg_vars, 
                                       jax.lax.stop_gradient(fake_t), k_pt)
 
   def d_loss(dp):
-    d_s = 0.5 * (lsgan_loss(d_apply(dp["source_critic"], noisy(nk[2], s)), True)
-                 + lsgan_loss(d_apply(dp["source_critic"], noisy(nk[3], old_s)), False))
-    d_t = 0.5 * (lsgan_loss(d_apply(dp["target_critic"], noisy(nk[4], t)), True)
-                 + lsgan_loss(d_apply(dp["target_critic"], noisy(nk[5], old_t)), False))
+    d_s = 0.5 * (lsgan_loss(d_apply(dp["source_critic"], noisy(2, s)), True)
+                 + lsgan_loss(d_apply(dp["source_critic"], noisy(3, old_s)), False))
+    d_t = 0.5 * (lsgan_loss(d_apply(dp["target_critic"], noisy(4, t)), True)
+                 + lsgan_loss(d_apply(dp["target_critic"], noisy(5, old_t)), False))
     return d_s + d_t, (d_s, d_t)
 
   (_, (d_s, d_t)), grads = jax.value_and_grad(d_loss, has_aux=True)(dp)
@@ -662,7 +651,6 @@ def train_translators(key, source_images, target_images_stack,
   mesh = stacking.make_mesh(devices)
   k_pad = stacking.padded_size(k, mesh)
   per_device = k_pad // (1 if mesh is None else mesh.size)
-  seg_key = None if seg_model is None else seg_model
 
   def build():
     def program(n_steps):
@@ -676,7 +664,7 @@ def train_translators(key, source_images, target_images_stack,
     return {"init": init, "programs": {}, "program": program}
 
   devices_id = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
-  loop = _m.cached(seg_key, ("cyclegan", config, channels, image_shape, strategy, devices_id,
+  loop = _m.cached(seg_model, ("cyclegan", config, channels, image_shape, strategy, devices_id,
                              k_pad), build)
 
   init_keys, data_keys = (jnp.stack(a) for a in zip(*[jax.random.split(kk) for kk in keys]))
@@ -789,6 +777,11 @@ def period2_energy(images) -> np.ndarray:
   return np.where(ac > 0, nyquist / np.where(ac > 0, ac, 1.0), 0.0)
 
 
+def _power(x: np.ndarray) -> np.ndarray:
+  """float[n, H, W]: ``|X(f)|^2`` of each image's 2-D DFT, summed over channels."""
+  return (np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2).sum(axis=-1)
+
+
 def _radius(h: int, w: int) -> np.ndarray:
   fy, fx = np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :]
   return np.sqrt(fy ** 2 + fx ** 2)  # cycles per pixel; 0.5 is Nyquist on an axis
@@ -801,7 +794,7 @@ def radial_power(images) -> np.ndarray:
   azimuthal average of Durall et al., CVPR 2020); radii beyond are dropped."""
   x = _host_images(images, "images")
   h, w = x.shape[1:3]
-  power = (np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2).sum(axis=-1) / (h * w)
+  power = _power(x) / (h * w)
   r = np.rint(_radius(h, w) * max(h, w)).astype(int).ravel()
   size = max(h, w) // 2 + 1
   keep = r < size
@@ -851,7 +844,7 @@ def high_frequency_energy(images, cutoff: float = 0.25) -> np.ndarray:
   if not 0.0 < cutoff < 0.5 * math.sqrt(2):
     raise ValueError(f"cutoff must be in (0, 0.707) cycles per pixel, got {cutoff}")
   h, w = x.shape[1:3]
-  power = (np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2).sum(axis=-1)
+  power = _power(x)
   radius = _radius(h, w)
   ac = power.sum(axis=(1, 2)) - power[:, 0, 0]
   high = power[:, radius > cutoff].sum(axis=-1)
@@ -922,7 +915,7 @@ def edge_overlap(images, masks, tolerance: int = 1) -> float:
   outline; a texture unrelated to the mask scores about the share of the
   image within the tolerance band."""
   x = _host_images(images, "images").mean(axis=-1)
-  m = np.asarray(masks).astype(bool)
+  m = np.asarray(_checks.mask_array(masks))
   if m.shape != x.shape:
     raise ValueError(f"masks must have shape {x.shape} (the images' [n, H, W]), got {m.shape}")
   tolerance = _checks.positive_int("tolerance", tolerance, minimum=0)
