@@ -21,6 +21,8 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("methods", "TENT and histogram matching"),
     ("inference", "predictions and stacked scores"),
     ("cyclegan", "pixel-level adaptation: CycleGAN translators, many at once, and their measures"),
+    ("flows", "RealNVP flows with a BatchNorm bijector, ActNorm, bits per dimension, inpainting"),
+    ("vae", "a label-conditioned VAE with BatchNorm and the classifier that judges it"),
     ("streams", "online adaptation on streams of batches"),
     ("features", "latent spaces of any Flax model"),
     ("selection", "label-free scores of an adaptation, rules of when to adapt"),

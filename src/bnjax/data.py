@@ -33,7 +33,7 @@ import numpy as np
 
 from bnjax import _checks
 
-__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "split_dataset", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN"]
+__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "split_dataset", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN", "digits", "DIGITS_LEVELS", "downsample"]
 
 #: How masks are rendered as images: ``"white_noise"`` (the domain's intensities),
 #: ``"gradient"`` or ``"edges"`` (the study's textures).
@@ -444,3 +444,38 @@ def load_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike):
     out_masks.append(msk > 0)
   images_arr = (np.stack(out_images).astype(np.float32) / 255.0)[..., None]
   return images_arr, np.stack(out_masks)
+
+
+#: Grey levels of scikit-learn's bundled digits (pixel values 0..16).
+DIGITS_LEVELS = 17
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled handwritten digits (UCI optical recognition set,
+  1 797 images of 8x8 pixels with values 0..16, labels 0..9; shipped inside
+  the package, nothing downloaded), in file order.
+
+  Returns:
+    (float32[1797, 8, 8, 1] with values ``k / 16`` in [0, 1], int32[1797] labels).
+
+  Raises:
+    ImportError: scikit-learn is not installed (``pip install 'bnjax[generative]'``).
+  """
+  try:
+    from sklearn.datasets import load_digits
+  except ImportError as e:
+    raise ImportError("bnjax.data.digits needs scikit-learn, an optional dependency: "
+                      "pip install 'bnjax[generative]'") from e
+  bunch = load_digits()
+  images = (np.asarray(bunch.images, np.float32) / (DIGITS_LEVELS - 1))[..., None]
+  return images, np.asarray(bunch.target, np.int32)
+
+
+def downsample(images, factor: int) -> np.ndarray:
+  """Mean of each ``factor x factor`` block: float32[n, H/factor, W/factor, C]."""
+  images = np.asarray(_checks.images(images, image_range=None))
+  factor = _checks.positive_int("factor", factor)
+  n, h, w, c = images.shape
+  if h % factor or w % factor:
+    raise ValueError(f"factor must divide the image size {h}x{w}, got {factor}")
+  return images.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
