@@ -26,6 +26,7 @@ import common  # noqa: E402
 import conv_parts  # noqa: E402
 import data_gen  # noqa: E402
 import frechet  # noqa: E402
+import loop_vs_scan  # noqa: E402
 import methods_many  # noqa: E402
 import sliced_wasserstein  # noqa: E402
 import streams_many  # noqa: E402
@@ -42,6 +43,7 @@ BENCHMARKS = {
     "train_many": lambda: train_many.run(ks="4,8", strategies="auto", reps=7),
     "streams": lambda: streams_many.run(),
     "methods": lambda: methods_many.run(),
+    "loop_vs_scan": lambda: loop_vs_scan.run(),
 }
 
 

@@ -163,3 +163,16 @@ def test_cyclegan_benchmark_both_sides_train_the_same_translators():
   assert [r["benchmark"] for r in rows] == ["cyclegan_many", "cyclegan_cost"]
   assert rows[0]["value"] == pytest.approx(rows[0]["reference_value"], rel=1e-6)
   assert rows[0]["translator_images_per_s"] > 0
+
+
+def test_loop_vs_scan_benchmark_computes_the_same_steps():
+  """benchmarks/loop_vs_scan.py at 3 steps: the loop and the scan of one step
+  give the same weights (convolution) and step losses (flow), to float32
+  rounding."""
+  import loop_vs_scan
+
+  rows = loop_vs_scan.run(steps=3)
+  check_times(rows)
+  assert [r["benchmark"] for r in rows] == ["loop_vs_scan"] * 2
+  for r in rows:
+    assert r["value"] <= 1e-4, r["case"]

@@ -550,7 +550,8 @@ def image_grid(images, rows: Sequence[str], cols: Sequence[str], path, title: st
                         "min": float(a.min()), "max": float(a.max())})
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+  # leave the title a strip of its own above the column titles
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if title else None)
   fig.savefig(path, dpi=120)
   plt.close(fig)
   write_json_atomic(f"{_stem(path)}.json", {"rows": list(rows), "cols": list(cols),
