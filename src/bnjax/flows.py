@@ -70,6 +70,14 @@ def _per_example(v):
   return jnp.sum(v, axis=tuple(range(1, v.ndim)))
 
 
+def _feature_layout(x, axis: int):
+  """(features, the axes reduced over, the shape a per-feature vector broadcasts as)."""
+  c = x.shape[axis]
+  shape = [1] * x.ndim
+  shape[axis] = c
+  return c, tuple(i for i in range(x.ndim) if i != axis % x.ndim), tuple(shape)
+
+
 def _positions(x, axis: int = -1) -> int:
   """Elements of one example per feature (e.g. H * W for NHWC, feature axis last)."""
   return math.prod(x.shape[1:]) // x.shape[axis]
@@ -211,10 +219,7 @@ class BatchNormBijector(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, inverse: bool = False):
-    c = x.shape[self.axis]
-    reduction = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
-    shape = [1] * x.ndim
-    shape[self.axis] = c
+    c, reduction, shape = _feature_layout(x, self.axis)
     log_gamma = self.param("log_gamma", nn.initializers.zeros, (c,))
     beta = self.param("beta", nn.initializers.zeros, (c,))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
@@ -250,10 +255,7 @@ class ActNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, inverse: bool = False):
-    c = x.shape[self.axis]
-    reduction = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
-    shape = [1] * x.ndim
-    shape[self.axis] = c
+    c, reduction, shape = _feature_layout(x, self.axis)
     bias = self.param("bias", lambda _, s: -jnp.mean(x, axis=reduction).reshape(s), (c,))
     log_scale = self.param(
         "log_scale",
