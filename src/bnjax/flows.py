@@ -308,6 +308,7 @@ class RealNVP(nn.Module):
   alpha: float = 0.05
 
   def setup(self):
+    """Builds the layers from the attributes (checked here)."""
     h, w, c = self._shape()
     if h % (2 ** self.scales) or w % (2 ** self.scales):
       raise ValueError(f"RealNVP.image_shape {h}x{w} must be divisible by 2**scales = "

@@ -89,6 +89,7 @@ class ConditionalVAE(nn.Module):
   conditional: bool = True
 
   def setup(self):
+    """Builds the encoder, the label embedding and the decoder."""
     h, w, c = (int(s) for s in self.image_shape)
     if h % 4 or w % 4:
       raise ValueError(f"ConditionalVAE.image_shape {h}x{w} must be divisible by 4")
