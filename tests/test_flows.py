@@ -243,6 +243,8 @@ def test_bad_input_is_refused():
     flows.RealNVP((6, 6, 1), scales=2).init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
   with pytest.raises(ValueError, match="RealNVP.norm must be one of"):
     _flow(norm="layer").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"RealNVP.alpha must be in \[0, 0.5\)"):
+    _flow(alpha=0.5).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="FlowConfig.batch_size must be an integer >= 1"):
     flows.FlowConfig(batch_size=0)
   with pytest.raises(ValueError, match="FlowConfig.learning_rate must be a number > 0"):

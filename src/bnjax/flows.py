@@ -310,13 +310,15 @@ class RealNVP(nn.Module):
   def setup(self):
     """Builds the layers from the attributes (checked here)."""
     h, w, c = self._shape()
-    if h % (2 ** self.scales) or w % (2 ** self.scales):
-      raise ValueError(f"RealNVP.image_shape {h}x{w} must be divisible by 2**scales = "
-                       f"{2 ** self.scales}")
     _checks.choice("RealNVP.norm", self.norm, NORMS)
     _checks.choice("RealNVP.final_mask", self.final_mask, MASKS)
     _checks.positive_int("RealNVP.couplings", self.couplings)
     _checks.positive_int("RealNVP.scales", self.scales, 0)
+    if not 0 <= _checks.number("RealNVP.alpha", self.alpha) < 0.5:
+      raise ValueError(f"RealNVP.alpha must be in [0, 0.5), got {self.alpha}")
+    if h % (2 ** self.scales) or w % (2 ** self.scales):
+      raise ValueError(f"RealNVP.image_shape {h}x{w} must be divisible by 2**scales = "
+                       f"{2 ** self.scales}")
     if self.final_mask == "channel" and (c * 4 ** self.scales) % 2:
       raise ValueError("RealNVP.final_mask='channel' needs an even number of channels at the "
                        f"last scale, got {c * 4 ** self.scales}")
