@@ -2,15 +2,17 @@
 
 ``padded_map`` is the in-graph form (one compiled shape: the set padded to a
 multiple of the batch, ``lax.map`` over the batches, the padding dropped);
-``slices`` the host-side form for passes whose batches are separate calls.
+``slices`` the host-side form for passes whose batches are separate calls;
+``epoch_batches`` the batches of training passes, epoch after epoch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def slices(n: int, size: int) -> Iterator[slice]:
@@ -36,3 +38,13 @@ def padded_map(fn: Callable, arrays, batch_size: int):
 
   out = jax.lax.map(fn, jax.tree_util.tree_map(split, arrays))
   return jax.tree_util.tree_map(lambda o: o.reshape(chunks * batch_size, *o.shape[2:])[:n], out)
+
+
+def epoch_batches(permutation: Callable[[int], Any], n: int, batch_size: int, steps: int,
+                  xp=np):
+  """int[steps, batch_size]: the batches of consecutive epochs over ``n``
+  examples, epoch ``e`` in the order ``permutation(e)`` (called for e = 0, 1,
+  ... in turn), the tail of an epoch that does not fill a batch dropped."""
+  per_epoch = n // batch_size
+  orders = [permutation(e)[: per_epoch * batch_size] for e in range(-(-steps // per_epoch))]
+  return xp.concatenate(orders).reshape(-1, batch_size)[:steps]

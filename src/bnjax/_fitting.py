@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from bnjax import _batching
 from bnjax import progress
 
 
@@ -27,11 +28,9 @@ def batches(seed: int, n: int, batch_size: int, steps: int) -> np.ndarray:
   dropped)."""
   if batch_size > n:
     raise ValueError(f"batch_size must be <= the number of examples ({n}), got {batch_size}")
-  per_epoch = n // batch_size
   rng = np.random.default_rng(seed)
-  epochs = -(-steps // per_epoch)
-  order = [rng.permutation(n)[: per_epoch * batch_size] for _ in range(epochs)]
-  return np.concatenate(order).reshape(-1, batch_size)[:steps].astype(np.int32)
+  return _batching.epoch_batches(lambda _: rng.permutation(n), n, batch_size, steps).astype(
+      np.int32)
 
 
 def run(step: Callable, carry, order: np.ndarray, *, check_every: int, what: str,

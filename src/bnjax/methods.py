@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from bnjax import _batching
 from bnjax import _checks
 from bnjax import _modules as _m
 from bnjax import adapt as _adapt
@@ -121,10 +122,8 @@ def _tent_batch_size(batch_size, n: int, what: str) -> int:
 def _batch_order(key, n: int, batch_size: int, steps: int) -> jax.Array:
   """int[steps, batch_size]: TENT's online batches, a new permutation of the
   ``n`` inputs every pass (the last incomplete batch of a pass dropped)."""
-  per_pass = n // batch_size
-  orders = [jax.random.permutation(jax.random.fold_in(key, e), n)[:per_pass * batch_size]
-            for e in range(-(-steps // per_pass))]
-  return jnp.concatenate(orders).reshape(-1, batch_size)[:steps]
+  return _batching.epoch_batches(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n),
+                                 n, batch_size, steps, jnp)
 
 
 def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
