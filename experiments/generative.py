@@ -201,20 +201,19 @@ def flow_study(wd, config, plan, digits, bar):
 
         variables, meta, restored = wd.train_or_restore(name, fit, steps=fc.steps)
         bar.tick(name, restored)
-        running = _per_image_bpd(model, variables, val, LEVELS)
+        running = _summary(_per_image_bpd(model, variables, val, LEVELS))
         row = {"norm": norm, "batch_size": b, "seed": seed,
                "train_bpd": float(np.mean(meta["bits_per_dim"][-50:])),
-               "val_bpd_running": _summary(running)["mean"],
-               "val_bpd_running_median": _summary(running)["median"],
-               "val_bpd_running_max": _summary(running)["max"],
+               "val_bpd_running": running["mean"],
+               "val_bpd_running_median": running["median"],
+               "val_bpd_running_max": running["max"],
                "val_bpd_exact": float("nan"), "val_bpd_exact_max": float("nan"),
                "seconds": float(meta["seconds"])}
         exact_vars = variables
         if norm == "batch":
           exact_vars = adapt.recompute_batch_stats(model, variables, train_deq)
-          exact = _per_image_bpd(model, exact_vars, val, LEVELS)
-          row["val_bpd_exact"] = _summary(exact)["mean"]
-          row["val_bpd_exact_max"] = _summary(exact)["max"]
+          exact = _summary(_per_image_bpd(model, exact_vars, val, LEVELS))
+          row["val_bpd_exact"], row["val_bpd_exact_max"] = exact["mean"], exact["max"]
         rows.append(row)
         models[(norm, b, seed)] = (model, variables, exact_vars)
   return rows, models, val

@@ -239,6 +239,12 @@ def test_bad_input_is_refused():
   v = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"x must have shape \[n, 4, 4, 1\]"):
     model.apply(v, jnp.full((2, 8, 8, 1), 0.5))
+  with pytest.raises(ValueError, match=r"x must be pixels in \[0, 1\]"):
+    model.apply(v, jnp.full((2, 4, 4, 1), 1.2))
+  with pytest.raises(ValueError, match=r"x must be pixels in \[0, 1\]"):
+    model.apply(v, jnp.full((2, 4, 4, 1), jnp.nan))
+  with pytest.raises(ValueError, match="levels must be an integer >= 2"):
+    flows.bits_per_dim(0.0, 64, 1)
   with pytest.raises(ValueError, match="divisible by 2\\*\\*scales"):
     flows.RealNVP((6, 6, 1), scales=2).init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
   with pytest.raises(ValueError, match="RealNVP.norm must be one of"):
@@ -281,6 +287,8 @@ def test_inpaint_keeps_known_pixels_and_raises_the_density():
   known = np.ones((3, 4, 4, 1), bool)
   known[:, 1:3, 1:3] = False
   filled, lp = flows.inpaint(model, v, x, known, steps=40, learning_rate=0.05)
+  with pytest.raises(ValueError, match="known must broadcast to the images' shape"):
+    flows.inpaint(model, v, x, known[:, :2], steps=2)
   np.testing.assert_array_equal(np.asarray(filled)[known], np.asarray(x)[known])
   assert not np.allclose(np.asarray(filled)[~known], np.asarray(x)[~known])
   assert lp.shape == (40,) and lp[-1] > lp[0]

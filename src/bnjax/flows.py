@@ -358,6 +358,19 @@ class RealNVP(nn.Module):
       raise ValueError(f"{name} must have shape [n, {', '.join(map(str, self._shape()))}], "
                        f"got {tuple(x.shape)}")
 
+  def _check_pixels(self, x):
+    """Pixels the pre-processing maps to finite values: ``alpha + (1 - 2 alpha)
+    x`` in (0, 1) (so [0, 1] with a margin). Concrete values only (not under jit)."""
+    if _checks.is_traced(x):
+      return
+    lo = -self.alpha / (1 - 2 * self.alpha)
+    hi = 1 - lo
+    seen_lo, seen_hi = float(jnp.min(x)), float(jnp.max(x))
+    if not (lo < seen_lo and seen_hi < hi):  # also false for NaN
+      raise ValueError(f"x must be pixels in [0, 1] (the logit pre-processing is finite on "
+                       f"({lo:.4g}, {hi:.4g})), got values in [{seen_lo:.4g}, {seen_hi:.4g}]; "
+                       "pass preprocessed=True for logit-space values")
+
   def __call__(self, x, train: bool = False, preprocessed: bool = False):
     return self.forward(x, train, preprocessed)
 
@@ -367,6 +380,8 @@ class RealNVP(nn.Module):
     pre-processing's included (``preprocessed=True``: ``x`` is already
     ``logit``-space and that layer is skipped)."""
     self._check(x, "x")
+    if not preprocessed:
+      self._check_pixels(x)
     log_det = jnp.zeros(x.shape[:1], x.dtype)
     if not preprocessed:
       x, log_det = self.logit(x)
@@ -418,6 +433,8 @@ def bits_per_dim(log_prob, dims: int, levels: int):
   their dequantised versions in [0, 1]^dims: ``(-log_prob / dims + log
   levels) / log 2`` (the cell of a discrete image has volume
   ``levels**-dims``)."""
+  dims = _checks.positive_int("dims", dims)
+  levels = _checks.positive_int("levels", levels, 2)
   return (-jnp.asarray(log_prob) / dims + math.log(levels)) / math.log(2)
 
 
@@ -533,6 +550,26 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
 # Inpainting
 
 
+def _inpaint_step(model: RealNVP, learning_rate: float):
+  """One compiled Adam step of :func:`inpaint`, built once per model and rate."""
+  def build():
+    tx = optax.adam(learning_rate)
+
+    def objective(y, variables, known, y0):
+      y = jnp.where(known, y0, y)
+      return -jnp.mean(model.apply(variables, y, preprocessed=True, method="log_prob"))
+
+    @compiler.jit
+    def step(y, o, variables, known, y0):
+      loss, g = jax.value_and_grad(objective)(y, variables, known, y0)
+      u, o = tx.update(g, o, y)
+      return optax.apply_updates(y, u), o, -loss
+
+    return step
+
+  return _m.cached(model, ("flows.inpaint", learning_rate), build)
+
+
 def inpaint(model: RealNVP, variables, images, known, *, steps: int = 300,
             learning_rate: float = 0.05):
   """Fills the unknown pixels of ``images`` (``known`` bool, broadcast to
@@ -544,27 +581,18 @@ def inpaint(model: RealNVP, variables, images, known, *, steps: int = 300,
   if _checks.number("learning_rate", learning_rate) <= 0:
     raise ValueError(f"learning_rate must be a number > 0, got {learning_rate}")
   images = jnp.asarray(_checks.images(images, name="images"), jnp.float32)
-  known = jnp.broadcast_to(jnp.asarray(known, bool), images.shape)
-  a = model.alpha
-  p = a + (1 - 2 * a) * jnp.clip(images, 0, 1)
-  y0 = jnp.log(p) - jnp.log1p(-p)
-  tx = optax.adam(learning_rate)
-
-  def objective(y):
-    y = jnp.where(known, y0, y)
-    return -jnp.mean(model.apply(variables, y, preprocessed=True, method="log_prob"))
-
-  @compiler.jit
-  def step(y, o):
-    loss, g = jax.value_and_grad(objective)(y)
-    u, o = tx.update(g, o, y)
-    return optax.apply_updates(y, u), o, -loss
-
-  y, o, lp = y0, tx.init(y0), []
+  try:
+    known = jnp.broadcast_to(jnp.asarray(known, bool), images.shape)
+  except ValueError:
+    raise ValueError(f"known must broadcast to the images' shape {tuple(images.shape)}, got "
+                     f"{np.shape(known)}") from None
+  logit = Logit(model.alpha)
+  y0, _ = logit.apply({}, jnp.clip(images, 0, 1))
+  step = _inpaint_step(model, float(learning_rate))
+  y, o, lp = y0, optax.adam(learning_rate).init(y0), []
   for _ in range(steps):  # not scanned: see bnjax._fitting on gradients inside loops
-    y, o, value = step(y, o)
+    y, o, value = step(y, o, variables, known, y0)
     lp.append(value)
   lp = np.asarray(jax.device_get(lp))
-  y = jnp.where(known, y0, y)
-  filled = (jax.nn.sigmoid(y) - a) / (1 - 2 * a)
+  filled, _ = logit.apply({}, jnp.where(known, y0, y), inverse=True)
   return jnp.where(known, images, jnp.clip(filled, 0, 1)), lp
