@@ -1,6 +1,16 @@
 """bnjax.cyclegan: losses, pool and schedules against hand computations; the
-measures against NumPy/SciPy; K translators against one at a time; the guard;
-resuming."""
+measures against NumPy/SciPy; the step-0 losses of a training against NumPy;
+K translators against one at a time; the guard; resuming; that the float
+settings do not recompile.
+
+A compile of a training program costs XLA:CPU ~20-45 s, so the tests share
+programs: their compile key is the structure (networks, batch, pool, call
+length, and whether the identity, semantic and noise terms exist), while the
+floats and ``steps`` are runtime arrays. TINY runs at K = 2 (the K-translator
+test and the guard) and K = 1 (the separate trainings and the resume);
+SEMANTIC (identity, semantic loss, noise) at K = 1 (the semantic, no-recompile
+and step-0 tests). Keep new training tests on these structures and K values.
+"""
 
 import dataclasses
 import math
@@ -8,15 +18,22 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import ndimage
 
+import compiles
 from bnjax import cyclegan as cg
 from bnjax import data
 
-# Tiny networks: one compile of a training step costs XLA:CPU ~6 s.
+# Tiny networks, the identity term off (two generator passes fewer to compile).
 TINY = cg.CycleGANConfig(steps=4, batch_size=2, features=4, n_blocks=1, disc_features=4,
-                         disc_layers=1, steps_per_call=2, pool_size=3, verbose=False)
+                         disc_layers=1, steps_per_call=2, pool_size=3, lambda_identity=0.0,
+                         verbose=False)
+# Every term of the generator's objective, and noise on the discriminators.
+SEMANTIC = dataclasses.replace(TINY, steps=2, lambda_identity=None, lambda_semantic=2.0,
+                               noise_sigma=0.1)
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +42,20 @@ def sets():
   tgt, _ = data.make_dataset(jax.random.key(2), data.Domain(140, 50, 220, 50), 8, size=16)
   stack = jnp.stack([tgt, tgt * 0.5, tgt ** 2])
   return np.asarray(src), np.asarray(stack)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+  """A frozen U-Net (one instance for the module, so that its tests share a
+  compiled program) whose output layer is scaled up 30x: logits of about +-3
+  that depend on the image (both classes predicted), so that its
+  cross-entropy is far from log 2 and from 0."""
+  from bnjax import models
+
+  seg = models.UNet(features=2, depth=1)
+  variables = models.init_variables(seg, jax.random.key(5), (16, 16, 1))
+  variables["params"]["head"]["kernel"] = 30.0 * variables["params"]["head"]["kernel"]
+  return seg, variables
 
 
 # --------------------------------------------------------------------------
@@ -57,9 +88,26 @@ def test_schedules_closed_form():
     assert float(lr(step)) == pytest.approx(want, rel=1e-6, abs=1e-12), step  # float32
   for step, want in [(0, 0.1), (5, 0.08), (25, 0.0), (60, 0.0)]:
     assert float(cg.noise_sigma(cfg, step)) == pytest.approx(want, rel=1e-6, abs=1e-7), step
-  assert float(cg.learning_rate(cg.CycleGANConfig(decay_fraction=0.0))(10 ** 6)) == 2e-4
+  assert float(cg.learning_rate(cg.CycleGANConfig(decay_fraction=0.0))(10 ** 6)) == float(
+      np.float32(2e-4))
   assert cfg.identity_weight == 5.0
   assert cg.CycleGANConfig(lambda_identity=0.0).identity_weight == 0.0
+
+
+def test_schedule_on_arrays_equals_optax_schedules():
+  """The rate training computes from arrays (learning_rate(config)) is, in
+  float32, optax's linear schedule built from the config's numbers, with
+  Python's rounding of decay_fraction x steps (0.7 x 45 -> 31 in double, 32
+  in float32; 0.3 x 95 = 28.5 -> 28, 29 in float32)."""
+  for steps, fraction in [(100, 0.5), (45, 0.7), (95, 0.3), (5, 0.3), (7, 1.0), (9, 0.0),
+                          (1, 0.5)]:
+    cfg = cg.CycleGANConfig(steps=steps, learning_rate=3e-4, decay_fraction=fraction)
+    decay = int(round(fraction * steps))
+    ref = (optax.constant_schedule(3e-4) if decay == 0 else
+           optax.linear_schedule(3e-4, 0.0, decay, transition_begin=steps - decay))
+    got = cg.learning_rate(cfg)
+    for count in range(steps + 2):
+      assert np.float32(got(count)) == np.float32(ref(count)), (steps, fraction, count)
 
 
 def test_pool_against_a_python_loop():
@@ -247,17 +295,16 @@ def _leaves_close(a, b, **tol):
 
 def test_k_translators_equal_separate_trainings_and_a_resumed_one(sets, tmp_path, monkeypatch):
   src, stack = sets
-  keys = jax.random.split(jax.random.key(0), 3)
-  sources = np.stack([src, src * 0.8, src])  # translator i's own source set
-  together, hist = cg.train_translators(keys, sources, stack, TINY)
-  assert hist["losses"].shape == (4, 3, len(cg.LOSS_NAMES)) and hist["steps_run"] == 4
+  keys = jax.random.split(jax.random.key(0), 2)
+  sources = np.stack([src, src * 0.8])  # translator i's own source set
+  together, hist = cg.train_translators(keys, sources, stack[:2], TINY)
+  assert hist["losses"].shape == (4, 2, len(cg.LOSS_NAMES)) and hist["steps_run"] == 4
   losses = dict(zip(cg.LOSS_NAMES, np.moveaxis(hist["losses"], -1, 0)))
-  # the generator's objective is the weighted sum of its parts
+  # the generator's objective is the weighted sum of its parts; identity off
   np.testing.assert_allclose(
-      losses["generator"], losses["adversarial"] + 10 * losses["cycle"]
-      + 5 * losses["identity"], rtol=1e-5)
-  assert np.all(losses["semantic"] == 0)
-  for i in range(3):
+      losses["generator"], losses["adversarial"] + 10 * losses["cycle"], rtol=1e-5)
+  assert np.all(losses["semantic"] == 0) and np.all(losses["identity"] == 0)
+  for i in range(2):
     alone, h1 = cg.train_translators(keys[i:i + 1], sources[i], stack[i:i + 1], TINY)
     _leaves_close(jax.tree_util.tree_map(lambda a: a[i], together),
                   jax.tree_util.tree_map(lambda a: a[0], alone), rtol=1e-5, atol=1e-6)
@@ -277,14 +324,19 @@ def test_k_translators_equal_separate_trainings_and_a_resumed_one(sets, tmp_path
     cg.train_translators(keys[:1], src, stack[:1], TINY, workdir=tmp_path)
   assert calls == [2]
   monkeypatch.setattr(cg, "_save", real_save)
+  # another training in the same workdir is refused: other keys, or another
+  # value of a runtime setting (not part of the compile key, part of the
+  # checkpoint's fingerprint)
+  with pytest.raises(ValueError, match="belongs to another training"):
+    cg.train_translators(keys[1:2], src, stack[:1], TINY, workdir=tmp_path)
+  with pytest.raises(ValueError, match="belongs to another training"):
+    cg.train_translators(keys[:1], src, stack[:1], dataclasses.replace(TINY, learning_rate=1e-3),
+                         workdir=tmp_path)
   resumed, h2 = cg.train_translators(keys[:1], src, stack[:1], TINY, workdir=tmp_path)
   assert h2["steps_run"] == 2 and h2["losses"].shape[0] == 4
   _leaves_close(jax.tree_util.tree_map(lambda a: a[0], together),
                 jax.tree_util.tree_map(lambda a: a[0], resumed), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(h2["losses"][:, 0], hist["losses"][:, 0], rtol=1e-6)
-  # another training in the same workdir is refused
-  with pytest.raises(ValueError, match="belongs to another training"):
-    cg.train_translators(keys[1:2], src, stack[:1], TINY, workdir=tmp_path)
 
   # translating with the trained target -> source generator
   gen = TINY.generator(1)
@@ -297,38 +349,134 @@ def test_k_translators_equal_separate_trainings_and_a_resumed_one(sets, tmp_path
 
 
 def test_guard_names_the_step_and_the_loss(sets):
-  src, stack = sets
+  src, stack = sets  # K = 2: the program of the K-translator test
   huge = dataclasses.replace(TINY, learning_rate=1e30)
   with pytest.raises(FloatingPointError,
                      match=r"diverged at step \d+ \(translator \d of 2\): the \w+ loss is"):
     cg.train_translators(jax.random.key(0), src, stack[:2], huge)
 
 
-def test_semantic_consistency_and_discriminator_noise(sets):
+def test_semantic_consistency_and_discriminator_noise(sets, segmenter):
   """CyCADA's loss with a frozen segmenter, and annealed input noise: the
-  recorded semantic loss is the cross-entropy it should be, and the
-  generator's objective adds it with its weight."""
-  from bnjax import models
-
+  generator's objective adds every part with its weight."""
   src, stack = sets
-  seg = models.UNet(features=2, depth=1)
-  seg_vars = models.init_variables(seg, jax.random.key(5), (16, 16, 1))
-  cfg = dataclasses.replace(TINY, steps=2, lambda_semantic=2.0, noise_sigma=0.1,
-                            lambda_identity=0.0)
-  _, hist = cg.train_translators(jax.random.key(0), src, stack[:1], cfg,
+  seg, seg_vars = segmenter
+  _, hist = cg.train_translators(jax.random.key(0), src, stack[:1], SEMANTIC,
                                  segmenter=(seg, seg_vars))
   losses = dict(zip(cg.LOSS_NAMES, np.moveaxis(hist["losses"][:, 0], -1, 0)))
-  assert np.all(losses["semantic"] > 0) and np.all(losses["identity"] == 0)
+  assert np.all(losses["semantic"] > 0) and np.all(losses["identity"] > 0)
   np.testing.assert_allclose(
       losses["generator"], losses["adversarial"] + 10 * losses["cycle"]
-      + 2 * losses["semantic"], rtol=1e-5)
+      + 5 * losses["identity"] + 2 * losses["semantic"], rtol=1e-5)
   # a segmenter that predicts one class everywhere with certainty: the loss
   # of its own predictions is ~0 whatever the translation
   sure = jax.tree_util.tree_map(jnp.zeros_like, seg_vars)
   sure["params"]["head"]["bias"] = jnp.array([0.0, 30.0])
-  _, hist = cg.train_translators(jax.random.key(0), src, stack[:1], cfg,
+  _, hist = cg.train_translators(jax.random.key(0), src, stack[:1], SEMANTIC,
                                  segmenter=(seg, sure))
   assert np.all(hist["losses"][:, 0, cg.LOSS_NAMES.index("semantic")] < 1e-10)
+
+
+def test_float_settings_and_steps_do_not_recompile(sets, segmenter):
+  """Another learning rate, beta1, schedule, loss weights, noise level and
+  number of steps reuse the compiled program (they are runtime arrays), and
+  take effect: the recorded objective is the sum with the new weights."""
+  src, stack = sets
+  cg.train_translators(jax.random.key(0), src, stack[:1], SEMANTIC, segmenter=segmenter)
+  other = dataclasses.replace(SEMANTIC, steps=4, learning_rate=1e-3, beta1=0.7,
+                              decay_fraction=0.25, lambda_cycle=3.0, lambda_identity=0.7,
+                              lambda_semantic=0.5, noise_sigma=0.05, noise_fraction=1.0)
+  with compiles.lowered() as compiled:
+    _, hist = cg.train_translators(jax.random.key(1), src, stack[:1], other, segmenter=segmenter)
+  assert compiled == [], f"recompiled for runtime settings: {compiled}"
+  losses = dict(zip(cg.LOSS_NAMES, np.moveaxis(hist["losses"][:, 0], -1, 0)))
+  np.testing.assert_allclose(
+      losses["generator"], losses["adversarial"] + 3 * losses["cycle"]
+      + 0.7 * losses["identity"] + 0.5 * losses["semantic"], rtol=1e-5)
+  # the counter sees a compilation when there is one
+  x = jnp.ones(3)
+
+  def fresh(x):
+    return x * 3 + 1
+
+  with compiles.lowered() as compiled:
+    jax.jit(fresh)(x)
+  assert compiled == ["jit(fresh)"]
+
+
+def _forward(fn, *args):
+  return np.asarray(fn(*args), np.float64)
+
+
+def test_step0_losses_against_numpy(sets, segmenter):
+  """The losses recorded at step 0, computed again from the networks'
+  outputs with the loss arithmetic written here: least squares, L1 on the
+  [-1, 1] scale, and CyCADA's cross-entropy of the segmenter's log-softmax on
+  G_to_source(target) against its argmax on the target.
+
+  Why the recorded values are those of known inputs and parameters: with
+  learning_rate 0 Adam's update is -0 * m / (sqrt(v) + eps) = 0, so the
+  returned parameters are those every step ran with; each set holds copies
+  of one image, so whichever images a step draws, its batch is that image
+  twice, and the pool (3 slots, filling at step 0) returns the fakes just
+  made. noise_sigma 1e-12 keeps SEMANTIC's program (noise drawn) while the
+  noise, ~1e-12 on pixels in [0, 1], is below float32's resolution of the
+  losses. Step 1 ran with the same parameters and inputs: its losses equal
+  step 0's."""
+  src, stack = sets
+  seg, seg_vars = segmenter
+  b = SEMANTIC.batch_size
+  s_img, t_img = src[3], stack[0, 5]
+  cfg = dataclasses.replace(SEMANTIC, learning_rate=0.0, noise_sigma=1e-12, lambda_cycle=3.0,
+                            lambda_identity=0.7, lambda_semantic=2.5)
+  params, hist = cg.train_translators(jax.random.key(4), np.repeat(s_img[None], 8, 0),
+                                      np.repeat(t_img[None, None], 8, 1), cfg,
+                                      segmenter=(seg, seg_vars))
+  p = jax.tree_util.tree_map(lambda a: a[0], params)
+  gen, disc = cfg.generator(1), cfg.discriminator()
+  g = lambda name, x: _forward(gen.apply, {"params": p[name]}, jnp.asarray(x, jnp.float32))
+  d = lambda name, x: _forward(disc.apply, {"params": p[name]}, jnp.asarray(x, jnp.float32))
+  s = np.repeat(s_img[None], b, 0).astype(np.float64)
+  t = np.repeat(t_img[None], b, 0).astype(np.float64)
+
+  fake_s, fake_t = g("to_source", t), g("to_target", s)
+  rec_t, rec_s = g("to_target", fake_s), g("to_source", fake_t)
+  same_s, same_t = g("to_source", s), g("to_target", t)
+  d_fake_s, d_fake_t = d("source_critic", fake_s), d("target_critic", fake_t)
+  d_real_s, d_real_t = d("source_critic", s), d("target_critic", t)
+  logits = _forward(lambda x: seg.apply(seg_vars, x, train=False), jnp.asarray(fake_s, jnp.float32))
+  labels = np.argmax(_forward(lambda x: seg.apply(seg_vars, x, train=False),
+                              jnp.asarray(t, jnp.float32)), axis=-1)
+  assert 0 < labels.mean() < 1  # both classes: a label-blind loss would not match
+
+  # Each want: (value, magnitude), the magnitude the mean of the absolute
+  # values the loss combines, which bounds how far float32 rounding moves it.
+  lsq = lambda x, y: (np.mean((x - y) ** 2), np.mean((np.abs(x) + abs(y)) ** 2))
+  l1 = lambda x, y: (np.mean(np.abs(2 * x - 2 * y)), np.mean(np.abs(2 * x) + np.abs(2 * y)))
+  add = lambda *parts: tuple(map(sum, zip(*parts)))
+  scaled = lambda w, part: (w * part[0], w * part[1])
+  lse = np.log(np.exp(logits).sum(-1))
+  picked = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+  ce = (np.mean(lse - picked), np.mean(np.abs(lse) + np.abs(picked)))
+  adversarial = add(lsq(d_fake_s, 1.0), lsq(d_fake_t, 1.0))
+  cycle = add(l1(t, rec_t), l1(s, rec_s))
+  identity = add(l1(s, same_s), l1(t, same_t))
+  want = {"adversarial": adversarial, "cycle": cycle, "identity": identity, "semantic": ce,
+          "generator": add(adversarial, scaled(3.0, cycle), scaled(0.7, identity),
+                           scaled(2.5, ce)),
+          "source_critic": scaled(0.5, add(lsq(d_real_s, 1.0), lsq(d_fake_s, 0.0))),
+          "target_critic": scaled(0.5, add(lsq(d_real_t, 1.0), lsq(d_fake_t, 0.0)))}
+  # The networks ran in two differently compiled float32 programs (the
+  # training scan, and the apply calls here), whose sums may round in another
+  # order. The longest sums have 256 terms (a 16x16 instance norm; a 7x7x4
+  # convolution has 196), and float32 rounding of a sum of n terms is at most
+  # n ulps of the magnitudes summed: 256 ulps of each loss's magnitude. A
+  # wrong term, weight or argument moves a loss by a share of its value.
+  for step in (0, 1):
+    got = dict(zip(cg.LOSS_NAMES, hist["losses"][step, 0].astype(np.float64)))
+    for name, (value, magnitude) in want.items():
+      assert abs(got[name] - value) <= 256 * EPS32 * magnitude, (
+          step, name, got[name], value, magnitude)
 
 
 SHARDED = """

@@ -4,6 +4,7 @@ differences, BatchNorm's running statistics against PyTorch's rule written
 out, recompute_batch_stats on the flow, bits per dimension, training and
 inpainting."""
 
+import dataclasses
 import math
 
 import jax
@@ -11,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compiles
 from bnjax import adapt
 from bnjax import flows
 
 X64 = jax.enable_x64
+
+
 
 
 def _perturbed(variables, key, scale):
@@ -270,13 +274,22 @@ def test_fit_learns_is_seeded_and_guards():
   model = _flow(norm="batch")
   cfg = flows.FlowConfig(steps=60, batch_size=16, levels=4, learning_rate=3e-3, check_every=25)
   v1, h1 = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
-  v2, _ = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, v1, v2)
   assert h1["bits_per_dim"].shape == (60,)
   assert h1["bits_per_dim"][-10:].mean() < h1["bits_per_dim"][:5].mean() - 0.3
+  # The float settings are arguments of the compiled step: another value of
+  # each traces and lowers nothing, and changes the training (its first 10
+  # steps, those of the 60-step run: same batches, same noise).
+  with compiles.lowered() as lowered:
+    for change in (dict(learning_rate=1e-3), dict(clip=1e-3), dict(weight_decay=0.5)):
+      _, h = flows.fit(jax.random.key(0), model, images,
+                       dataclasses.replace(cfg, steps=10, **change), verbose=False)
+      assert not np.array_equal(h["bits_per_dim"], h1["bits_per_dim"][:10]), change
+    v2, _ = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
+  assert lowered == []
+  jax.tree_util.tree_map(np.testing.assert_array_equal, v1, v2)  # seeded
   with pytest.raises(FloatingPointError, match="flow training diverged at step"):
     flows.fit(jax.random.key(0), model, images,
-              flows.FlowConfig(steps=30, batch_size=16, levels=4, learning_rate=1e6, clip=0.0,
+              flows.FlowConfig(steps=30, batch_size=16, levels=4, learning_rate=1e6,
                                check_every=10), verbose=False)
 
 
@@ -293,3 +306,9 @@ def test_inpaint_keeps_known_pixels_and_raises_the_density():
   assert not np.allclose(np.asarray(filled)[~known], np.asarray(x)[~known])
   assert lp.shape == (40,) and lp[-1] > lp[0]
   assert float(np.min(filled)) >= 0 and float(np.max(filled)) <= 1
+  # The learning rate is an argument of the compiled step: another one traces
+  # and lowers nothing, and is used.
+  with compiles.lowered() as lowered:
+    _, lp2 = flows.inpaint(model, v, x, known, steps=40, learning_rate=0.02)
+  assert lowered == []
+  assert lp2[0] == lp[0] and lp2[-1] != lp[-1]

@@ -3,6 +3,7 @@ steps against a forward pass written here in NumPy (and an optax loop for
 TENT), the scan against a Python loop, run_many against separate runs, a
 model written elsewhere through every method, and the errors."""
 
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import compiles
 import foreign_models as fm
 from bnjax import data, streams
 
@@ -95,6 +97,7 @@ def test_source_bn_test_and_bn_alpha_against_numpy(pixnet):
                                                    a * bv + (1 - a) * sv), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.wheel
 def test_ema_bn_follows_every_batch(pixnet):
   """Running statistics from the source's, updated by each batch before it is
   normalised with them: (1 - m) running + m batch."""
@@ -263,8 +266,9 @@ def test_eta_filters_and_weights_pixels_and_images(pixnet, d_margin):
     if keep.any():
       mean = np.mean([probs[i][ent[i] < E0].mean(0) for i in np.flatnonzero(keep)], 0)
       m = mean if m is None else 0.9 * m + 0.1 * mean
-    updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
-    theta = optax.apply_updates(theta, updates)
+      # No pixel left by the filters: no step (EATA's code).
+      updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
+      theta = optax.apply_updates(theta, updates)
   assert mixed > 0  # images with reliable and unreliable pixels: the filter is exercised
   if d_margin is not None:
     assert filtered > 0  # and the redundancy filter left an image out
@@ -309,68 +313,179 @@ def test_eata_fisher_anchor(pixnet):
     theta = optax.apply_updates(theta, updates)
 
 
-@pytest.mark.parametrize("reset_constant", [0.0, 10.0])
-def test_sar_two_steps_and_recovery(pixnet, reset_constant):
-  """SAR by hand: the reliable pixels' mean entropy, its gradient g1, the
-  weights moved by rho g1 / |g1|, there the entropy of the pixels reliable in
-  both passes, whose gradient the optimizer applies at the original
-  weights; the moving average 0.9 old + 0.1 that loss below reset_constant
-  sends the model back to the source (10: after every batch; 0: never)."""
+@pytest.mark.parametrize("method", ["eta", "eata"])
+def test_eta_and_eata_make_no_step_when_no_pixel_survives(pixnet, method):
+  """As EATA's code (``if x[ids1][ids2].size(0) != 0: loss.backward();
+  optimizer.step()``): a batch of which no pixel survives the filters
+  leaves the weights and the optimizer's state (Adam's moments and count)
+  as they were, even where EATA's Fisher anchor has a gradient. A grey
+  batch (every pixel normalised to 0 by the batch's moments, all with one
+  entropy above E0) between ordinary ones, against a hand loop."""
   model, v, batches = pixnet
-  got = _run_logits(model, v, batches, "sar", learning_rate=0.05, rho=0.5,
-                    reset_constant=reset_constant)
+  grey = np.full_like(batches[0], 0.5)
+  x = np.stack([batches[0], grey, batches[1], grey])
+  options = {"learning_rate": 0.05}
+  if method == "eata":
+    source = np.random.default_rng(1).uniform(0, 1, (6, 4, 4, 1)).astype(np.float32)
+    options.update(source_images=source, fisher_batch_size=3, fisher_alpha=50.0)
+  out = streams.run(model, v, x, method, return_logits=True, image_range=None, **options)
+  got = out.logits
+  # The pure step: the grey batch changes neither the weights nor the optimizer.
+  online = streams.online(model, method, **options)
+  state = online.init(v, (jnp.asarray(x[0]),))
+  state, _ = online.step(state, (jnp.asarray(x[0]),))
+  after, _ = online.step(state, (jnp.asarray(grey),))
+  for a, b in zip(jax.tree_util.tree_leaves((state["variables"]["params"], state["opt"])),
+                  jax.tree_util.tree_leaves((after["variables"]["params"], after["opt"]))):
+    np.testing.assert_array_equal(a, b)
+  if method == "eata":
+    fisher = {k: state["fisher"]["bn/" + k] for k in ("scale", "bias")}
   forward = _hand_forward(v)
   theta0 = _theta(v)
   theta, tx = dict(theta0), optax.adam(0.05)
-  opt, ema, resets = tx.init(theta), None, 0
-  for t, x in enumerate(batches[:4]):
-    np.testing.assert_allclose(got[t], forward(theta, x), rtol=1e-4, atol=1e-5)
+  opt, stepped = tx.init(theta), []
+  for t, xb in enumerate(x):
+    np.testing.assert_allclose(got[t], forward(theta, xb), rtol=1e-4, atol=1e-5)
+    ent = np.asarray(_entropy(forward(theta, xb)))
+    mask = jnp.asarray(ent < E0)
+    stepped.append(bool(mask.any()))
+
+    def loss(theta):
+      value = jnp.sum(jnp.asarray(np.exp(E0 - ent)) * _entropy(forward(theta, xb)) * mask) / max(
+          mask.sum(), 1)
+      if method == "eata":
+        value += 50.0 * sum(jnp.sum(fisher[k] * (theta[k] - theta0[k]) ** 2) for k in theta)
+      return value
+
+    if stepped[-1]:
+      updates, opt = tx.update(jax.grad(loss)(theta), opt, theta)
+      theta = optax.apply_updates(theta, updates)
+  assert stepped == [True, False, True, False]
+  adam = out.state["opt"][0]
+  assert int(adam.count) == 2  # two steps, not four
+  for k in ("scale", "bias"):
+    np.testing.assert_allclose(out.state["variables"]["params"]["bn"][k], theta[k], rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(adam.mu["bn/" + k], opt[0].mu[k], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(adam.nu["bn/" + k], opt[0].nu[k], rtol=1e-3, atol=1e-9)
+
+
+def _sar_by_hand(v, batches, learning_rate, rho, reset_constant, keep_average=True):
+  """SAR written here: per batch the current weights' logits, the reliable
+  pixels' mean entropy, its gradient g1, the weights moved by rho g1 / |g1|,
+  there the entropy of the pixels reliable in both passes, whose gradient
+  Adam applies at the original weights; the moving average 0.9 old + 0.1 that
+  loss below reset_constant sends the weights and Adam's state back to the
+  source, the average itself kept (SAR's code: ``self.reset()``, then
+  ``self.ema = ema``), or cleared if not keep_average. Returns (logits per
+  batch, the averages after each batch, the reset flags, the last average)."""
+  forward = _hand_forward(v)
+  theta0 = _theta(v)
+  theta, tx = dict(theta0), optax.adam(learning_rate)
+  opt, ema, logits, averages, flags = tx.init(theta), None, [], [], []
+  for x in batches:
+    logits.append(forward(theta, x))
     rel1 = np.asarray(_entropy(forward(theta, x))) < E0
     mean_ent = lambda th, keep: jnp.sum(_entropy(forward(th, x)) * keep) / max(keep.sum(), 1)
     g1 = jax.grad(mean_ent)(theta, jnp.asarray(rel1))
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in g1.values()))
-    moved = {k: theta[k] + 0.5 * g1[k] / (norm + 1e-12) for k in theta}
+    moved = {k: theta[k] + rho * g1[k] / (norm + 1e-12) for k in theta}
     keep2 = rel1 & (np.asarray(_entropy(forward(moved, x))) < E0)
     loss2 = float(mean_ent(moved, jnp.asarray(keep2)))
     updates, opt = tx.update(jax.grad(mean_ent)(moved, jnp.asarray(keep2)), opt, theta)
     theta = optax.apply_updates(theta, updates)
     if keep2.any():
       ema = loss2 if ema is None else 0.9 * ema + 0.1 * loss2
-    if ema is not None and ema < reset_constant:
-      theta, opt, ema, resets = dict(theta0), tx.init(theta0), None, resets + 1
+    averages.append(ema)
+    flags.append(ema is not None and ema < reset_constant)
+    if flags[-1]:
+      theta, opt = dict(theta0), tx.init(theta0)
+      ema = ema if keep_average else None
+  return logits, averages, np.array(flags), ema
+
+
+@pytest.mark.parametrize("reset_constant", [0.0, 10.0])
+def test_sar_two_steps_and_recovery(pixnet, reset_constant):
+  """SAR against :func:`_sar_by_hand` (10: a reset after every batch; 0:
+  never); the moving average is kept across the resets."""
+  model, v, batches = pixnet
+  got = _run_logits(model, v, batches, "sar", learning_rate=0.05, rho=0.5,
+                    reset_constant=reset_constant)
+  logits, _, flags, ema = _sar_by_hand(v, batches[:4], 0.05, 0.5, reset_constant)
+  for t in range(4):
+    np.testing.assert_allclose(got[t], logits[t], rtol=1e-4, atol=1e-5)
   out = streams.run(model, v, batches[:4], "sar", learning_rate=0.05, rho=0.5,
                     reset_constant=reset_constant, image_range=None)
-  assert int(out.state["resets"]) == resets
-  assert (resets >= 2) if reset_constant else (resets == 0)
+  assert int(out.state["resets"]) == flags.sum()
+  assert (flags.sum() >= 2) if reset_constant else not flags.any()
+  assert bool(out.state["ema_set"])
+  np.testing.assert_allclose(out.state["ema"], ema, rtol=1e-4)
 
 
-def test_gated_chooses_by_agreement(pixnet):
-  """gated (inner ema_bn), by hand: per batch the inner method's logits
-  (NumPy, its running statistics following every batch) against the
-  source's; the inner ones are used iff the IoU of the two masks over the
-  batch is below the threshold (set between the batches' agreements, so
-  that both choices are made)."""
+def test_sar_default_reset_constant_and_kept_average(pixnet):
+  """The default reset threshold, 0.2 ln C / ln 1000 (0.0201 for C = 2), on
+  logits sharp enough that the moving average wanders around it: the resets
+  are the hand loop's, some batches and not others; the hand loop at half
+  or twice the threshold, or clearing the average at a reset (as bnjax did
+  before following SAR's code), resets after other batches, so the test
+  tells these apart."""
   model, v, batches = pixnet
+  v = jax.tree_util.tree_map(np.copy, v)
+  v["params"]["d2"]["kernel"] = v["params"]["d2"]["kernel"] * np.float32(10 / 3)
+  x = np.concatenate([batches, batches[::-1]])  # T = 10
+  c = 0.2 * np.log(2) / np.log(1000)
+  out = streams.run(model, v, x, "sar", learning_rate=0.2, rho=0.5, return_logits=True,
+                    image_range=None)
+  logits, averages, flags, ema = _sar_by_hand(v, x, 0.2, 0.5, c)
+  assert 0 < flags.sum() < len(x)
+  # Far enough from the threshold that float32 rounding cannot flip a reset.
+  assert min(abs(a - c) for a in averages if a is not None) > 2e-5
+  for t in range(len(x)):
+    np.testing.assert_allclose(out.logits[t], logits[t], rtol=1e-4, atol=1e-4)
+  assert int(out.state["resets"]) == flags.sum()
+  np.testing.assert_allclose(out.state["ema"], ema, rtol=1e-4)
+  for other in (dict(reset_constant=c / 2), dict(reset_constant=2 * c),
+                dict(reset_constant=c, keep_average=False)):
+    assert (_sar_by_hand(v, x, 0.2, 0.5, **other)[2] != flags).any(), other
+
+
+@pytest.mark.parametrize("inner_options,m,gain", [
+    ({"momentum": 0.9}, 0.9, 1.0),
+    # The default inner method: ema_bn, momentum 0.1 per image (B = 3 images);
+    # inputs doubled, a shift that its slower statistics follow far enough to
+    # change some masks.
+    (None, 1 - (1 - 0.1) ** 3, 2.0)])
+def test_gated_chooses_by_agreement(pixnet, inner_options, m, gain):
+  """gated (inner ema_bn), by hand: per batch the inner method's logits
+  (NumPy, its running statistics following every batch, (1 - m) running +
+  m batch) against the source's; the inner ones are used iff the IoU of the
+  two masks over the batch is below the threshold (set between the batches'
+  agreements, so that both choices are made)."""
+  model, v, batches = pixnet
+  batches = batches * np.float32(gain)
   sm, sv = _source(v)
   rm, rv = sm, sv
   inner, src, agreement = [], [], []
   for x in batches:
     bm, bv = np_moments(v, x)
-    rm, rv = 0.1 * rm + 0.9 * bm, 0.1 * rv + 0.9 * bv
+    rm, rv = (1 - m) * rm + m * bm, (1 - m) * rv + m * bv
     inner.append(np_logits(v, x, rm, rv))
     src.append(np_logits(v, x, sm, sv))
     a, b = inner[-1][..., 1] > inner[-1][..., 0], src[-1][..., 1] > src[-1][..., 0]
     agreement.append((a & b).sum() / max((a | b).sum(), 1))
   threshold = (min(agreement) + max(agreement)) / 2
-  got = _run_logits(model, v, batches, "gated", threshold=threshold,
-                    inner_options={"momentum": 0.9})
+  options = {} if inner_options is None else {"inner_options": inner_options}
+  got = _run_logits(model, v, batches, "gated", threshold=threshold, **options)
   use = np.array(agreement) < threshold
   assert 0 < use.sum() < len(batches)
   for t in range(len(batches)):
     np.testing.assert_allclose(got[t], inner[t] if use[t] else src[t], rtol=1e-5, atol=1e-5)
-  out = streams.run(model, v, batches, "gated", threshold=threshold,
-                    inner_options={"momentum": 0.9}, image_range=None)
+  out = streams.run(model, v, batches, "gated", threshold=threshold, image_range=None,
+                    **options)
   assert int(out.state["adapted"]) == use.sum() and int(out.state["resets"]) == 0
+  # The inner state's statistics are the hand loop's (every batch inner, used or not).
+  np.testing.assert_allclose(out.state["inner"]["variables"]["batch_stats"]["bn"]["mean"], rm,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_gated_resets_a_collapsed_inner_state(pixnet):
@@ -419,6 +534,28 @@ def test_scan_equals_a_python_loop_and_resets(pixnet, method, options):
         state = method_.init(v, first)
       state, logits = method_.step(state, (jnp.asarray(x),))
       np.testing.assert_allclose(out.logits[t], logits, rtol=1e-5, atol=1e-6)
+
+
+def test_float_options_compile_nothing_new(pixnet):
+  """The float options are arrays of the method's state, not constants of
+  its compiled step: a second run with another learning rate (tent),
+  momentum (ema_bn) or threshold (gated) compiles nothing, and uses the new
+  value."""
+  model, v, batches = pixnet
+  with compiles.lowered() as canary:
+    jax.jit(lambda a: a * 3.25 + 1)(jnp.zeros(7))
+  assert canary, "the listener sees no compilation: was jax's event renamed?"
+  for method, a, b in (("tent", {"learning_rate": 0.05}, {"learning_rate": 0.01}),
+                       ("ema_bn", {"momentum": 0.2}, {"momentum": 0.3}),
+                       ("gated", {"threshold": 0.0}, {"threshold": 1.0})):
+    one = streams.run(model, v, batches * 2, method, return_logits=True, image_range=None, **a)
+    with compiles.lowered() as events:
+      two = streams.run(model, v, batches * 2, method, return_logits=True, image_range=None,
+                        **b)
+    assert not events, f"{method} {b}: traced again: {events}"
+    assert not np.allclose(one.logits, two.logits), method
+  # gated: threshold 0 never uses the inner prediction, 1 wherever the masks differ.
+  assert int(one.state["adapted"]) == 0 < int(two.state["adapted"])
 
 
 def test_run_many_equals_separate_runs(pixnet):

@@ -3,6 +3,7 @@ Monte-Carlo estimate, the reconstruction loss against NumPy, label
 corruption, the losses recomposed by hand, training, the given-label rate,
 BatchNorm adaptation of the VAE; bnjax.data.digits."""
 
+import dataclasses
 import math
 
 import jax
@@ -11,9 +12,12 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+import compiles
 from bnjax import adapt
 from bnjax import data
 from bnjax import vae
+
+
 
 
 def test_kl_against_the_gaussian_closed_form_and_monte_carlo():
@@ -80,6 +84,15 @@ def test_classifier_learns(tiny):
   images, labels, classifier, hist = tiny
   assert hist["loss"][-5:].mean() < 0.2 * hist["loss"][:3].mean()
   assert np.mean(vae.classify(classifier, images) == labels) > 0.95
+  # The learning rate is an argument of the compiled step: another one traces
+  # and lowers nothing, and is used (the first 10 steps of the fixture's run:
+  # same batches).
+  with compiles.lowered() as lowered:
+    _, h = vae.fit_classifier(jax.random.key(0), classifier[0], images, labels,
+                              vae.VAEConfig(steps=10, batch_size=16, learning_rate=3e-3),
+                              verbose=False)
+  assert lowered == []
+  assert h["loss"][0] == hist["loss"][0] and not np.array_equal(h["loss"], hist["loss"][:10])
 
 
 def test_losses_recomposed_by_hand(tiny):
@@ -128,8 +141,18 @@ def test_fit_learns_is_seeded_and_needs_its_classifier(tiny):
   cfg = vae.VAEConfig(steps=60, batch_size=16, learning_rate=1e-2, lambda_label=10.0,
                       check_every=30)
   v1, h1 = vae.fit(jax.random.key(2), model, images, labels, classifier, cfg, verbose=False)
-  v2, h2 = vae.fit(jax.random.key(2), model, images, labels, classifier, cfg, verbose=False)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, v1, v2)
+  # The float settings are arguments of the compiled step: another value of
+  # each traces and lowers nothing, and changes the training (its first 10
+  # steps, those of the 60-step run: same batches, same keys).
+  with compiles.lowered() as lowered:
+    for change in (dict(learning_rate=3e-3), dict(lambda_label=3.0),
+                   dict(wrong_label_rate=0.5)):
+      _, h = vae.fit(jax.random.key(2), model, images, labels, classifier,
+                     dataclasses.replace(cfg, steps=10, **change), verbose=False)
+      assert not np.array_equal(h["losses"], h1["losses"][:10]), change
+    v2, h2 = vae.fit(jax.random.key(2), model, images, labels, classifier, cfg, verbose=False)
+  assert lowered == []
+  jax.tree_util.tree_map(np.testing.assert_array_equal, v1, v2)  # seeded
   losses = h1["losses"]
   assert losses.shape == (60, 4)
   np.testing.assert_allclose(losses[:, 0], losses[:, 1:].sum(1), rtol=1e-5)

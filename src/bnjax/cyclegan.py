@@ -19,6 +19,11 @@ compiled call (``lax.scan``), checks every loss after each call (a
 non-finite one stops with a ``FloatingPointError`` naming the step, the
 translator and the loss) and, with a ``workdir``, saves a checkpoint that a
 second call resumes from; a resumed training equals an uninterrupted one.
+The program is compiled once per network shape and switch (what
+:class:`CycleGANConfig` lists as structural); the loss weights, the noise,
+the learning rate and its schedule, and the number of steps reach it as
+arrays (as optax's ``inject_hyperparams`` carries them), so a training with
+other values of them reuses it.
 
 Images are float in [0, 1]; the networks see ``2 x - 1`` (CycleGAN's
 [-1, 1]) and the generators return ``(tanh + 1) / 2``. The L1 losses are
@@ -202,6 +207,19 @@ class CycleGANConfig:
   """Training settings of a translator (defaults: CycleGAN's, except the
   length, which is counted in steps).
 
+  Runtime values: ``steps``, ``learning_rate``, ``beta1``,
+  ``decay_fraction``, ``lambda_cycle``, ``lambda_identity``,
+  ``lambda_semantic``, ``noise_sigma`` and ``noise_fraction`` reach the
+  compiled training step as arrays, so changing them reuses a compiled
+  program. Structural: ``batch_size``, ``pool_size``, the networks
+  (``features``, ``n_blocks``, ``up``, ``disc_features``, ``disc_layers``),
+  the length of a call (``steps_per_call``, and the shorter last call when it
+  does not divide ``steps``) and three switches, whether the identity loss is
+  computed (its weight is not 0: a weight of 0 skips two generator passes),
+  whether a semantic loss exists (``lambda_semantic > 0``: it needs the
+  segmenter inside the program) and whether noise is drawn (``noise_sigma >
+  0``); changing one of these compiles another program.
+
   Attributes:
     steps: optimisation steps (one batch of source and one of target images,
       drawn independently, each step).
@@ -330,21 +348,50 @@ def semantic_loss(logits_translated, logits_original):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_translated, labels))
 
 
+def _hyperparams(config: CycleGANConfig) -> dict[str, np.ndarray]:
+  """The runtime values of ``config`` as the compiled step receives them:
+  float32 scalars, int32 for the schedule's step counts, which are computed
+  here in Python (``round`` of a double: 0.7 x 45 = 31.499999999999996 rounds
+  to 31, where float32 arithmetic would give 31.5 and 32)."""
+  decay = int(round(config.decay_fraction * config.steps))
+  f32 = lambda v: np.asarray(v, np.float32)
+  with np.errstate(over="ignore"):  # a rate beyond float32 is inf, as it was as a constant
+    return {"learning_rate": f32(config.learning_rate), "beta1": f32(config.beta1),
+            "decay_steps": np.asarray(decay, np.int32),
+            "decay_begin": np.asarray(config.steps - decay, np.int32),
+            "lambda_cycle": f32(config.lambda_cycle),
+            "lambda_identity": f32(config.identity_weight),
+            "lambda_semantic": f32(config.lambda_semantic),
+            "noise_sigma": f32(config.noise_sigma),
+            "noise_span": f32(config.noise_fraction * config.steps)}
+
+
+def _learning_rate_at(hp, count):
+  """The learning rate at ``count`` from :func:`_hyperparams` arrays: optax's
+  ``linear_schedule(learning_rate, 0, decay_steps, transition_begin=
+  decay_begin)`` written on arrays (constant when ``decay_steps`` is 0)."""
+  decay = hp["decay_steps"]
+  done = jnp.clip(count - hp["decay_begin"], 0, decay)
+  return hp["learning_rate"] * (1 - done / jnp.maximum(decay, 1))
+
+
+def _noise_at(hp, step):
+  return hp["noise_sigma"] * jnp.maximum(
+      0.0, 1.0 - jnp.asarray(step, jnp.float32) / hp["noise_span"])
+
+
 def noise_sigma(config: CycleGANConfig, step):
   """The discriminators' input noise at ``step`` (0-based): ``noise_sigma *
-  max(0, 1 - step / (noise_fraction * steps))``."""
-  span = config.noise_fraction * config.steps
-  return config.noise_sigma * jnp.maximum(0.0, 1.0 - jnp.asarray(step, jnp.float32) / span)
+  max(0, 1 - step / (noise_fraction * steps))`` (float32, as in training)."""
+  return _noise_at(_hyperparams(config), step)
 
 
 def learning_rate(config: CycleGANConfig):
-  """The schedule: ``learning_rate`` for ``steps - round(decay_fraction *
+  """The schedule (an optax schedule, ``count -> float32`` rate, the one
+  training uses): ``learning_rate`` for ``steps - round(decay_fraction *
   steps)`` steps, then linearly to 0 at ``steps``."""
-  decay = int(round(config.decay_fraction * config.steps))
-  if decay == 0:
-    return optax.constant_schedule(config.learning_rate)
-  return optax.linear_schedule(config.learning_rate, 0.0, decay,
-                               transition_begin=config.steps - decay)
+  hp = _hyperparams(config)
+  return lambda count: _learning_rate_at(hp, jnp.asarray(count, jnp.int32))
 
 
 def pool_query(pool, count, images, key):
@@ -393,15 +440,49 @@ class _State(NamedTuple):
   count_t: Any
 
 
-def _optimizer(config: CycleGANConfig):
-  return optax.adam(learning_rate(config), b1=config.beta1, b2=0.999)
+class _Structure(NamedTuple):
+  """What shapes the compiled training program (its compile key); every other
+  setting reaches it as an array (:func:`_hyperparams`)."""
+
+  batch_size: int
+  pool_size: int
+  features: int
+  n_blocks: int
+  up: str
+  disc_features: int
+  disc_layers: int
+  identity: bool  # the identity loss is computed (its weight is not 0)
+  semantic: bool  # the semantic loss exists (lambda_semantic > 0, a segmenter)
+  noise: bool     # noise is drawn for the discriminators' inputs
+
+  @classmethod
+  def of(cls, config: CycleGANConfig) -> "_Structure":
+    return cls(config.batch_size, config.pool_size, config.features, config.n_blocks, config.up,
+               config.disc_features, config.disc_layers, config.identity_weight != 0,
+               config.lambda_semantic > 0, config.noise_sigma > 0)
+
+  def generator(self, channels: int) -> Generator:
+    return Generator(self.features, self.n_blocks, self.up, channels)
+
+  def discriminator(self) -> Discriminator:
+    return Discriminator(self.disc_features, self.disc_layers)
+
+
+def _optimizer(hp=None):
+  """Adam (beta2 0.999) with the learning-rate schedule, its rate and beta1
+  from the arrays ``hp``; without ``hp``, an optimizer good only for
+  ``init`` (the state does not depend on the values)."""
+  if hp is None:
+    hp = _hyperparams(CycleGANConfig())
+  return optax.adam(lambda count: _learning_rate_at(hp, count), b1=hp["beta1"], b2=0.999)
 
 
 def init_params(module: nn.Module, key, x) -> dict:
   """``module``'s ``params`` (for inputs shaped like ``x``) as CycleGAN
-  initialises them: every kernel from N(0, 0.02^2), every bias 0. The normals come from one draw, cut into the
-  kernels in the order of the flattened tree (threefry calls are slow to
-  compile on XLA:CPU, one per kernel cost seconds)."""
+  initialises them: every kernel from N(0, 0.02^2), every bias 0. The
+  normals come from one draw, cut into the kernels in the order of the
+  flattened tree (threefry calls are slow to compile on XLA:CPU, one per
+  kernel cost seconds)."""
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))["params"]
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   is_kernel = [str(getattr(path[-1], "key", path[-1])) == "kernel" for path, _ in flat]
@@ -413,42 +494,44 @@ def init_params(module: nn.Module, key, x) -> dict:
   return treedef.unflatten(leaves)
 
 
-def _init(config, channels, image_shape, key) -> _State:
-  gen, disc = config.generator(channels), config.discriminator()
+def _init(structure: _Structure, channels, image_shape, key) -> _State:
+  gen, disc = structure.generator(channels), structure.discriminator()
   k = jax.random.split(key, 4)
   x = jnp.zeros((1, *image_shape), jnp.float32)
   params = {"to_source": init_params(gen, k[0], x), "to_target": init_params(gen, k[1], x),
             "source_critic": init_params(disc, k[2], x),
             "target_critic": init_params(disc, k[3], x)}
-  tx = _optimizer(config)
+  tx = _optimizer()
   gp = {n: params[n] for n in ("to_source", "to_target")}
   dp = {n: params[n] for n in ("source_critic", "target_critic")}
-  pool = jnp.zeros((config.pool_size, *image_shape), jnp.float32)
+  pool = jnp.zeros((structure.pool_size, *image_shape), jnp.float32)
   zero = jnp.zeros((), jnp.int32)
   return _State(params, tx.init(gp), tx.init(dp), pool, zero, pool, zero)
 
 
-def _step(config, channels, segmenter, state: _State, source, target, seg_vars, key, step):
+def _step(structure: _Structure, channels, segmenter, hp, state: _State, source, target,
+          seg_vars, key, step):
   """One step: both generators, then both discriminators (on pooled fakes
-  made by the generators before their update, as CycleGAN does)."""
-  gen, disc, tx = config.generator(channels), config.discriminator(), _optimizer(config)
+  made by the generators before their update, as CycleGAN does). ``hp``:
+  the runtime values (:func:`_hyperparams`), arrays."""
+  gen, disc, tx = structure.generator(channels), structure.discriminator(), _optimizer(hp)
   # Few random draws per step: each threefry call costs XLA:CPU about a second
   # of compile time.
   k_pick, k_ps, k_pt, k_noise = jax.random.split(key, 4)
-  b = config.batch_size
+  b = structure.batch_size
   u = jax.random.uniform(k_pick, (2, b))
   pick = lambda images, v: images[jnp.minimum((v * images.shape[0]).astype(jnp.int32),
                                               images.shape[0] - 1)]
   s, t = pick(source, u[0]), pick(target, u[1])
-  if config.noise_sigma > 0:
-    noise = noise_sigma(config, step) * jax.random.normal(k_noise, (6, *s.shape), s.dtype)
+  if structure.noise:
+    noise = _noise_at(hp, step) * jax.random.normal(k_noise, (6, *s.shape), s.dtype)
     noisy = lambda i, x: x + noise[i]
   else:
     noisy = lambda i, x: x
   g_apply = lambda p, x: gen.apply({"params": p}, x)
   d_apply = lambda p, x: disc.apply({"params": p}, x)
   dp = {n: state.params[n] for n in ("source_critic", "target_critic")}
-  w_id, w_sem = config.identity_weight, config.lambda_semantic
+  w_cyc, w_id, w_sem = hp["lambda_cycle"], hp["lambda_identity"], hp["lambda_semantic"]
 
   def g_loss(gp):
     fake_s, fake_t = g_apply(gp["to_source"], t), g_apply(gp["to_target"], s)
@@ -457,13 +540,14 @@ def _step(config, channels, segmenter, state: _State, source, target, seg_vars, 
     cycle = (cycle_loss(t, g_apply(gp["to_target"], fake_s))
              + cycle_loss(s, g_apply(gp["to_source"], fake_t)))
     identity = (identity_loss(s, g_apply(gp["to_source"], s))
-                + identity_loss(t, g_apply(gp["to_target"], t))) if w_id else jnp.zeros(())
-    if w_sem:
+                + identity_loss(t, g_apply(gp["to_target"], t))) if structure.identity else (
+                    jnp.zeros(()))
+    if structure.semantic:
       seg = lambda x: segmenter.apply(seg_vars, x, train=False)
       semantic = semantic_loss(seg(fake_s), seg(t))
     else:
       semantic = jnp.zeros(())
-    total = adversarial + config.lambda_cycle * cycle + w_id * identity + w_sem * semantic
+    total = adversarial + w_cyc * cycle + w_id * identity + w_sem * semantic
     return total, (dict(adversarial=adversarial, cycle=cycle, identity=identity,
                         semantic=semantic, generator=total), fake_s, fake_t)
 
@@ -492,14 +576,14 @@ def _step(config, channels, segmenter, state: _State, source, target, seg_vars, 
   return new, jnp.stack([losses[n] for n in LOSS_NAMES])
 
 
-def _run_steps(config, channels, segmenter, n_steps, state, data_key, source, target,
-               seg_vars, start):
+def _run_steps(structure: _Structure, channels, segmenter, n_steps, state, data_key, source,
+               target, seg_vars, hp, start):
   """``n_steps`` steps from step ``start`` (traced) of one translator; the
   keys of step s are ``fold_in(data_key, s)``, whatever the chunking."""
 
   def body(state, i):
     step = start + i
-    return _step(config, channels, segmenter, state, source, target, seg_vars,
+    return _step(structure, channels, segmenter, hp, state, source, target, seg_vars,
                  jax.random.fold_in(data_key, step), step)
 
   return jax.lax.scan(body, state, jnp.arange(n_steps, dtype=jnp.int32))
@@ -652,20 +736,28 @@ def train_translators(key, source_images, target_images_stack,
   k_pad = stacking.padded_size(k, mesh)
   per_device = k_pad // (1 if mesh is None else mesh.size)
 
+  # The compile key holds only what shapes the program (_Structure); the
+  # runtime values travel as arrays, so other weights, rates, noise or steps
+  # reuse it. build() sees no config: nothing of one call's values can leak
+  # into a program another call reuses.
+  structure = _Structure.of(config)
+
   def build():
     def program(n_steps):
-      one = lambda state, dk, src, tgt, sv, start: _run_steps(
-          config, channels, seg_model, n_steps, state, dk, src, tgt, sv, start)
+      def cyclegan_steps(state, dk, src, tgt, sv, hp, start):
+        return _run_steps(structure, channels, seg_model, n_steps, state, dk, src, tgt, sv, hp,
+                          start)
       return stacking.sharded_jit(
-          stacking.stacked(one, strategy, in_axes=(0, 0, 0, 0, 0 if seg_model else None, 0)),
+          stacking.stacked(cyclegan_steps, strategy,
+                           in_axes=(0, 0, 0, 0, 0 if seg_model else None, 0, 0)),
           mesh, donate=(0,),
           xla_defaults=compiler.unrolled_stack(strategy, per_device))
-    init = jax.jit(jax.vmap(lambda kk: _init(config, channels, image_shape, kk)))
+    init = jax.jit(jax.vmap(lambda kk: _init(structure, channels, image_shape, kk)))
     return {"init": init, "programs": {}, "program": program}
 
   devices_id = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
-  loop = _m.cached(seg_model, ("cyclegan", config, channels, image_shape, strategy, devices_id,
-                             k_pad), build)
+  loop = _m.cached(seg_model, ("cyclegan", structure, channels, image_shape, strategy,
+                               devices_id, k_pad), build)
 
   init_keys, data_keys = (jnp.stack(a) for a in zip(*[jax.random.split(kk) for kk in keys]))
   state = loop["init"](init_keys)
@@ -683,9 +775,10 @@ def train_translators(key, source_images, target_images_stack,
   # Every per-translator argument stacked (shared ones repeated) and padded.
   bcast = lambda tree: jax.tree_util.tree_map(
       lambda a: jnp.broadcast_to(a, (k, *jnp.shape(a))), tree)
+  hp = {n: np.full((k,), v) for n, v in _hyperparams(config).items()}
   args = (state, data_keys, source if per_translator else bcast(source), target,
-          bcast(seg_vars))
-  state, data_keys, src, tgt, sv = stacking.place(stacking.pad(args, k_pad), mesh)
+          bcast(seg_vars), hp)
+  state, data_keys, src, tgt, sv, hp = stacking.place(stacking.pad(args, k_pad), mesh)
   every = checkpoint_every or config.steps_per_call
   bar = progress.Progress(config.steps, f"CycleGAN ({k} translator{'s' * (k > 1)})",
                           interval=30.0) if config.verbose else None
@@ -699,7 +792,7 @@ def train_translators(key, source_images, target_images_stack,
     if n not in loop["programs"]:
       loop["programs"][n] = loop["program"](n)
     starts = stacking.place(jnp.full((k_pad,), done, jnp.int32), mesh)
-    state, losses = loop["programs"][n](state, data_keys, src, tgt, sv, starts)
+    state, losses = loop["programs"][n](state, data_keys, src, tgt, sv, hp, starts)
     losses = np.moveaxis(distributed.gather(losses)[:k], 0, 1)  # [n, K, L]
     if not np.all(np.isfinite(losses)):
       raise _diverged(losses, done, k)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Sequence, get_args
+from typing import Literal, Sequence, get_args
 
 import flax.linen as nn
 import jax
@@ -472,18 +472,32 @@ class FlowConfig:
     _checks.number("FlowConfig.weight_decay", self.weight_decay)
 
 
+def _hyperparameters(config: FlowConfig) -> dict[str, np.float32]:
+  """The float settings of the optimiser: arguments of the compiled step (another
+  value compiles nothing)."""
+  return {name: np.float32(getattr(config, name))
+          for name in ("learning_rate", "clip", "weight_decay")}
+
+
+def _chain(clipped: bool, hyper):
+  """Adam with decoupled weight decay, the gradient's global norm clipped first
+  (``clipped``); ``hyper``: floats, or scalars traced inside a compiled step."""
+  clip = optax.clip_by_global_norm(hyper["clip"]) if clipped else optax.identity()
+  return optax.chain(clip, optax.adamw(hyper["learning_rate"],
+                                       weight_decay=hyper["weight_decay"]))
+
+
 def _optimizer(config: FlowConfig):
-  clip = optax.clip_by_global_norm(config.clip) if config.clip > 0 else optax.identity()
-  return optax.chain(clip, optax.adamw(config.learning_rate, weight_decay=config.weight_decay))
+  """The optimiser of :func:`fit` (the gradient clipped when ``clip > 0``)."""
+  return _chain(config.clip > 0, _hyperparameters(config))
 
 
-def _train_step(model: RealNVP, config: FlowConfig):
-  """The compiled training step, built once per model and optimiser settings."""
-  levels = config.levels
+def _compiled_train_step(model: RealNVP, config: FlowConfig):
+  """``step(carry, index, t, images, noise_key, hyper)``, compiled once per
+  model, ``levels`` and whether the gradient is clipped."""
+  levels, clipped = config.levels, config.clip > 0
 
   def build():
-    tx = _optimizer(config)
-
     def loss_fn(p, s, x):
       if s:
         lp, upd = model.apply({"params": p, "batch_stats": s}, x, train=True,
@@ -494,8 +508,9 @@ def _train_step(model: RealNVP, config: FlowConfig):
       return -jnp.mean(lp) / math.prod(x.shape[1:]), s
 
     @compiler.jit
-    def step(carry, index, t, images, noise_key):
+    def step(carry, index, t, images, noise_key, hyper):
       p, s, o = carry
+      tx = _chain(clipped, hyper)
       x = dequantize(jax.random.fold_in(noise_key, t), images[index], levels)
       (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s, x)
       updates, o = tx.update(grads, o, p)
@@ -504,8 +519,16 @@ def _train_step(model: RealNVP, config: FlowConfig):
 
     return step
 
-  settings = (levels, config.learning_rate, config.clip, config.weight_decay)
-  return _m.cached(model, ("flows.fit", settings), build)
+  return _m.cached(model, ("flows.fit", levels, clipped), build)
+
+
+def _train_step(model: RealNVP, config: FlowConfig):
+  """The compiled training step with the config's float settings bound:
+  ``step(carry, index, t, images, noise_key)``."""
+  step = _compiled_train_step(model, config)
+  hyper = jax.device_put(_hyperparameters(config))
+  return lambda carry, index, t, images, noise_key: step(carry, index, t, images, noise_key,
+                                                         hyper)
 
 
 def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbose: bool = True):
@@ -550,24 +573,23 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
 # Inpainting
 
 
-def _inpaint_step(model: RealNVP, learning_rate: float):
-  """One compiled Adam step of :func:`inpaint`, built once per model and rate."""
+def _inpaint_step(model: RealNVP):
+  """One compiled Adam step of :func:`inpaint`, built once per model (the
+  learning rate is an argument)."""
   def build():
-    tx = optax.adam(learning_rate)
-
     def objective(y, variables, known, y0):
       y = jnp.where(known, y0, y)
       return -jnp.mean(model.apply(variables, y, preprocessed=True, method="log_prob"))
 
     @compiler.jit
-    def step(y, o, variables, known, y0):
+    def step(y, o, variables, known, y0, learning_rate):
       loss, g = jax.value_and_grad(objective)(y, variables, known, y0)
-      u, o = tx.update(g, o, y)
+      u, o = optax.adam(learning_rate).update(g, o, y)
       return optax.apply_updates(y, u), o, -loss
 
     return step
 
-  return _m.cached(model, ("flows.inpaint", learning_rate), build)
+  return _m.cached(model, ("flows.inpaint",), build)
 
 
 def inpaint(model: RealNVP, variables, images, known, *, steps: int = 300,
@@ -588,10 +610,10 @@ def inpaint(model: RealNVP, variables, images, known, *, steps: int = 300,
                      f"{np.shape(known)}") from None
   logit = Logit(model.alpha)
   y0, _ = logit.apply({}, jnp.clip(images, 0, 1))
-  step = _inpaint_step(model, float(learning_rate))
+  step, rate = _inpaint_step(model), np.float32(learning_rate)
   y, o, lp = y0, optax.adam(learning_rate).init(y0), []
   for _ in range(steps):  # not scanned: see bnjax._fitting on gradients inside loops
-    y, o, value = step(y, o, variables, known, y0)
+    y, o, value = step(y, o, variables, known, y0, rate)
     lp.append(value)
   lp = np.asarray(jax.device_get(lp))
   filled, _ = logit.apply({}, jnp.where(known, y0, y), inverse=True)

@@ -29,8 +29,11 @@ An online method is one pure step ``(state, inputs) -> (state, logits)``
 batch arrives*, before any update on it (the online protocol: predictions
 count as they are made; TENT's own code returns the outputs of the forward
 pass it then updates from). :func:`run` scans the step over time (one
-``jax.lax.scan``, compiled once per method, options, batch size and shape);
-:func:`run_many` maps it over K models and M streams in one compiled call.
+``jax.lax.scan``, compiled once per method, batch size and shape: the float
+options (:data:`HYPER`) are arrays in the method's state, ``state["hyper"]``,
+so another learning rate, momentum or threshold runs the same compiled
+program); :func:`run_many` maps it over K models and M streams in one
+compiled call.
 
 Methods (:data:`METHODS`), on any linen model with BatchNorm layers (the
 any-model machinery of :mod:`bnjax.adapt`: the layers normalise themselves
@@ -101,15 +104,18 @@ with the statistics put into them):
   ``fisher_alpha * sum F (theta - theta0)^2`` (paper: 2000), F the squared
   gradient of the cross-entropy against the model's own per-pixel argmax on
   ``source_images`` (unlabelled), averaged over batches of
-  ``fisher_batch_size``.
+  ``fisher_batch_size``. In both, a batch of which no pixel survives the filters
+  makes no step (the optimizer's state unchanged too), as in EATA's code.
 ``"sar"``
   :cite:t:`niu2023sar` ("Towards stable test-time adaptation in dynamic wild
   world"): the reliable pixels' mean entropy, a sharpness-aware step (the
   weights moved by ``rho g / |g|``, paper 0.05), the entropy of the pixels
   reliable in both passes, whose gradient updates the original weights;
   when the moving average of that loss (0.9 old + 0.1 new) falls below
-  ``reset_constant`` the model goes back to the source (default 0.2 ln C /
-  ln 1000: the paper's 0.2 nats at 1000 classes, scaled to C classes).
+  ``reset_constant`` the model (weights and optimizer state) goes back to
+  the source (default 0.2 ln C / ln 1000: the paper's 0.2 nats at 1000
+  classes, scaled to C classes); the moving average itself is kept, as in
+  SAR's code, so the model is reset again until it climbs back above.
 
 The gradient methods default to Adam, learning rate 1e-3, as TENT here; the
 papers' ImageNet setting (SGD, momentum 0.9, 2.5e-4 at batch 64) is
@@ -139,7 +145,7 @@ from bnjax import stacking
 from bnjax.metrics import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
-           "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL", "AUGMENTS"]
+           "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL", "AUGMENTS", "HYPER"]
 
 #: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
@@ -308,12 +314,21 @@ class Online:
   a batch, needed by ``eta`` and ``eata`` to size their moving average) and
   the pure step ``step(state, inputs) -> (state, logits)``, ``inputs`` a
   tuple of the batch's arrays ``[B, ...]``; the logits are the state's
-  prediction of the batch before any update on it."""
+  prediction of the batch before any update on it.
+
+  The float options (:data:`HYPER`: momentum, alpha, prior, threshold,
+  learning rate, margins, ...) are not constants of the step: ``init`` puts
+  them in ``state["hyper"]`` as float32 scalars (as
+  ``optax.inject_hyperparams`` carries a learning rate), so that another
+  value runs the same compiled step. ``structure`` is what shapes the step,
+  the compile key of :func:`run`: ``options`` with each float reduced to
+  whether it is used (given, or not None)."""
 
   name: str
   init: Callable
   step: Callable
   options: tuple = ()  # the checked options, defaults filled in
+  structure: tuple = ()  # the options that shape the step (floats: whether used)
 
 
 _GRADIENT = ("tent", "eta", "eata", "sar")
@@ -345,6 +360,9 @@ _DEFAULTS = {
 _GATED_INNER = {"ema_bn": {"per_image": True, "momentum": 0.1}}
 # Options that are arrays, used by ``init`` only (not part of a compile key).
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
+#: The float options: carried in the state (``state["hyper"]``), never compiled in.
+HYPER: tuple[str, ...] = ("alpha", "prior", "momentum", "threshold", "learning_rate",
+                          "e_margin", "d_margin", "fisher_alpha", "rho", "reset_constant")
 
 
 def _check_number(name, value, lo, hi, closed_lo=True):
@@ -408,6 +426,31 @@ def _options(method: str, options: dict) -> tuple:
   return tuple(sorted(out.items()))
 
 
+def _split(method: str, options: tuple) -> tuple[tuple, dict]:
+  """(structure, hyper) of checked ``options``: the structure keeps every
+  option but the floats of :data:`HYPER`, reduced to whether they are used
+  (``learning_rate`` is not where an ``optimizer`` is given); ``hyper`` the
+  used floats. The gated method's inner options become the inner structure
+  (its floats are in the inner state)."""
+  opts = dict(options)
+  structure, hyper = {}, {}
+  for k, v in opts.items():
+    if k in HYPER:
+      used = v is not None and not (k == "learning_rate" and opts.get("optimizer") is not None)
+      structure[k] = used
+      if used:
+        hyper[k] = float(v)
+    elif k == "inner_options":
+      structure[k] = _split(opts["inner"], v)[0]
+    else:
+      structure[k] = v
+  return tuple(sorted(structure.items())), hyper
+
+
+def _hyper_arrays(hyper: dict) -> dict:
+  return {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
+
+
 def _stats_of(variables) -> dict:
   return _adapt._stats_of(variables["batch_stats"])
 
@@ -432,12 +475,21 @@ def _class_probs(logits) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1)
 
 
-def _margin(opts, logits) -> float:
-  """The reliable-entropy threshold E0: ``e_margin``, or 0.4 ln C (Niu et al.
-  2022 and 2023) for C classes (2 for one sigmoid logit)."""
-  if opts.get("e_margin") is not None:
-    return opts["e_margin"]
+def _margin(s, hyper, logits):
+  """The reliable-entropy threshold E0: ``e_margin`` (from the state's
+  ``hyper``), or 0.4 ln C (Niu et al. 2022 and 2023) for C classes (2 for
+  one sigmoid logit, a constant of the logits' shape)."""
+  if s.get("e_margin"):
+    return hyper["e_margin"]
   return 0.4 * float(np.log(max(int(logits.shape[-1]), 2)))
+
+
+def _sar_constant(s, hyper, logits):
+  """SAR's reset threshold: ``reset_constant``, or 0.2 ln C / ln 1000 (the
+  paper's 0.2 nats at ImageNet's 1000 classes, scaled to C classes)."""
+  if s.get("reset_constant"):
+    return hyper["reset_constant"]
+  return 0.2 * float(np.log(max(int(logits.shape[-1]), 2))) / float(np.log(1000.0))
 
 
 def _reliable_mean(values, keep):
@@ -466,14 +518,15 @@ class _Affine:
         {**self.flat, **{p: theta[_affine_key(p)] for p in self.paths}})
 
 
-def _eta_loss(opts, state, logits):
+def _eta_loss(s, state, logits):
   """ETA's filtered, weighted entropy of a batch (Niu et al. 2022, eq. 8-9),
   per pixel: pixels whose entropy is below E0 are reliable, each weighted by
   1 / exp(E - E0); with ``d_margin`` an image whose mean class probabilities
   (over its reliable pixels) have |cosine| >= d_margin with the moving
-  average of the kept images' is redundant and left out. Returns (loss, the
-  new moving average and its flag)."""
-  e0 = _margin(opts, logits)
+  average of the kept images' is redundant and left out. Returns (loss, (the
+  new moving average, its flag, whether any pixel survived the filters))."""
+  hyper = state["hyper"]
+  e0 = _margin(s, hyper, logits)
   ent = pixel_entropy(logits)
   b = ent.shape[0]
   ent_i = ent.reshape(b, -1)
@@ -483,9 +536,9 @@ def _eta_loss(opts, state, logits):
   count = jnp.maximum(reliable.sum(axis=1), 1)[:, None]
   p_img = jnp.sum(probs * reliable[..., None], axis=1) / count
   m, m_set = state["probs"], state["probs_set"]
-  if opts.get("d_margin") is not None:
+  if s.get("d_margin"):
     cos = (p_img @ m) / (jnp.linalg.norm(p_img, axis=1) * jnp.linalg.norm(m) + 1e-8)
-    keep = has & (~m_set | (jnp.abs(cos) < opts["d_margin"]))
+    keep = has & (~m_set | (jnp.abs(cos) < hyper["d_margin"]))
   else:
     keep = has
   weight = jax.lax.stop_gradient(jnp.exp(e0 - ent_i))
@@ -495,16 +548,25 @@ def _eta_loss(opts, state, logits):
   mean = jnp.sum(jax.lax.stop_gradient(p_img) * sel[:, None], 0) / jnp.maximum(sel.sum(), 1)
   any_sel = sel.sum() > 0
   m_new = jnp.where(any_sel, jnp.where(m_set, 0.9 * m + 0.1 * mean, mean), m)
-  return loss, (m_new, m_set | any_sel)
+  return loss, (m_new, m_set | any_sel, jnp.any(mask))
 
 
-def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> Online:
-  opts = dict(options)
+def _build(model, method: str, structure: tuple, kw: _m.Kwargs, is_batch_norm) -> Online:
+  """The step of ``method`` from its ``structure`` (:func:`_split`): every
+  float it uses is read from ``state["hyper"]``, so the step is the same
+  function whatever their values."""
+  s = dict(structure)
   apply = lambda v, x, arrays, policy: _adapt._policy_apply(model, v, x, kw.join(arrays), policy,
                                                             is_batch_norm)
 
   def layers(v):
     return frozenset(_m.stats_paths(v["batch_stats"]))
+
+  def mixing(state, n: int):
+    """``bn_alpha`` and ``augbn``'s weight of the batch's n examples: alpha,
+    or n / (n + prior)."""
+    hyper = state["hyper"]
+    return n / (n + hyper["prior"]) if s["prior"] else hyper["alpha"]
 
   if method == "source":
     def step(state, x):
@@ -514,11 +576,9 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
   if method in ("bn_test", "bn_alpha"):
     def step(state, x):
       v = state["variables"]
-      alpha = 1.0 if method == "bn_test" else opts["alpha"]
-      if alpha is None:  # prior N against the batch's B examples (static shapes)
-        b = x[0].shape[0]
-        alpha = b / (b + opts["prior"])
-      out, _ = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), float(alpha)))
+      # prior N against the batch's B examples (B static)
+      alpha = 1.0 if method == "bn_test" else mixing(state, x[0].shape[0])
+      out, _ = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), alpha))
       return state, out
     return Online(method, None, step)
 
@@ -528,23 +588,20 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
       if len(x) != 1 or x[0].ndim != 4:
         raise ValueError(f"augbn flips images [B, H, W, C]; got inputs of shapes "
                          f"{[a.shape for a in x]}")
-      if opts["augment"] == "dihedral" and x[0].shape[1] != x[0].shape[2]:
+      if s["augment"] == "dihedral" and x[0].shape[1] != x[0].shape[2]:
         raise ValueError(f"augment='dihedral' transposes images, which must be square; got "
                          f"{x[0].shape[1]}x{x[0].shape[2]}")
-      pooled = jnp.concatenate(_copies(x[0], opts["augment"]))
-      alpha = opts["alpha"]
-      if alpha is None:
-        alpha = pooled.shape[0] / (pooled.shape[0] + opts["prior"])
+      pooled = jnp.concatenate(_copies(x[0], s["augment"]))
       out, _ = apply(v, (pooled,), state["arrays"],
-                     _adapt._Policy("choose", layers(v), float(alpha)))
+                     _adapt._Policy("choose", layers(v), mixing(state, pooled.shape[0])))
       return state, out[:x[0].shape[0]]
     return Online(method, None, step)
 
   if method == "ema_bn":
     def step(state, x):
+      momentum = state["hyper"]["momentum"]
       # Per image: B images move the statistics as B batches of one would.
-      m = 1.0 - (1.0 - opts["momentum"]) ** x[0].shape[0] if opts["per_image"] else (
-          opts["momentum"])
+      m = 1.0 - (1.0 - momentum) ** x[0].shape[0] if s["per_image"] else momentum
       v = state["variables"]
       out, records = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), m))
       current = _stats_of(v)
@@ -556,8 +613,16 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
     return Online(method, None, step)
 
   # The entropy methods: the BatchNorm scale and bias, the layers normalising
-  # with the batch's moments (as TENT's model in train mode does).
-  tx = opts["optimizer"] if opts["optimizer"] is not None else optax.adam(opts["learning_rate"])
+  # with the batch's moments (as TENT's model in train mode does). The default
+  # optimizer is Adam at the state's learning rate (optax.adam of a traced
+  # rate: the same arithmetic as of a constant, and the same state).
+  def tx_of(state):
+    if s["optimizer"] is not None:
+      return s["optimizer"]
+    return optax.adam(state["hyper"]["learning_rate"])
+
+  def tx_init(theta):
+    return (s["optimizer"] if s["optimizer"] is not None else optax.adam(0.0)).init(theta)
 
   def forward(state, theta, x):
     v = state["variables"]
@@ -579,9 +644,9 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
         return _methods.mean_entropy(out), out
 
       (_, out), grads = jax.value_and_grad(loss, has_aux=True)(theta)
-      updates, opt = tx.update(grads, state["opt"], theta)
+      updates, opt = tx_of(state).update(grads, state["opt"], theta)
       return finish(state, optax.apply_updates(theta, updates), opt), out
-    return Online(method, lambda v, **_: {"opt": tx.init(_Affine(v).theta())}, step)
+    return Online(method, lambda v, **_: {"opt": tx_init(_Affine(v).theta())}, step)
 
   if method in ("eta", "eata"):
     def step(state, x):
@@ -589,68 +654,73 @@ def _build(model, method: str, options: tuple, kw: _m.Kwargs, is_batch_norm) -> 
 
       def loss(theta):
         out = forward(state, theta, x)
-        value, probs = _eta_loss(opts, state, out)
+        value, probs = _eta_loss(s, state, out)
         if method == "eata":  # the Fisher anchor (EATA, eq. 10)
-          value = value + opts["fisher_alpha"] * sum(
+          value = value + state["hyper"]["fisher_alpha"] * sum(
               jnp.sum(state["fisher"][k] * (theta[k] - state["theta0"][k]) ** 2) for k in theta)
         return value, (out, probs)
 
-      (_, (out, (m, m_set))), grads = jax.value_and_grad(loss, has_aux=True)(theta)
-      updates, opt = tx.update(grads, state["opt"], theta)
-      return finish(state, optax.apply_updates(theta, updates), opt, probs=m,
+      (_, (out, (m, m_set, survived))), grads = jax.value_and_grad(loss, has_aux=True)(theta)
+      updates, opt = tx_of(state).update(grads, state["opt"], theta)
+      # As EATA's code (`if x[ids1][ids2].size(0) != 0: loss.backward();
+      # optimizer.step()`): no pixel left by the filters, no step, the
+      # optimizer's state (Adam's moments and count) unchanged.
+      new_theta = optax.apply_updates(theta, updates)
+      keep_old = lambda old, new: jax.tree_util.tree_map(
+          lambda a, b: jnp.where(survived, b, a), old, new)
+      return finish(state, keep_old(theta, new_theta), keep_old(state["opt"], opt), probs=m,
                     probs_set=m_set), out
 
     def init(v, source_images=None, arrays=()):
       theta = _Affine(v).theta()
-      out = {"opt": tx.init(theta), "probs": None, "probs_set": jnp.asarray(False)}
+      out = {"opt": tx_init(theta), "probs": None, "probs_set": jnp.asarray(False)}
       if method == "eata":
         out["theta0"] = theta
-        out["fisher"] = _fisher(model, kw, is_batch_norm, opts["fisher_batch_size"])(
+        out["fisher"] = _fisher(model, kw, is_batch_norm, s["fisher_batch_size"])(
             v, source_images, arrays)
       return out
     return Online(method, init, step)
 
   if method == "sar":
-    rho = opts["rho"]
-
     def step(state, x):
+      hyper = state["hyper"]
       theta = _Affine(state["variables"]).theta()
 
       def loss1(theta):
         out = forward(state, theta, x)
         ent = pixel_entropy(out)
-        reliable = ent < _margin(opts, out)
+        reliable = ent < _margin(s, hyper, out)
         return _reliable_mean(ent, reliable), (out, reliable)
 
       (_, (out, reliable)), g1 = jax.value_and_grad(loss1, has_aux=True)(theta)
       norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in g1.values()))
-      perturbed = {k: theta[k] + rho * g1[k] / (norm + 1e-12) for k in theta}
+      perturbed = {k: theta[k] + hyper["rho"] * g1[k] / (norm + 1e-12) for k in theta}
 
       def loss2(theta):
         out2 = forward(state, theta, x)
         ent = pixel_entropy(out2)
-        keep = reliable & (ent < _margin(opts, out2))
+        keep = reliable & (ent < _margin(s, hyper, out2))
         return _reliable_mean(ent, keep), keep.any()
 
       (value2, any2), g2 = jax.value_and_grad(loss2, has_aux=True)(perturbed)
-      updates, opt = tx.update(g2, state["opt"], theta)
+      updates, opt = tx_of(state).update(g2, state["opt"], theta)
       theta = optax.apply_updates(theta, updates)
       # The moving average of the second loss; below the threshold the model
-      # has collapsed and goes back to the source (SAR's model recovery).
+      # has collapsed and goes back to the source (SAR's model recovery). As
+      # SAR's code (`if reset_flag: self.reset()`, then `self.ema = ema`), the
+      # moving average is kept across the reset.
       ema = jnp.where(any2, jnp.where(state["ema_set"], 0.9 * state["ema"] + 0.1 * value2,
                                       value2), state["ema"])
       ema_set = state["ema_set"] | any2
-      constant = (opts["reset_constant"] if opts["reset_constant"] is not None
-                  else 0.2 * float(np.log(max(out.shape[-1], 2))) / np.log(1000.0))
-      reset = ema_set & (ema < constant)
+      reset = ema_set & (ema < _sar_constant(s, hyper, out))
       theta = {k: jnp.where(reset, state["theta0"][k], theta[k]) for k in theta}
       opt = jax.tree_util.tree_map(lambda a, b: jnp.where(reset, a, b), state["opt0"], opt)
-      return finish(state, theta, opt, ema=jnp.where(reset, 0.0, ema),
-                    ema_set=ema_set & ~reset, resets=state["resets"] + reset), out
+      return finish(state, theta, opt, ema=ema, ema_set=ema_set,
+                    resets=state["resets"] + reset), out
 
     def init(v, **_):
       theta = _Affine(v).theta()
-      return {"opt": tx.init(theta), "opt0": tx.init(theta), "theta0": theta,
+      return {"opt": tx_init(theta), "opt0": tx_init(theta), "theta0": theta,
               "ema": jnp.asarray(0.0), "ema_set": jnp.asarray(False),
               "resets": jnp.asarray(0)}
     return Online(method, init, step)
@@ -701,9 +771,10 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
   if method == "gated":
     return _gated(model, apply_kwargs, is_batch_norm, options)
   opts = _options(method, dict(options))
+  structure, hyper = _split(method, opts)
   kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
   kw, arrays = _m.Kwargs.split(kwargs)
-  built = _build(model, method, opts, kw, is_batch_norm)
+  built = _build(model, method, structure, kw, is_batch_norm)
   source_images = options.get("source_images")
   if method == "eata":
     if source_images is None:
@@ -725,7 +796,7 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
     if method in _GRADIENT and not _methods.bn_affine_paths(variables):
       raise ValueError(f"method {method!r} optimises the BatchNorm scale and bias, and no "
                        "BatchNorm layer of this model has either")
-    state = {"variables": dict(variables), "arrays": arrays}
+    state = {"variables": dict(variables), "arrays": arrays, "hyper": _hyper_arrays(hyper)}
     if built.init is None:
       return state
     extra = built.init(variables, source_images=source_images, arrays=arrays)
@@ -738,7 +809,7 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
       extra["probs"] = jnp.zeros(max(int(out.shape[-1]), 2), jnp.float32)
     return {**state, **extra}
 
-  return Online(method, init, built.step, opts)
+  return Online(method, init, built.step, opts, (method, structure))
 
 
 def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
@@ -751,6 +822,7 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
   is used and the inner state goes back to its start."""
   opts = _options("gated", {k: v for k, v in options.items() if k != "source_images"})
   o = dict(opts)
+  structure, hyper = _split("gated", opts)
   raw = (options["inner_options"] if "inner_options" in options
          else _GATED_INNER.get(o["inner"], {}))
   inner = online(model, o["inner"], apply_kwargs=apply_kwargs, is_batch_norm=is_batch_norm,
@@ -763,7 +835,8 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
   def init(variables, inputs=None):
     state = inner.init(variables, inputs)
     return {"inner": state, "inner0": state, "source": dict(variables), "arrays": arrays,
-            "adapted": jnp.asarray(0), "resets": jnp.asarray(0)}
+            "hyper": _hyper_arrays(hyper), "adapted": jnp.asarray(0),
+            "resets": jnp.asarray(0)}
 
   def step(state, x):
     inner_state, adapted = inner.step(state["inner"], x)
@@ -773,13 +846,13 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
     agreement = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
     frac_src, frac_ad = jnp.mean(m_src), jnp.mean(m_ad)
     collapsed = ((frac_ad == 0) | (frac_ad == 1)) & (frac_src > 0) & (frac_src < 1)
-    use = (agreement < o["threshold"]) & ~collapsed
+    use = (agreement < state["hyper"]["threshold"]) & ~collapsed
     inner_state = jax.tree_util.tree_map(lambda a, b: jnp.where(collapsed, a, b),
                                          state["inner0"], inner_state)
     return ({**state, "inner": inner_state, "adapted": state["adapted"] + use,
              "resets": state["resets"] + collapsed}, jnp.where(use, adapted, src))
 
-  return Online("gated", init, step, opts)
+  return Online("gated", init, step, opts, ("gated", structure))
 
 
 # --------------------------------------------------------------------------
@@ -857,9 +930,11 @@ def _stream_inputs(stream, reset, image_range, lead: int):
   return arrays, reset
 
 
-def _runner(model, method, opts, kw_key, is_batch_norm, with_logits, resets, built, strategy):
+def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built, strategy):
   """The jitted scan from an initial state: one model's (``strategy`` None),
-  or K models' stacked states, each over M streams side by side."""
+  or K models' stacked states, each over M streams side by side; cached by
+  the method's ``structure`` (:attr:`Online.structure`), so that float
+  options, carried in the state, never recompile."""
   def build():
     def one(state0, inputs, reset):
       final, masks, logits = _scan(built, state0, inputs, reset, with_logits, resets)
@@ -873,7 +948,7 @@ def _runner(model, method, opts, kw_key, is_batch_norm, with_logits, resets, bui
       return masks, logits
     return compiler.jit(stacking.stacked(per_model, strategy, in_axes=(0, None, None)))
 
-  return _m.cached(model, ("streams", method, opts, kw_key, is_batch_norm, with_logits, resets,
+  return _m.cached(model, ("streams", structure, kw_key, is_batch_norm, with_logits, resets,
                            strategy), build)
 
 
@@ -881,7 +956,7 @@ def _prepare(model, method, apply_kwargs, is_batch_norm, image_range, options):
   built = online(model, method, apply_kwargs=apply_kwargs, is_batch_norm=is_batch_norm,
                  **options)
   kw, _ = _m.Kwargs.split(_m.apply_kwargs(model, apply_kwargs, 1))
-  return built.options, built, kw.key(), _checks.image_range_of(model, image_range)
+  return built.structure, built, kw.key(), _checks.image_range_of(model, image_range)
 
 
 def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
@@ -904,11 +979,11 @@ def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
   Returns:
     A :class:`StreamResult` with ``masks`` bool[T, B, H, W].
   """
-  opts, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
-                                              image_range, options)
+  structure, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
+                                                   image_range, options)
   inputs, reset = _stream_inputs(stream, reset, image_range, 0)
   state0 = built.init(dict(variables), tuple(a[0] for a in inputs))
-  fn = _runner(model, method, opts, kw_key, is_batch_norm, bool(return_logits),
+  fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
                bool(reset.any()), built, None)
   masks, logits, final = fn(state0, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits), final)
@@ -929,8 +1004,8 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
   Returns:
     A :class:`StreamResult` with ``masks`` bool[K, M, T, B, H, W].
   """
-  opts, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
-                                              image_range, options)
+  structure, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
+                                                   image_range, options)
   inputs, reset = _stream_inputs(streams, reset, image_range, 1)
   leaves = jax.tree_util.tree_leaves(stacked_variables)
   if not leaves or any(np.ndim(a) == 0 for a in leaves):
@@ -940,7 +1015,7 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
   first = tuple(a[0, 0] for a in inputs)
   states = stacking.tree_stack([built.init(stacking.tree_index(dict(stacked_variables), i), first)
                                 for i in range(k)])
-  fn = _runner(model, method, opts, kw_key, is_batch_norm, bool(return_logits),
+  fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
                bool(reset.any()), built, stacking.resolve(strategy))
   masks, logits = fn(states, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits))

@@ -12,7 +12,9 @@ with ``where(active, new, old)``).
 The training set stays on the device; a step is one jitted function that
 gathers its batch by index (no host-to-device copy per step, no recompilation
 between epochs or between calls with the same model and settings, the state
-buffers donated). The pieces (:func:`init_state`, :func:`train_step`,
+buffers donated). The float settings (learning rate, momentum, weight decay,
+clipping norm) are arguments of the compiled step, not constants in it: other
+values of them compile nothing. The pieces (:func:`init_state`, :func:`train_step`,
 :func:`evaluate`) are pure functions of pytrees.
 """
 
@@ -142,21 +144,45 @@ class TrainConfig:
     return cls(**{**settings, **overrides})
 
 
+def _structure(config: TrainConfig) -> tuple:
+  """What of the optimiser is compiled into a training program: its name and
+  whether clipping, weight decay and (RMSprop's, SGD's) momentum are on. The
+  values themselves are :func:`_hyperparameters`, arguments of the program."""
+  return (config.optimizer, config.grad_clip is not None, bool(config.weight_decay),
+          config.optimizer != "adam" and bool(config.momentum))
+
+
+def _hyperparameters(config: TrainConfig) -> dict[str, float]:
+  """The float settings of the optimiser (runtime arguments of a compiled step,
+  so that another value compiles nothing)."""
+  return {"learning_rate": config.learning_rate, "momentum": config.momentum,
+          "weight_decay": config.weight_decay,
+          "grad_clip": 1.0 if config.grad_clip is None else config.grad_clip}
+
+
+def _chain(structure: tuple, hyper) -> optax.GradientTransformation:
+  """The optimiser of a :func:`_structure` with the values ``hyper`` (floats,
+  or scalars traced inside a compiled step)."""
+  optimizer, clip, decay, momentum = structure
+  parts = []
+  if clip:
+    parts.append(optax.clip_by_global_norm(hyper["grad_clip"]))
+  if decay:
+    parts.append(optax.add_decayed_weights(hyper["weight_decay"]))
+  lr = hyper["learning_rate"]
+  beta = hyper["momentum"] if momentum else None
+  if optimizer == "adam":
+    parts.append(optax.adam(lr))
+  elif optimizer == "rmsprop":
+    parts.append(optax.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False, momentum=beta))
+  else:
+    parts.append(optax.sgd(lr, momentum=beta))
+  return optax.chain(*parts)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   """clip -> L2 weight decay -> optimizer, as PyTorch applies them."""
-  parts = []
-  if config.grad_clip is not None:
-    parts.append(optax.clip_by_global_norm(config.grad_clip))
-  if config.weight_decay:
-    parts.append(optax.add_decayed_weights(config.weight_decay))
-  if config.optimizer == "adam":
-    parts.append(optax.adam(config.learning_rate))
-  elif config.optimizer == "rmsprop":
-    parts.append(optax.rmsprop(config.learning_rate, decay=0.99, eps=1e-8,
-                               eps_in_sqrt=False, momentum=config.momentum or None))
-  else:
-    parts.append(optax.sgd(config.learning_rate, momentum=config.momentum or None))
-  return optax.chain(*parts)
+  return _chain(_structure(config), _hyperparameters(config))
 
 
 # --------------------------------------------------------------------------
@@ -271,45 +297,58 @@ def _log(config, text):
 
 @dataclasses.dataclass
 class _Loop:
-  """The compiled pieces of one (model, settings, strategy, devices)."""
+  """The compiled training pieces of one (model, optimiser structure, loss,
+  strategy, devices)."""
 
   init_opt: Any
   step: Any
-  run_eval: Any
   batches_of: Any
   seen: set = dataclasses.field(default_factory=set)
 
 
-def _loop(model, config: TrainConfig, strategy: str, mesh, k_pad: int, eval_bs: int) -> _Loop:
+def _loop(model, config: TrainConfig, strategy: str, mesh, k_pad: int) -> _Loop:
   """Built once per model (identity or equality) and settings, so that a
-  second call with the same shapes compiles nothing."""
-  settings = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
-              config.grad_clip, config.loss)
+  second call with the same shapes compiles nothing. The float settings
+  (learning rate, momentum, weight decay, clipping norm) are arguments of the
+  compiled functions, not part of the key: another value compiles nothing."""
+  structure, loss = _structure(config), config.loss
   devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
   per_device = k_pad // (1 if mesh is None else mesh.size)
   freeze = k_pad > 1  # one model stops by leaving the loop
 
   def build():
-    tx = make_optimizer(config)
-
-    def one_step(state, x, y, idx, active):
-      new, loss = _train_batch(model, tx, config.loss, state, x, y, idx)
+    def one_step(state, hyper, x, y, idx, active):
+      new, value = _train_batch(model, _chain(structure, hyper), loss, state, x, y, idx)
       if freeze:
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
-      return new, loss
+      return new, value
 
-    def one_eval(state, x, y):
-      return evaluate(model, config.loss, _variables_of(state), x, y, eval_bs)
+    def one_init(params, hyper):
+      return _chain(structure, hyper).init(params)
 
     step = stacking.sharded_jit(
         stacking.stacked(one_step, strategy), mesh, donate=(0,),
         xla_defaults=compiler.unrolled_stack(strategy, per_device))
-    run_eval = stacking.sharded_jit(stacking.stacked(one_eval, strategy), mesh)
     batches_of = jax.jit(jax.vmap(_epoch_batches, in_axes=(0, None, None, None)),
                          static_argnums=(2, 3))
-    return _Loop(jax.jit(jax.vmap(tx.init)), step, run_eval, batches_of)
+    return _Loop(jax.jit(jax.vmap(one_init)), step, batches_of)
 
-  return _m.cached(model, ("train", settings, strategy, devices, k_pad, eval_bs), build)
+  return _m.cached(model, ("train", structure, loss, strategy, devices, k_pad), build)
+
+
+def _evaluator(model, loss: str, strategy: str, mesh, k_pad: int, eval_bs: int):
+  """The compiled validation pass ``(state, images, masks) -> (loss, Dice)``
+  per model, built once per model and settings (apart from the training
+  step: the validation split's size does not recompile the step)."""
+  devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
+
+  def build():
+    def one_eval(state, x, y):
+      return evaluate(model, loss, _variables_of(state), x, y, eval_bs)
+
+    return stacking.sharded_jit(stacking.stacked(one_eval, strategy), mesh)
+
+  return _m.cached(model, ("train.evaluate", loss, strategy, devices, k_pad, eval_bs), build)
 
 
 def _train(model, images, masks, config: TrainConfig, strategy: str, devices, variables):
@@ -323,7 +362,8 @@ def _train(model, images, masks, config: TrainConfig, strategy: str, devices, va
   k_pad = stacking.padded_size(k, mesh)
   strategy = stacking.resolve(strategy)
   eval_bs = min(config.eval_batch_size, max(n_val, 1))
-  loop = _loop(model, config, strategy, mesh, k_pad, eval_bs)
+  loop = _loop(model, config, strategy, mesh, k_pad)
+  run_eval = _evaluator(model, config.loss, strategy, mesh, k_pad, eval_bs) if n_val else None
 
   keys = [_seed_keys(config.seed + i) for i in range(k)]
   orders = jax.vmap(lambda key: jax.random.permutation(key, n))(jnp.stack([kk[1] for kk in keys]))
@@ -336,9 +376,12 @@ def _train(model, images, masks, config: TrainConfig, strategy: str, devices, va
         [init_variables(model, kk[0], tuple(images.shape[2:])) for kk in keys])
   variables = dict(variables)
   params = variables.pop("params")
-  state = TrainState(params, variables, loop.init_opt(params))
-  state, train_x, train_y, val_x, val_y, k_shuffle = stacking.place(
-      stacking.pad((state, train_x, train_y, val_x, val_y, k_shuffle), k_pad), mesh)
+  # The float settings, one per model: arguments of the compiled step.
+  hyper = {name: np.full(k, value, np.float32)
+           for name, value in _hyperparameters(config).items()}
+  state = TrainState(params, variables, loop.init_opt(params, hyper))
+  state, hyper, train_x, train_y, val_x, val_y, k_shuffle = stacking.place(
+      stacking.pad((state, hyper, train_x, train_y, val_x, val_y, k_shuffle), k_pad), mesh)
 
   shapes = (train_x.shape, config.batch_size)
   if shapes not in loop.seen:
@@ -359,11 +402,11 @@ def _train(model, images, masks, config: TrainConfig, strategy: str, devices, va
     mask = stacking.place(jnp.asarray(active), mesh)
     losses = []
     for s in range(batches.shape[1]):
-      state, loss = loop.step(state, train_x, train_y, batches[:, s], mask)
+      state, loss = loop.step(state, hyper, train_x, train_y, batches[:, s], mask)
       losses.append(loss)
     train_loss = distributed.gather(jnp.mean(jnp.stack(losses), axis=0))
     if n_val:
-      val_loss, val_dice = distributed.gather(loop.run_eval(state, val_x, val_y))
+      val_loss, val_dice = distributed.gather(run_eval(state, val_x, val_y))
     else:
       val_loss = val_dice = np.full(k_pad, np.nan)
     epochs_run += active

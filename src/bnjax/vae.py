@@ -153,7 +153,11 @@ def corrupt_labels(key, labels, rate: float, num_classes: int):
   marks the replaced ones."""
   rate = _checks.unit_interval("rate", rate)
   num_classes = _checks.positive_int("num_classes", num_classes, 2)
-  labels = jnp.asarray(labels, jnp.int32)
+  return _corrupt(key, jnp.asarray(labels, jnp.int32), rate, num_classes)
+
+
+def _corrupt(key, labels, rate, num_classes: int):
+  """:func:`corrupt_labels` unchecked: ``rate`` may be traced."""
   k1, k2 = jax.random.split(key)
   wrong = jax.random.uniform(k1, labels.shape) < rate
   shift = jax.random.randint(k2, labels.shape, 1, num_classes)
@@ -162,7 +166,8 @@ def corrupt_labels(key, labels, rate: float, num_classes: int):
 
 def _parts(model, variables, classifier, x, given, key, lambda_label, train):
   """Per-image losses ``[n, 4]`` (total, reconstruction, kl, weighted
-  label) and the VAE's updated statistics (``train``)."""
+  label) and the VAE's updated statistics (``train``). The label loss is 0
+  without a ``classifier``; ``lambda_label`` may be traced."""
   if train:
     (logits, mean, log_var), upd = model.apply(variables, x, given, key, train=True,
                                                mutable=["batch_stats"])
@@ -172,7 +177,7 @@ def _parts(model, variables, classifier, x, given, key, lambda_label, train):
   rec = bernoulli_nll(logits, x)
   kl = kl_divergence(mean, log_var)
   label = jnp.zeros_like(rec)
-  if lambda_label > 0:
+  if classifier is not None:
     clf_model, clf_vars = classifier
     clf_logits = clf_model.apply(clf_vars, jax.nn.sigmoid(logits))
     label = lambda_label * optax.softmax_cross_entropy_with_integer_labels(clf_logits, given)
@@ -229,10 +234,10 @@ def _check_config(config):
     raise ValueError(f"config must be a VAEConfig, got {type(config).__name__}")
 
 
-def _classifier_step(model: Classifier, learning_rate: float):
+def _classifier_step(model: Classifier):
+  """``step(carry, index, t, images, labels, learning_rate)``, compiled once
+  per model (the learning rate is an argument)."""
   def build():
-    tx = optax.adam(learning_rate)
-
     def loss_fn(p, s, x, y):
       logits, upd = model.apply({"params": p, "batch_stats": s}, x, train=True,
                                 mutable=["batch_stats"])
@@ -240,16 +245,16 @@ def _classifier_step(model: Classifier, learning_rate: float):
       return jnp.mean(ce), upd["batch_stats"]
 
     @compiler.jit
-    def step(carry, index, t, images, labels):
+    def step(carry, index, t, images, labels, learning_rate):
       p, s, o = carry
       (loss, s), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s, images[index],
                                                               labels[index])
-      u, o = tx.update(g, o, p)
+      u, o = optax.adam(learning_rate).update(g, o, p)
       return (optax.apply_updates(p, u), s, o), loss[None]
 
     return step
 
-  return _m.cached(model, ("vae.fit_classifier", learning_rate), build)
+  return _m.cached(model, ("vae.fit_classifier",), build)
 
 
 def fit_classifier(key, model: Classifier, images, labels, config: VAEConfig = VAEConfig(), *,
@@ -261,42 +266,48 @@ def fit_classifier(key, model: Classifier, images, labels, config: VAEConfig = V
   images, labels = _data(images, labels, model.num_classes)
   order = _fitting.batches(config.seed, images.shape[0], config.batch_size, config.steps)
   variables = model.init(key, images[: config.batch_size], train=True)
-  step = _classifier_step(model, config.learning_rate)
+  step, rate = _classifier_step(model), jax.device_put(np.float32(config.learning_rate))
   carry = (variables["params"], variables["batch_stats"],
            optax.adam(config.learning_rate).init(variables["params"]))
   (p, s, _), hist, seconds = _fitting.run(
-      lambda c, index, t: step(c, index, t, images, labels), carry, order,
+      lambda c, index, t: step(c, index, t, images, labels, rate), carry, order,
       check_every=config.check_every, what="classifier", loss_names=("cross-entropy",),
       hint="lower VAEConfig.learning_rate", verbose=verbose)
   return {"params": p, "batch_stats": s}, {"loss": hist[:, 0], "seconds": seconds}
 
 
-def _vae_step(model: ConditionalVAE, clf_model, config: VAEConfig):
-  lam, rate = config.lambda_label, config.wrong_label_rate
+def _hyperparameters(config: VAEConfig) -> dict:
+  """The float settings of :func:`fit`: arguments of the compiled step (another
+  value compiles nothing)."""
+  return {name: np.float32(getattr(config, name))
+          for name in ("learning_rate", "lambda_label", "wrong_label_rate")}
+
+
+def _vae_step(model: ConditionalVAE, clf_model):
+  """``step(carry, index, t, images, labels, step_key, clf_vars, hyper)``,
+  compiled once per model and classifier model (None: no label loss)."""
 
   def build():
-    tx = optax.adam(config.learning_rate)
-
-    def loss_fn(p, s, x, given, k, clf_vars):
-      classifier = (clf_model, clf_vars) if lam > 0 else None
+    def loss_fn(p, s, x, given, k, clf_vars, lam):
+      classifier = None if clf_model is None else (clf_model, clf_vars)
       parts, s = _parts(model, {"params": p, "batch_stats": s}, classifier, x, given, k, lam,
                         True)
       means = jnp.mean(parts, axis=0)
       return means[0], (s, means)
 
     @compiler.jit
-    def step(carry, index, t, images, labels, step_key, clf_vars):
+    def step(carry, index, t, images, labels, step_key, clf_vars, hyper):
       p, s, o = carry
       k_label, k_z = jax.random.split(jax.random.fold_in(step_key, t))
-      given, _ = corrupt_labels(k_label, labels[index], rate, model.num_classes)
+      given, _ = _corrupt(k_label, labels[index], hyper["wrong_label_rate"], model.num_classes)
       (_, (s, means)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-          p, s, images[index], given, k_z, clf_vars)
-      u, o = tx.update(g, o, p)
+          p, s, images[index], given, k_z, clf_vars, hyper["lambda_label"])
+      u, o = optax.adam(hyper["learning_rate"]).update(g, o, p)
       return (optax.apply_updates(p, u), s, o), means
 
     return step
 
-  return _m.cached(model, ("vae.fit", clf_model, lam, rate, config.learning_rate), build)
+  return _m.cached(model, ("vae.fit", clf_model), build)
 
 
 def fit(key, model: ConditionalVAE, images, labels, classifier=None,
@@ -321,12 +332,12 @@ def fit(key, model: ConditionalVAE, images, labels, classifier=None,
   variables = model.init(init_key, images[: config.batch_size], labels[: config.batch_size],
                          train=True)
   clf_model, clf_vars = classifier if config.lambda_label > 0 else (None, {})
-  step = _vae_step(model, clf_model, config)
+  step, hyper = _vae_step(model, clf_model), jax.device_put(_hyperparameters(config))
   carry = (variables["params"], variables["batch_stats"],
            optax.adam(config.learning_rate).init(variables["params"]))
   (p, s, _), hist, seconds = _fitting.run(
-      lambda c, index, t: step(c, index, t, images, labels, step_key, clf_vars), carry, order,
-      check_every=config.check_every, what="VAE", loss_names=LOSS_NAMES,
+      lambda c, index, t: step(c, index, t, images, labels, step_key, clf_vars, hyper),
+      carry, order, check_every=config.check_every, what="VAE", loss_names=LOSS_NAMES,
       hint="lower VAEConfig.learning_rate", verbose=verbose)
   return {"params": p, "batch_stats": s}, {"losses": hist, "seconds": seconds}
 
@@ -342,6 +353,7 @@ def losses(model: ConditionalVAE, variables, images, labels, classifier=None, *,
   if _checks.number("lambda_label", lambda_label) > 0 and classifier is None:
     raise ValueError("classifier must be (Classifier, variables) when lambda_label > 0")
   images, labels = _data(images, labels, model.num_classes)
+  classifier = classifier if lambda_label > 0 else None
   parts, _ = _parts(model, variables, classifier, images, labels, key, lambda_label, False)
   return dict(zip(LOSS_NAMES, (float(v) for v in jnp.mean(parts, axis=0))))
 
