@@ -71,6 +71,40 @@ def test_tent_equals_a_hand_written_optax_loop(tiny):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_tent_minibatches_follow_the_documented_order(tiny):
+  """7 inputs, batches of 3, 5 steps: 2 batches per pass (the 7th input of
+  each pass left out), 3 passes; pass e in the order of
+  permutation(fold_in(key, e), 7), as the docstring says. A plain loop of
+  Adam steps on each batch's train-mode entropy, written here."""
+  model, v, x = tiny
+  x = x[:7]
+  out = methods.tent(model, v, x, steps=5, learning_rate=1e-2, batch_size=3, key=KEY)
+  batches = []
+  for e in range(3):
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, e), 7))
+    batches += [order[0:3], order[3:6]]
+  batches = batches[:5]
+  assert len({tuple(sorted(b)) for b in batches}) == 5  # the passes differ
+  flat = traverse_util.flatten_dict(v["params"])
+  theta = {k: a for k, a in flat.items() if k[0].startswith("BatchNorm")}
+  tx = optax.adam(1e-2)
+  opt = tx.init(theta)
+
+  def loss(theta, xb):
+    params = traverse_util.unflatten_dict({**flat, **theta})
+    logits, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, xb,
+                            train=True, mutable=["batch_stats"])
+    logp = jax.nn.log_softmax(logits)
+    return jnp.mean(-jnp.sum(jnp.exp(logp) * logp, -1))
+
+  for b in batches:
+    updates, opt = tx.update(jax.grad(loss)(theta, x[b]), opt, theta)
+    theta = optax.apply_updates(theta, updates)
+  got = traverse_util.flatten_dict(out["params"])
+  for k, a in theta.items():
+    np.testing.assert_allclose(got[k], a, atol=2e-6)
+
+
 def _hand_tent(model, v, x, train_kwargs, steps=3, lr=1e-2):
   """Adam on the train-mode entropy over the parameters of every module with
   batch_stats, written out (no dropout in the models it is used on)."""

@@ -83,21 +83,25 @@ def stacked_iou(model: nn.Module, variables, images, masks, *,
                       _checks.positive_int("batch_size", batch_size))
 
 
-def _stacked_iou(model, variables, images, masks, strategy, empty: float, batch_size: int):
-  """:func:`stacked_iou` on checked arguments."""
+def _stacked_iou(model, variables, images, masks, strategy, empty: float, batch_size: int,
+                 with_masks: bool = False):
+  """:func:`stacked_iou` on checked arguments; with ``with_masks`` also the
+  predicted masks: ``(iou float[P], masks bool[P, n, H, W])``."""
   strategy = stacking.resolve(strategy)
 
   def build():
     def one(v, x, y, batch_size, empty):
       pred = _masks_of(model, v, x, batch_size)
-      return jnp.mean(_metrics.iou_per_image(pred, y, empty))
+      iou = jnp.mean(_metrics.iou_per_image(pred, y, empty))
+      return (iou, pred) if with_masks else iou
     return compiler.jit(
         lambda v, x, y, b, e: stacking.stacked(
             functools.partial(one, batch_size=b, empty=e), strategy)(v, x, y),
         static_argnums=(3, 4))
 
-  run = _m.cached(model, ("stacked_iou", strategy), build)
-  return np.asarray(run(variables, images, masks, min(batch_size, images.shape[1]), empty))
+  run = _m.cached(model, ("stacked_iou", strategy, with_masks), build)
+  out = run(variables, images, masks, min(batch_size, images.shape[1]), empty)
+  return jax.tree_util.tree_map(np.asarray, out)
 
 
 def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targets_eval,
@@ -105,7 +109,7 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
                   strategy: stacking.Strategy = "auto", pair_chunk: int = 8,
                   empty: float = 1.0, eval_batch_size: int = 64, progress=None,
                   image_range=_checks.UNIT_RANGE, devices=None, name: str | None = None,
-                  **adapt_options) -> dict:
+                  return_masks: bool = False, **adapt_options) -> dict:
   """Scores K stacked source models on M target sets, without and with BN adaptation.
 
   Args:
@@ -128,11 +132,16 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
       device of every process) by :func:`bnjax.distributed.map_pairs`, each
       pair adapted and scored once; with ``name`` each process says which
       pairs it computed.
+    return_masks: also return the predicted masks the scores were computed
+      from (every pair's: ``K x M x n_e x H x W`` booleans).
 
   Returns:
     float[K, M] arrays ``source_iou`` (model k on its own source, repeated
     along M), ``iou_no_adapt``, ``iou_adapted`` and, with ``oracle``,
-    ``iou_oracle`` (oracle m on target m, repeated along K).
+    ``iou_oracle`` (oracle m on target m, repeated along K). With
+    ``return_masks``: ``masks_source`` bool[K, n, H, W], ``masks_no_adapt``
+    and ``masks_adapted`` bool[K, M, n_e, H, W] and, with ``oracle``,
+    ``masks_oracle`` bool[M, n_e, H, W].
   """
   checked = functools.partial(_checks.images, image_range=image_range, stacked=True)
   src_x, src_y = checked(*source_eval)
@@ -145,7 +154,8 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   # Checked once here, not again for every chunk of pairs.
   iou = functools.partial(_stacked_iou, model, strategy=strategy,
                           empty=_checks.unit_interval("empty", empty),
-                          batch_size=_checks.positive_int("eval_batch_size", eval_batch_size))
+                          batch_size=_checks.positive_int("eval_batch_size", eval_batch_size),
+                          with_masks=bool(return_masks))
   # Every source model on its own set, and every (source, target) pair, split
   # over the devices of every process (each pair scored and adapted once).
   source_iou = distributed.map_pairs(iou, variables, src_x, src_y, devices=devices)
@@ -167,9 +177,18 @@ def evaluate_grid(model: nn.Module, variables, source_eval, targets_adapt, targe
   none, adapted = distributed.map_pairs(pairs, ks, ms, variables, tgt_x, tgt_y, tgt_a,
                                         in_axes=(0, 0, None, None, None, None),
                                         devices=devices, chunk=pair_chunk, name=name)
-  out = {"source_iou": np.repeat(source_iou[:, None], m, 1),
-         "iou_no_adapt": none.reshape(k, m), "iou_adapted": adapted.reshape(k, m)}
+  out, masks = {}, {}
+  if return_masks:
+    (source_iou, masks["source"]), (none, masks["no_adapt"]), (adapted, masks["adapted"]) = (
+        source_iou, none, adapted)
+    for name_ in ("no_adapt", "adapted"):
+      masks[name_] = masks[name_].reshape(k, m, *masks[name_].shape[1:])
+  out.update({"source_iou": np.repeat(source_iou[:, None], m, 1),
+              "iou_no_adapt": none.reshape(k, m), "iou_adapted": adapted.reshape(k, m)})
   if oracle is not None:
-    out["iou_oracle"] = np.repeat(
-        distributed.map_pairs(iou, oracle, tgt_x, tgt_y, devices=devices)[None], k, 0)
+    scored = distributed.map_pairs(iou, oracle, tgt_x, tgt_y, devices=devices)
+    if return_masks:
+      scored, masks["oracle"] = scored
+    out["iou_oracle"] = np.repeat(scored[None], k, 0)
+  out.update({f"masks_{key}": value for key, value in masks.items()})
   return out

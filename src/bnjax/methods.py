@@ -142,9 +142,10 @@ def tent(model: nn.Module, variables: Mapping, inputs, *, steps: int = 1,
   layers only (:func:`bn_affine_paths`: the parameters the layers own).
 
   * ``episodic=False`` (TENT's online setting): ``steps`` steps in one
-    trajectory, the batches drawn from ``key`` (a new permutation of the
-    inputs every pass over them; the last incomplete batch of a pass is
-    dropped).
+    trajectory, the batches drawn from ``key``: pass ``e`` = 0, 1, ... over
+    the inputs takes them in the order ``jax.random.permutation(
+    jax.random.fold_in(key, e), n)``, cut into consecutive batches of
+    ``batch_size`` (the last incomplete batch of a pass is dropped).
   * ``episodic=True``: the inputs are cut in order into ``n / batch_size``
     batches (``batch_size`` must divide ``n``) and each batch is an episode
     that starts from the source weights and a fresh optimizer state and takes
