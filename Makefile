@@ -1,6 +1,10 @@
 # The two commands of the README:
 #   make run    builds .venv, installs bnjax, runs the end-to-end study (experiments/adapt_pair.py)
 #   make test   builds or reuses .venv, installs bnjax[test], runs the test suite
+#               (the default tier; make test-slow: several devices and processes,
+#               kill and resume; make test-e2e: the scripts end to end), the test
+#               files spread over TEST_WORKERS processes (default 2). Compiled
+#               programs are cached in .cache/xla-tests (BNJAX_TEST_CACHE=off: none)
 #   make docs   installs bnjax[docs] into .venv and builds the documentation (docs/_build/html),
 #               executing the notebooks, warnings as errors
 # Every install uses the exact versions of constraints.txt.
@@ -9,7 +13,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/adapt_pair
 
-.PHONY: run test test-slow docs gpu-wheels bench clean
+PYTEST_FLAGS ?=
+# Test files spread over this many processes (pytest-xdist; 0: one process).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: run test test-slow test-e2e docs gpu-wheels bench clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -28,10 +37,13 @@ run: $(VENV)/.installed
 	$(PY) experiments/adapt_pair.py --config=experiments/configs/adapt_pair.py --workdir=$(OUT)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PYTEST) $(PYTEST_FLAGS)
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow $(PYTEST_FLAGS)
+
+test-e2e: $(VENV)/.installed
+	$(PYTEST) -m e2e $(PYTEST_FLAGS)
 
 docs: $(VENV)/.docs
 	rm -rf docs/_build
@@ -45,4 +57,4 @@ gpu-wheels: $(VENV)/bin/python
 	  -d benchmarks/wheels ott-jax jaxopt lineax equinox jaxtyping wadler-lindig ml-collections
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cache

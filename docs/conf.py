@@ -41,8 +41,17 @@ bibtex_bibfiles = ["references.bib"]
 bibtex_default_style = "plain"
 bibtex_reference_style = "author_year"
 
-# Notebooks are executed on every build; an error in a cell fails it.
-nb_execution_mode = "force"
+# Notebooks are executed when their content changes (myst-nb's "cache" mode:
+# the outputs of an unchanged notebook come from a jupyter-cache database
+# outside docs/_build, so `make docs`, which empties _build, keeps it); an
+# error in a cell fails the build. BNJAX_DOCS_CACHE=off executes every build
+# (myst-nb's "force"); another value is the cache folder.
+_cache = os.environ.get("BNJAX_DOCS_CACHE") or os.path.join(ROOT, ".cache", "jupyter")
+if _cache.lower() in ("off", "0", "none"):
+  nb_execution_mode = "force"
+else:
+  nb_execution_mode = "cache"
+  nb_execution_cache_path = _cache
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True

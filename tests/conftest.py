@@ -1,10 +1,56 @@
+"""The suite's shared set-up: the repository root on ``sys.path``, one
+persistent XLA compilation cache for the whole session, and the tiers.
+
+Tiers (markers, pyproject's ``addopts`` runs the first):
+
+* default (``make test``): the library's unit and reference tests, and the
+  experiment scripts' config checks;
+* ``slow`` (``make test-slow``): several devices, several processes, a
+  process killed and resumed;
+* ``e2e`` (``make test-e2e``): an experiment or benchmark script run end to
+  end at tiny sizes;
+* ``wheel``: the compatibility subset that ``.ci/wheel`` runs against the
+  installed wheel (also part of the default tier).
+
+The compilation cache: every program the tests compile, in this process and
+in the scripts and processes they start, is written to (and read from)
+``.cache/xla-tests`` under the checkout (ignored by git), so that a second
+``make test`` on the same machine starts warm. ``BNJAX_TEST_CACHE=<folder>``
+puts it elsewhere, ``BNJAX_TEST_CACHE=off`` turns it off (every program is
+compiled afresh: what a first run on a new machine pays).
+"""
+
 import os
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+from bnjax import compiler  # noqa: E402
+
+CACHE_ENV = "BNJAX_TEST_CACHE"
+
+
+def _cache_folder() -> str | None:
+  value = os.environ.get(CACHE_ENV, "").strip()
+  if value.lower() in ("off", "0", "none"):
+    return None
+  return value or os.path.join(ROOT, ".cache", "xla-tests")
+
+
+# Before any test compiles anything: JAX reads the cache setting at its first
+# compilation. The experiment scripts that tests start read
+# BNJAX_COMPILATION_CACHE (bnjax.compiler.enable_persistent_cache); any other
+# Python process they start (python -c, the launcher's processes) reads JAX's
+# own variables: all share the folder.
+CACHE = compiler.enable_persistent_cache(_cache_folder() or "off")
+os.environ[compiler.CACHE_ENV] = CACHE or "off"
+if CACHE:
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 @pytest.fixture(scope="session")
@@ -12,9 +58,17 @@ def root():
   return ROOT
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Experiment scripts run by the tests keep their persistent compilation
-  cache in a temporary folder, not in the user's ~/.cache."""
-  os.environ["BNJAX_COMPILATION_CACHE"] = str(tmp_path_factory.mktemp("xla_cache"))
-  yield
+@pytest.fixture
+def saved(monkeypatch):
+  """The matplotlib figures saved during a test, by file name (each captured
+  as it is saved, so a test can read its titles, labels and drawn data)."""
+  figure = pytest.importorskip("matplotlib.figure")
+  figures = {}
+  real = figure.Figure.savefig
+
+  def capture(fig, path, *args, **kwargs):
+    figures[str(path).rsplit("/", 1)[-1]] = fig
+    return real(fig, path, *args, **kwargs)
+
+  monkeypatch.setattr(figure.Figure, "savefig", capture)
+  return figures

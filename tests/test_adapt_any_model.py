@@ -88,6 +88,9 @@ def _cases() -> dict[str, Callable[[], Case]]:
 
 
 CASES = _cases()
+# Run against the installed wheel too (.ci/wheel): a ResNet in Flax's own
+# example style, a lifted (remat + scan) model and a masked BatchNorm.
+WHEEL = ("resnet_list_attribute", "remat_and_scan", "masked")
 
 
 def _randomise(variables, seed=0):
@@ -161,7 +164,8 @@ def eval_reference(case, variables):
 # ---------------------------------------------------------------- linen
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.wheel) if n in WHEEL else n
+                                  for n in CASES])
 def test_exact_is_self_consistent(name):
   case, v = setup(name)
   for batch_size in (None, 3):
@@ -420,6 +424,7 @@ def _host(module):
   return jax.tree_util.tree_map(as_np, nnx.to_pure_dict(nnx.state(module)))
 
 
+@pytest.mark.wheel
 def test_nnx_modes_and_options(nnx_cnn, monkeypatch):
   module, x = nnx_cnn
   before = _host(module)

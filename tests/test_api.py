@@ -3,6 +3,8 @@
 import ast
 import os
 
+import pytest
+
 import bnjax
 
 from bnjax._map import ORDER
@@ -24,11 +26,15 @@ def _bnjax_imports(path):
   return found
 
 
-def test_every_module_lists_its_public_names(root):
+# The package as imported: the source tree, or the installed wheel (.ci/wheel).
+PACKAGE = os.path.dirname(bnjax.__file__)
+
+
+@pytest.mark.wheel
+def test_every_module_lists_its_public_names():
   assert set(MODULES) <= set(bnjax.__all__)
   # the map names every public module of the package, and only those
-  files = {f[:-3] for f in os.listdir(os.path.join(root, "src", "bnjax"))
-           if f.endswith(".py") and not f.startswith("_")}
+  files = {f[:-3] for f in os.listdir(PACKAGE) if f.endswith(".py") and not f.startswith("_")}
   assert files == set(ORDER), files ^ set(ORDER)
   assert set(bnjax.__all__) & files == files
   for name in MODULES:
@@ -43,14 +49,28 @@ def test_every_module_lists_its_public_names(root):
   assert os.path.isfile(os.path.join(os.path.dirname(bnjax.__file__), "py.typed"))
 
 
-def test_imports_point_one_way(root):
-  folder = os.path.join(root, "src", "bnjax")
+@pytest.mark.wheel
+def test_imports_point_one_way():
   for name in ORDER:
-    imported = _bnjax_imports(os.path.join(folder, f"{name}.py"))
+    imported = _bnjax_imports(os.path.join(PACKAGE, f"{name}.py"))
     assert "experiments" not in imported, name
     later = set(ORDER[ORDER.index(name) + 1:])
     assert not (imported & later), f"bnjax.{name} imports {imported & later}"
-  assert "train" not in _bnjax_imports(os.path.join(folder, "models.py"))
+  assert "train" not in _bnjax_imports(os.path.join(PACKAGE, "models.py"))
+
+
+def test_library_tests_do_not_import_the_scripts(root):
+  """tests/*.py test the library (and run against the installed wheel);
+  the experiment and benchmark scripts are tested in tests/scripts/."""
+  folder = os.path.join(root, "tests")
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".py"):
+      tree = ast.parse(open(os.path.join(folder, name)).read())
+      modules = [a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names]
+      modules += [node.module or "" for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom)]
+      assert not [m for m in modules if m.split(".")[0] == "experiments"], name
 
 
 def test_a_clone_named_bnjax_does_not_shadow_the_package(root, tmp_path):

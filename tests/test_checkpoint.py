@@ -14,6 +14,7 @@ def variables():
   return models.init(models.UNet(features=2, depth=1), jax.random.key(0), (4, 4, 1))
 
 
+@pytest.mark.wheel
 def test_roundtrip(tmp_path, variables):
   checkpoint.save(tmp_path / "ck", variables, domain=[90, 50, 170, 50], note="x")
   restored = checkpoint.restore(tmp_path / "ck")

@@ -22,6 +22,7 @@ def scipy_frechet(x, y):
   return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+@pytest.mark.wheel
 def test_frechet_matches_scipy_in_float64():
   rng = np.random.default_rng(0)
   x = gaussian_sample(rng, 400, 6)
@@ -77,6 +78,7 @@ def test_source_normalized_frechet_closed_form():
   assert distances.source_normalized_frechet(x, x, dtype=np.float64) == pytest.approx(0, abs=1e-9)
 
 
+@pytest.mark.wheel
 def test_sliced_wasserstein_against_pot():
   import ot
 
@@ -136,6 +138,7 @@ def test_mmd_against_loop():
   assert distances.mmd(np.ones((6, 2)), np.ones((4, 2))) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.wheel
 def test_sinkhorn_divergence_of_a_translation():
   """For a translated cloud the debiased divergence with squared cost is |δ|²."""
   rng = np.random.default_rng(6)

@@ -97,15 +97,19 @@ def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs, side):
   model = models.UNet(features=4, depth=2, **kwargs)
   v = models.init(model, jax.random.key(0), (side, side, 1))
   x = jax.random.uniform(jax.random.key(1), (2, side, side, 1))
-  g = jax.grad(lambda p, m: jnp.sum(m.apply({**v, "params": p}, x) ** 2), argnums=0)
+  # Compiled, each model once (op-by-op execution of a U-Net and its
+  # gradient compiles every primitive of every shape on its own: ~5x slower).
+  out_and_grad = jax.jit(lambda m, p: (m.apply({**v, "params": p}, x), jax.grad(
+      lambda q: jnp.sum(m.apply({**v, "params": q}, x) ** 2))(p)), static_argnums=0)
+  out, g = out_and_grad(model, v["params"])
   for other in (model.clone(conv_impl="matmul"), model.clone(conv_impl="xla"),
                 model.clone(up_impl="xla")):
     v_other = models.init(other, jax.random.key(0), (side, side, 1))
     for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_other)):
       np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(other.apply(v, x), model.apply(v, x), atol=1e-4)
-    for a, b in zip(jax.tree_util.tree_leaves(g(v["params"], other)),
-                    jax.tree_util.tree_leaves(g(v["params"], model))):
+    out_other, g_other = out_and_grad(other, v["params"])
+    np.testing.assert_allclose(out_other, out, atol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(g_other), jax.tree_util.tree_leaves(g)):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
   # Both match Flax's own layers (independent implementations).
   xs = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
@@ -114,9 +118,9 @@ def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs, side):
                     (models.UpConv(5), nn.ConvTranspose(5, (2, 2), strides=(2, 2)))]:
     w = ref.init(jax.random.key(3), xs)
     w = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.key(4), a.shape), w)
+    want = jax.jit(ref.apply)(w, xs)
     for impl in models.CONV_IMPLS:
-      np.testing.assert_allclose(ours.clone(impl=impl).apply(w, xs), ref.apply(w, xs),
-                                 atol=1e-4)
+      np.testing.assert_allclose(jax.jit(ours.clone(impl=impl).apply)(w, xs), want, atol=1e-4)
 
 
 def test_max_pool2_equals_flax_max_pool_and_its_gradient_after_relu():

@@ -1,30 +1,17 @@
 """The figures say what they show: each one is captured as it is saved and
 its titles, labels, notes and drawn positions are read back."""
 
-import matplotlib
+import json
 
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")  # bnjax.plots: the "experiments" extra
 matplotlib.use("Agg")
 
 import matplotlib.figure  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 from bnjax import data, plots  # noqa: E402
-from experiments import sweep  # noqa: E402
-
-
-@pytest.fixture
-def saved(monkeypatch):
-  """The figures saved during a test, by file name."""
-  figures = {}
-  real = matplotlib.figure.Figure.savefig
-
-  def capture(fig, path, *args, **kwargs):
-    figures[str(path).rsplit("/", 1)[-1]] = fig
-    return real(fig, path, *args, **kwargs)
-
-  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
-  return figures
 
 
 def _texts(fig):
@@ -78,16 +65,42 @@ def test_sigma_panels_explain_their_blank_cells(tmp_path, saved):
   assert "hatched: no target of the grid" in note and "μ2" in note
 
 
-def test_sweep_titles_name_the_grid_once(tmp_path, saved):
-  class Wd:
-    def file(self, name):
-      return str(tmp_path / name)
-  doms = [data.Domain(68, 50, 188, 50), data.Domain(1, 50, 255, 50)]
-  res = {"sources": [d.to_json() for d in doms], "targets": [d.to_json() for d in doms],
-         "iou_no_adapt": [[0.1, 0.2], [0.3, 0.4]], "iou_adapted": [[0.5, 0.6], [0.7, 0.8]],
-         "source_iou": [[0.9, 0.9], [0.8, 0.8]], "mask_fraction": 0.2}
-  sweep._figures(Wd(), sweep.Group("geometric", tuple(doms), tuple(doms)), res, "geometric")
-  sweep._figures(Wd(), sweep.Group("k20", tuple(doms), tuple(doms)), res, "brightness")
-  assert saved["geometric_heatmaps.png"]._suptitle.get_text().startswith("geometric: IoU")
-  assert saved["k20_heatmaps.png"]._suptitle.get_text().startswith("brightness k20: IoU")
-  assert any("μ1" in t for t in _texts(saved["geometric_heatmaps.png"]))
+def test_plots_write_numbers(tmp_path):
+  a = np.array([[0.1, 0.2], [0.3, 0.4]])
+  b = np.array([[0.5, 0.6], [0.7, 0.9]])
+  plots.heatmaps(a, b, ["s1", "s2"], ["t1", "t2"], tmp_path / "h.png")
+  rows = (tmp_path / "h_difference.csv").read_text().splitlines()
+  assert rows[0].split(",")[1:] == ["t1", "t2"]
+  np.testing.assert_allclose([float(v) for v in rows[2].split(",")[1:]], b[1] - a[1])
+  plots.surface(b, ["s1", "s2"], ["t1", "t2"], tmp_path / "s.png")
+  targets = [data.Domain(m, 6, m + d, s2) for s2 in (6, 30) for m in (64, 112)
+             for d in (24, 128) if m + d <= 192]
+  plots.sigma_panels(targets, np.linspace(0, 1, len(targets)), tmp_path / "p.png")
+  table = json.loads((tmp_path / "p.json").read_text())
+  assert len(table) == len(targets) and all(t["mu2"] <= 192 for t in table)
+  plots.histories({"train_loss": np.ones((3, 2)), "val_dice": np.full((3, 2), np.nan)},
+                  ["a", "b"], tmp_path / "hist.png")
+  for name in ("h.png", "s.png", "p.png", "hist.png"):
+    assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_channel_histograms_drop_constant_channels(tmp_path):
+  rng = np.random.default_rng(0)
+  src = rng.normal(size=(200, 5))
+  tgt = rng.normal(1.0, 2.0, size=(150, 5))
+  src[:, 1] = tgt[:, 1] = 0.0  # dead in both: dropped
+  src[:, 3] = 2.5  # constant in the source only: kept
+  plots.channel_histograms({"source": src, "target": tgt}, tmp_path / "c.png", bins=10)
+  record = json.loads((tmp_path / "c.json").read_text())
+  assert record["dropped_constant"] == [1]
+  assert [h["channel"] for h in record["histograms"]] == [0, 2, 3, 4]
+  for h in record["histograms"]:
+    assert sum(h["counts"]["source"]) == 200 and sum(h["counts"]["target"]) == 150
+    lo, hi = min(src[:, h["channel"]].min(), tgt[:, h["channel"]].min()), max(
+        src[:, h["channel"]].max(), tgt[:, h["channel"]].max())
+    assert h["edges"][0] == pytest.approx(lo) and h["edges"][-1] == pytest.approx(hi)
+  assert (tmp_path / "c.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="same C"):
+    plots.channel_histograms({"a": src, "b": tgt[:, :3]}, tmp_path / "d.png")
+  with pytest.raises(ValueError, match="NaN"):
+    plots.channel_histograms({"a": np.full((4, 2), np.nan)}, tmp_path / "e.png")

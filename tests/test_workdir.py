@@ -3,7 +3,9 @@ import json
 import jax
 import numpy as np
 import pytest
-from ml_collections import config_dict
+
+# bnjax.workdir keeps ml_collections configs: the "experiments" extra.
+config_dict = pytest.importorskip("ml_collections.config_dict")
 
 from bnjax import config as bnjax_config
 from bnjax import data, models, workdir

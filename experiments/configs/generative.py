@@ -36,7 +36,9 @@ BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c = BASE["get_config"](arg, "generative")
   full = arg == "full"
-  c.n_val = 297               # digits held out (of 1797) for every validation number
+  # Digits held out (of 1797) for every validation number: the first n_val of
+  # np.random.default_rng(seed).permutation(1797), the rest train.
+  c.n_val = 297
 
   # The flow study (bnjax.flows.RealNVP on the digits, 17 grey levels).
   c.flow = config_dict.ConfigDict()

@@ -62,7 +62,7 @@ def test_ks_against_chi_matches_scipy():
     assert experiment.ks_against_chi(radii, d) == pytest.approx(want, abs=2e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tiny_run_files_one_number_and_resume(tmp_path):
   c = tiny()
   path = tmp_path / "gen"
@@ -80,8 +80,13 @@ def test_tiny_run_files_one_number_and_resume(tmp_path):
   # set, then the validation log-density, by hand from the saved radii's twin.
   wd = workdir.Workdir.read(str(path))
   variables, _ = wd.load_model("flow_batch_b16_s0")
-  x_tr, _, x_val, _ = experiment._digits(c)
-  model = experiment._flow_model(c, x_tr.shape[1:], "batch")
+  # The experiment's split (its config: the first n_val digits of a
+  # permutation drawn with NumPy's default_rng(seed) are held out) and flow.
+  images, _ = data.digits()
+  order = np.random.default_rng(c.seed).permutation(len(images))
+  x_val, x_tr = images[order[:c.n_val]], images[order[c.n_val:]]
+  model = flows.RealNVP(x_tr.shape[1:], features=c.flow.features, blocks=c.flow.blocks,
+                        couplings=c.flow.couplings, norm="batch", momentum=c.flow.momentum)
   key = data.named_key(c.seed, "generative", "dequantize")
   val = flows.dequantize(jax.random.fold_in(key, 0), x_val, 17)
   train_deq = flows.dequantize(jax.random.fold_in(key, 1), x_tr, 17)

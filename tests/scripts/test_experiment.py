@@ -38,6 +38,7 @@ def test_configs_open_with_their_command_and_expected_result(root):
     adapt_pair_config.get_config("gpu")
 
 
+@pytest.mark.e2e
 def test_adapt_pair_runs_resumes_and_refuses_another_config(tmp_path, capsys):
   config = tiny_adapt_pair()
   results = adapt_pair.run(config, str(tmp_path))
@@ -81,6 +82,7 @@ def test_adapt_pair_runs_resumes_and_refuses_another_config(tmp_path, capsys):
   assert "targets:" in str(e.value)
 
 
+@pytest.mark.e2e
 def test_adapt_pair_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
   calls = []
   real_fit = adapt_pair.train.fit
@@ -107,6 +109,7 @@ def test_adapt_pair_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
   assert len(results["targets"]) == 2
 
 
+@pytest.mark.e2e
 def test_sweep_and_predict_gain_in_process(tmp_path):
   config = sweep_config.get_config("custom")
   config.custom.mu1, config.custom.delta, config.custom.sigma1 = "40,140", "90", "30"

@@ -40,6 +40,7 @@ def _iou_and_tolerance(model, variables, x, y):
           tolerance.iou_tolerance_at(pred, y, tolerance.near_boundary(z)) + 1e-7)
 
 
+@pytest.mark.e2e
 def test_benchmark_writes_every_number_and_resumes(tmp_path, monkeypatch, capsys):
   config = tiny()
   rows = benchmark.run(config, str(tmp_path))
@@ -148,7 +149,7 @@ def test_benchmark_config_errors():
   assert "oracle" in full.methods and full.seeds >= 3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_brightness_acceptance_on_the_default_source(tmp_path):
   """The CPU default's models, one seed: the brightness shift to (150,50,230,50)
   breaks the BatchNorm U-Net, AdaBN, TENT and histogram matching repair it,
@@ -167,7 +168,7 @@ def test_brightness_acceptance_on_the_default_source(tmp_path):
   assert iou[("instance", "brightness", "none")] >= 0.85 * iou[("instance", "source", "none")]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_benchmark_cyclegan_methods(tmp_path, monkeypatch, capsys):
   """Both generators at brightness 5 (not at zoom): their rows, the
   translators' measures, the figure, one IoU and one checkerboard measure

@@ -36,6 +36,7 @@ def result(tmp_path_factory):
   return config, path, rows
 
 
+@pytest.mark.e2e
 def test_rows_files_and_one_number_by_hand(result):
   config, path, rows = result
   # 3 settings x 4 methods x 2 seeds online, + 3 settings x 2 offline x 2 seeds.
@@ -83,6 +84,7 @@ def _iou_and_tolerance(z, masks):
   return iou, tolerance.iou_tolerance_at(pred, masks, tolerance.near_boundary(z)) + 1e-6
 
 
+@pytest.mark.e2e
 def test_gate_analysis_replays_the_gate(result):
   """The gate table against the stored per-step numbers, replayed here: at
   the chosen threshold, the mean over steps of the method's IoU where its
@@ -109,6 +111,7 @@ def test_gate_analysis_replays_the_gate(result):
   assert "## The gate, replayed on every step" in md and "| 2 | ema_bn |" in md
 
 
+@pytest.mark.e2e
 def test_resume_does_not_retrain(result, monkeypatch):
   config, path, rows = result
   monkeypatch.setattr(train, "train_many", lambda *a, **k: pytest.fail("retrained"))

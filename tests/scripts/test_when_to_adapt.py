@@ -50,6 +50,7 @@ def _rows(path):
   return [r for f in names for r in json.loads(f.read_text())["rows"]]
 
 
+@pytest.mark.e2e
 def test_rows_and_files(result):
   config, path, analysis = result
   rows = _rows(path)
@@ -80,6 +81,7 @@ def test_rows_and_files(result):
   assert b["best"] == pytest.approx(np.maximum(i0, i1).mean(), abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_one_row_by_hand(result):
   config, path, _ = result
   rows = _rows(path)
@@ -128,6 +130,7 @@ def _isotonic(x, y):
 
 @pytest.mark.parametrize("method,predictor", [("adabn", "atc"), ("tent", "entropy_after"),
                                               ("histogram_match", "bn_w2")])
+@pytest.mark.e2e
 def test_leave_one_family_out_against_an_independent_loop(result, method, predictor):
   """On every row, ties included (the tiny run's gains have 7-9 distinct
   values of 12): scipy's Spearman and isotonic regression per fold."""
@@ -158,6 +161,7 @@ def test_leave_one_family_out_against_an_independent_loop(result, method, predic
   assert sorted(f["held_out"] for f in src) == sorted({r["source"] for r in rows})
 
 
+@pytest.mark.e2e
 def test_saved_rule_is_the_isotonic_fit_of_every_row(result):
   """The rule file against scipy: its steps are the isotonic regression of
   the gain on the chosen score over every row of the method, and a row's
@@ -185,6 +189,7 @@ def test_saved_rule_is_the_isotonic_fit_of_every_row(result):
     assert d.adapt == (stored["gains"][i] > stored["margin"])
 
 
+@pytest.mark.e2e
 def test_resume_does_not_retrain(result, monkeypatch):
   config, path, analysis = result
   monkeypatch.setattr(train, "train_many", lambda *a, **k: pytest.fail("retrained"))

@@ -1,5 +1,5 @@
 """The snippets of the guide "Adapting your own model" (docs/guides/your_model.md)
-run as written."""
+and README's example run as written."""
 
 import os
 import re
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 GUIDE = os.path.join(ROOT, "docs", "guides", "your_model.md")
@@ -44,6 +44,7 @@ def test_snippet_runs(index):
       assert a.shape == b.shape
 
 
+@pytest.mark.e2e
 def test_the_readme_example_runs_and_adaptation_helps():
   """README.md's "In a few lines" example, as written: AdaBN lifts the IoU on
   the brighter target above the unadapted model's (which predicts about

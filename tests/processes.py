@@ -1,0 +1,21 @@
+"""Starting Python processes from the tests: several forced CPU devices, a
+launcher, the files a run leaves."""
+
+import os
+import subprocess
+
+
+def run(args, env_extra=None, devices=None, timeout=600):
+  """``args`` run to the end with this environment (plus ``env_extra``;
+  ``devices`` forced host CPU devices); a ``CompletedProcess`` with text
+  output."""
+  env = dict(os.environ, **(env_extra or {}))
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def files(folder):
+  """Every file under ``folder``, as sorted relative paths."""
+  return sorted(os.path.relpath(os.path.join(d, f), folder)
+                for d, _, fs in os.walk(folder) for f in fs)
