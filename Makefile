@@ -18,7 +18,7 @@ PYTEST_FLAGS ?=
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: run test test-slow test-e2e docs gpu-wheels bench clean
+.PHONY: run test test-slow test-e2e test-slow-e2e docs gpu-wheels bench clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -44,6 +44,10 @@ test-slow: $(VENV)/.installed
 
 test-e2e: $(VENV)/.installed
 	$(PYTEST) -m e2e $(PYTEST_FLAGS)
+
+# The slow and e2e tiers in one run: one pool of workers for both (CI).
+test-slow-e2e: $(VENV)/.installed
+	$(PYTEST) -m "slow or e2e" $(PYTEST_FLAGS)
 
 docs: $(VENV)/.docs
 	rm -rf docs/_build

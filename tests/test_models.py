@@ -1,9 +1,19 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bnjax import models
+
+
+def _unoptimised(fn, **kwargs):
+  """``jax.jit`` with XLA's backend optimisation off, for the programs these
+  tests compile to compare two implementations of one function: the same
+  arithmetic, half the compile time of an optimised U-Net gradient (and far
+  less than running it op by op, which compiles every primitive alone)."""
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
 
 
 def milesial_param_count(features=64, depth=4, in_ch=1, classes=2):
@@ -97,9 +107,7 @@ def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs, side):
   model = models.UNet(features=4, depth=2, **kwargs)
   v = models.init(model, jax.random.key(0), (side, side, 1))
   x = jax.random.uniform(jax.random.key(1), (2, side, side, 1))
-  # Compiled, each model once (op-by-op execution of a U-Net and its
-  # gradient compiles every primitive of every shape on its own: ~5x slower).
-  out_and_grad = jax.jit(lambda m, p: (m.apply({**v, "params": p}, x), jax.grad(
+  out_and_grad = _unoptimised(lambda m, p: (m.apply({**v, "params": p}, x), jax.grad(
       lambda q: jnp.sum(m.apply({**v, "params": q}, x) ** 2))(p)), static_argnums=0)
   out, g = out_and_grad(model, v["params"])
   for other in (model.clone(conv_impl="matmul"), model.clone(conv_impl="xla"),
@@ -118,9 +126,10 @@ def test_matmul_convs_equal_xla_convs_and_flax_layers(kwargs, side):
                     (models.UpConv(5), nn.ConvTranspose(5, (2, 2), strides=(2, 2)))]:
     w = ref.init(jax.random.key(3), xs)
     w = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.key(4), a.shape), w)
-    want = jax.jit(ref.apply)(w, xs)
+    want = _unoptimised(ref.apply)(w, xs)
     for impl in models.CONV_IMPLS:
-      np.testing.assert_allclose(jax.jit(ours.clone(impl=impl).apply)(w, xs), want, atol=1e-4)
+      np.testing.assert_allclose(_unoptimised(ours.clone(impl=impl).apply)(w, xs), want,
+                                 atol=1e-4)
 
 
 def test_max_pool2_equals_flax_max_pool_and_its_gradient_after_relu():
@@ -188,6 +197,7 @@ def test_fused_bn_train_step_equals_flax_bn_train_step():
   x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
   y = jax.random.uniform(jax.random.key(2), (3, 16, 16)) > 0.7
 
+  @functools.partial(_unoptimised, static_argnums=0)
   def step(m):
     def f(params):
       logits, state = m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])

@@ -115,50 +115,54 @@ def test_vmap_strategy_matches_unroll(stack):
   assert tolerance.pixel_disagreement(pa, pb) <= int(0.002 * y[:2].size)
 
 
+# The loop's model call, compiled once per shape (eagerly, a U-Net's every
+# primitive compiles on its own).
+_apply = jax.jit(lambda v, x: TINY.apply(v, x, train=False))
+
+
 def _iou_and_tolerance(variables, x, y):
   """IoU of a model on (x, y) computed from its logits here (argmax of
-  model.apply), and how far another evaluation of the same variables may be
-  from it (the near-boundary pixels, tests/tolerance.py)."""
-  z = np.asarray(TINY.apply(variables, x, train=False))
+  model.apply), how far another evaluation of the same variables may be from
+  it (the near-boundary pixels, tests/tolerance.py), and the logits."""
+  z = np.asarray(_apply(variables, x))
   pred = np.argmax(z, -1) == 1
   # + 1e-7: the mean over images is a float32 sum in either program.
-  return metrics.iou(pred, y), tolerance.iou_tolerance_at(pred, y, tolerance.near_boundary(z)) + 1e-7
+  tol = tolerance.iou_tolerance_at(pred, y, tolerance.near_boundary(z)) + 1e-7
+  return metrics.iou(pred, y), tol, z
 
 
 def test_evaluate_grid_matches_pairwise_loop(stack, trained):
   """The stacked grid against a loop over pairs written here (model.apply
   and argmax, recompute_batch_stats per pair): the two programs agree to
-  float32 rounding in every logit, so their IoUs differ at most by what the
-  pixels near the decision boundary can move (often exactly 0)."""
+  float32 rounding in every logit, so every predicted pixel agrees except
+  where the two class logits are within rounding of each other, and the
+  IoUs differ at most by what those pixels can move (often exactly 0)."""
   x, y = stack
   variables, _ = trained
-  out = inference.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), mode="train_pass",
-                                pair_chunk=3, batch_size=16, return_masks=True)
-  assert set(out) == {"source_iou", "iou_no_adapt", "iou_adapted", "masks_source",
-                      "masks_no_adapt", "masks_adapted"}
-  assert out["masks_adapted"].shape == (3, 2, 48, 16, 16) and out["masks_adapted"].dtype == bool
+  # The oracles: the source models themselves (oracle m on target m is source
+  # model m on its own set here).
+  out = inference.evaluate_grid(TINY, variables, (x, y), x, (x, y), mode="train_pass",
+                                oracle=variables, pair_chunk=3, batch_size=16,
+                                return_masks=True)
+  assert set(out) == {"source_iou", "iou_no_adapt", "iou_adapted", "iou_oracle", "masks_source",
+                      "masks_no_adapt", "masks_adapted", "masks_oracle"}
+  assert out["masks_adapted"].shape == (3, 3, 48, 16, 16) and out["masks_adapted"].dtype == bool
 
   def check(variables, x, y, iou, masks):
-    want, tol = _iou_and_tolerance(variables, x, y)
+    want, tol, z = _iou_and_tolerance(variables, x, y)
     assert iou == pytest.approx(want, abs=tol)
-    # Pixel by pixel: the grid's masks are the argmax of the loop's logits
-    # except where the two class logits are within rounding of each other.
-    z = np.asarray(TINY.apply(variables, x, train=False))
     differ = masks != (np.argmax(z, -1) == 1)
     assert not np.any(differ & ~tolerance.near_boundary(z))
 
   for k in range(3):
     vk = jax.tree_util.tree_map(lambda a: a[k], variables)
     check(vk, x[k], y[k], out["source_iou"][k, 0], out["masks_source"][k])
-    for m in range(2):
+    check(vk, x[k], y[k], out["iou_oracle"][0, k], out["masks_oracle"][k])
+    np.testing.assert_array_equal(out["iou_oracle"][:, k], out["iou_oracle"][0, k])
+    for m in range(3):
       check(vk, x[m], y[m], out["iou_no_adapt"][k, m], out["masks_no_adapt"][k, m])
       ad = adapt.recompute_batch_stats(TINY, vk, x[m], mode="train_pass", batch_size=16)
       check(ad, x[m], y[m], out["iou_adapted"][k, m], out["masks_adapted"][k, m])
-  oracle = jax.tree_util.tree_map(lambda a: a[:2], variables)
-  with_oracle = inference.evaluate_grid(TINY, variables, (x, y), x[:2], (x[:2], y[:2]), oracle=oracle)
-  for m in range(2):  # oracle m on target m is source model m on its own set here
-    want, tol = _iou_and_tolerance(jax.tree_util.tree_map(lambda a: a[m], variables), x[m], y[m])
-    assert with_oracle["iou_oracle"][0, m] == pytest.approx(want, abs=tol)
 
 
 def test_input_errors(stack):

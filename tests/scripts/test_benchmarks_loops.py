@@ -1,0 +1,42 @@
+"""benchmarks/gpu.py and benchmarks/loop_vs_scan.py end to end at toy sizes
+(no timing is asserted)."""
+
+import pytest
+from timed import check_times
+
+
+@pytest.mark.e2e
+def test_gpu_summary_at_toy_sizes(tmp_path):
+  """benchmarks/gpu.py (what gpu.sh runs on the accelerator) at toy sizes:
+  the summary holds the environment, a row per case and a status per
+  benchmark, and an unknown name is refused before anything runs."""
+  import json
+
+  import gpu
+
+  summary = gpu.main(["--out", str(tmp_path), "--quick", "--only", "train_step,adapt_cost"])
+  assert summary["status"] == {"train_step": "ok", "adapt_cost": "ok"}
+  saved = json.loads((tmp_path / "gpu_summary.json").read_text())
+  assert saved["environment"]["missing"] == [] and saved["environment"]["jax"]
+  assert {r["benchmark"] for r in saved["rows"]} == {"train_step", "adapt"}
+  step = next(r for r in saved["rows"] if r["benchmark"] == "train_step")
+  assert abs(step["images_per_s"] - 2 / step["bnjax_s"]) < 1e-6 * step["images_per_s"]
+  md = (tmp_path / "gpu_summary.md").read_text()
+  assert md.startswith("# bnjax on the accelerator") and "| train_step |" in md
+  with pytest.raises(SystemExit):
+    gpu.main(["--out", str(tmp_path / "x"), "--only", "train_steps"])
+  assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.e2e
+def test_loop_vs_scan_benchmark_computes_the_same_steps():
+  """benchmarks/loop_vs_scan.py at 3 steps: the loop and the scan of one step
+  give the same weights (convolution) and step losses (flow), to float32
+  rounding."""
+  import loop_vs_scan
+
+  rows = loop_vs_scan.run(steps=3)
+  check_times(rows)
+  assert [r["benchmark"] for r in rows] == ["loop_vs_scan"] * 2
+  for r in rows:
+    assert r["value"] <= 1e-4, r["case"]
