@@ -204,3 +204,18 @@ def cached(owner, key, build: Callable[[], Callable]) -> Callable:
   _CACHE.append((owner, key, fn))
   del _CACHE[:-_CACHE_SIZE]
   return fn
+
+
+def init(model, key, *inputs, **flags):
+  """``model.init(key, *inputs, **flags)`` compiled once per model, flags and
+  input shapes, at XLA's lowest backend optimisation level (as
+  :func:`bnjax.models.init_variables`): an eager ``init`` of a flow or a VAE
+  dispatches its initialisers and its first forward pass op by op, a program
+  compiled for every primitive and shape (~10 s on CPU); this is one, of ~1 s.
+  ``flags`` must be hashable (``train=True``)."""
+
+  def build():
+    return jax.jit(lambda key, *inputs: model.init(key, *inputs, **flags),
+                   compiler_options={"xla_backend_optimization_level": 0})
+
+  return cached(model, ("init", tuple(sorted(flags.items()))), build)(key, *inputs)

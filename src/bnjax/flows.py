@@ -554,7 +554,7 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
                      f"got {config.batch_size}")
   init_key, first_key, noise_key = jax.random.split(key, 3)
   first = dequantize(first_key, images[: config.batch_size], config.levels)
-  variables = model.init(init_key, first, train=True)
+  variables = _m.init(model, init_key, first, train=True)
   params, stats = variables["params"], variables.get("batch_stats", {})
   opt = _optimizer(config).init(params)
   order = _fitting.batches(config.seed, n, config.batch_size, config.steps)

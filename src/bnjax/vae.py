@@ -265,7 +265,7 @@ def fit_classifier(key, model: Classifier, images, labels, config: VAEConfig = V
   _checks.key(key)
   images, labels = _data(images, labels, model.num_classes)
   order = _fitting.batches(config.seed, images.shape[0], config.batch_size, config.steps)
-  variables = model.init(key, images[: config.batch_size], train=True)
+  variables = _m.init(model, key, images[: config.batch_size], train=True)
   step, rate = _classifier_step(model), jax.device_put(np.float32(config.learning_rate))
   carry = (variables["params"], variables["batch_stats"],
            optax.adam(config.learning_rate).init(variables["params"]))
@@ -329,8 +329,8 @@ def fit(key, model: ConditionalVAE, images, labels, classifier=None,
   images, labels = _data(images, labels, model.num_classes)
   order = _fitting.batches(config.seed, images.shape[0], config.batch_size, config.steps)
   init_key, step_key = jax.random.split(key)
-  variables = model.init(init_key, images[: config.batch_size], labels[: config.batch_size],
-                         train=True)
+  variables = _m.init(model, init_key, images[: config.batch_size], labels[: config.batch_size],
+                      train=True)
   clf_model, clf_vars = classifier if config.lambda_label > 0 else (None, {})
   step, hyper = _vae_step(model, clf_model), jax.device_put(_hyperparameters(config))
   carry = (variables["params"], variables["batch_stats"],
