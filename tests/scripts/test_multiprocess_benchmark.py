@@ -1,5 +1,7 @@
-"""experiments/benchmark.py across processes: 2 processes x 2 CPU devices
-give what 1 process x 4 devices gives."""
+"""experiments/benchmark.py across processes: 2 processes (one CPU device
+each) give what 1 process gives (map_pairs' split over several devices of
+several processes is tests/test_distributed.py's: here the script's rows,
+files and translators)."""
 
 import json
 import os
@@ -37,11 +39,15 @@ BENCH = ["experiments/benchmark.py", "--config=experiments/configs/benchmark.py"
 def test_benchmark_across_two_processes_equals_one(root, tmp_path):
   os.chdir(root)
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  r = processes.run([PY, *BENCH, f"--workdir={one}"], devices=4)
+  r = processes.run([PY, *BENCH, f"--workdir={one}"])
   assert r.returncode == 0, r.stderr[-3000:]
-  r = processes.run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=2", *BENCH,
+  r = processes.run([PY, "-m", "bnjax.launch", "--processes=2", "--devices_per_process=1", *BENCH,
             f"--workdir={two}"])
   assert r.returncode == 0, r.stdout[-3000:]
+  # The pairs of every cell split between the processes (2 seeds: one pair each).
+  for p in (0, 1):
+    assert f"[p{p}] [reference brightness] process {p} of 2: 1 of 2 pairs (pairs {p}..{p}) " \
+        "on 1 device(s)" in r.stdout, r.stdout[-3000:]
   rows = lambda d: json.load(open(os.path.join(d, "benchmark.json")))["rows"]
   a, b = rows(two), rows(one)
   assert [r_[k] for r_ in a for k in ("variant", "shift", "severity", "method", "seed")] == [

@@ -1,15 +1,7 @@
-"""experiments/sweep.py: its configs hold the study's grids, its figures say
-which grid they show, and a run killed mid-way resumes to the numbers of an
-uninterrupted one (slow)."""
+"""experiments/sweep.py: its configs hold the study's grids and its figures
+say which grid they show (a run killed mid-way, in one process and in two:
+tests/scripts/test_multiprocess_sweep.py)."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-
-import numpy as np
 import pytest
 
 from bnjax import data
@@ -57,54 +49,3 @@ def test_sweep_titles_name_the_grid_once(tmp_path, saved):
   assert saved["geometric_heatmaps.png"]._suptitle.get_text().startswith("geometric: IoU")
   assert saved["k20_heatmaps.png"]._suptitle.get_text().startswith("brightness k20: IoU")
   assert any("μ1" in t.get_text() for t in saved["geometric_heatmaps.png"].texts)
-
-
-SWEEP_CONFIG = ["--config.custom.mu1=40,90,140", "--config.custom.delta=90",
-                "--config.custom.sigma1=30", "--config.data.size=16", "--config.data.n_train=24",
-                "--config.data.n_eval=8", "--config.data.n_adapt=8", "--config.model.features=2",
-                "--config.model.depth=2", "--config.train.epochs=2", "--config.train.batch_size=8",
-                "--config.chunk=1", "--config.pair_chunk=4"]
-
-
-def sweep_cmd(root, out, *extra):
-  return [sys.executable, os.path.join(root, "experiments", "sweep.py"),
-          f"--config={os.path.join(root, 'experiments', 'configs', 'sweep.py')}:custom",
-          f"--workdir={out}", *SWEEP_CONFIG, *extra]
-
-
-@pytest.mark.slow
-def test_sweep_killed_then_resumed(root, tmp_path):
-  env = {**os.environ, "PYTHONPATH": root}
-  out = tmp_path / "run"
-  proc = subprocess.Popen(sweep_cmd(root, out), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  first = out / "checkpoints" / "chunk_0000" / "bnjax.json"
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
-  assert first.exists(), "the first chunk was never checkpointed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (out / "summary.md").exists()
-  resumed = subprocess.run(sweep_cmd(root, out), env=env, capture_output=True, text=True,
-                           timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "models 1-1 of 3 restored" in resumed.stderr
-  fresh = subprocess.run(sweep_cmd(root, tmp_path / "fresh"), env=env, capture_output=True,
-                         text=True, timeout=600)
-  assert fresh.returncode == 0, fresh.stderr[-3000:]
-  a = json.loads((out / "results" / "custom.json").read_text())
-  b = json.loads((tmp_path / "fresh" / "results" / "custom.json").read_text())
-  for key in ("source_iou", "iou_no_adapt", "iou_adapted"):
-    # The same programs on the same machine (the restored chunk is the saved
-    # one bit for bit): the same numbers, exactly.
-    np.testing.assert_array_equal(a[key], b[key])
-  for name in ("custom_heatmaps.png", "custom_surface.png", "histories.png", "summary.md",
-               "custom_heatmaps_adapted.csv"):
-    assert (out / name).exists()
-  # Everything done is reused; another config into the same workdir is refused.
-  again = subprocess.run(sweep_cmd(root, out), env=env, capture_output=True, text=True, timeout=600)
-  assert "scores restored" in again.stdout and again.stderr.count("restored") >= 3
-  other = subprocess.run(sweep_cmd(root, out, "--config.seed=1"), env=env, capture_output=True,
-                         text=True, timeout=600)
-  assert other.returncode == 2 and "seed: 0 -> 1" in other.stderr
