@@ -16,7 +16,8 @@ OUT ?= runs/adapt_pair
 PYTEST_FLAGS ?=
 # Test files spread over this many processes (pytest-xdist; 0: one process).
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# (--no-loadscope-reorder: the files in tests/conftest.py's order, longest first)
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test test-slow test-e2e test-slow-e2e docs gpu-wheels bench clean
 

@@ -26,6 +26,23 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# XLA's backend optimisation level for every program the tests compile (here
+# and in every process they start, which inherit XLA_FLAGS): 0 by default,
+# which compiles in about 3/4 of the time (the suite's programs run for
+# milliseconds; compiling them is most of its time). The computation is the
+# same; float32 results may round differently, which the tests' tolerances
+# allow for, as they allow for another CPU's. BNJAX_TEST_XLA_OPT=default
+# compiles as users do (XLA's default level), another value sets the level.
+XLA_OPT_ENV = "BNJAX_TEST_XLA_OPT"
+_level = os.environ.get(XLA_OPT_ENV, "0").strip()
+if _level.lower() != "default":
+  if not _level.isdigit():
+    raise ValueError(f"{XLA_OPT_ENV} must be 'default' or a level >= 0, got {_level!r}")
+  os.environ["XLA_FLAGS"] = " ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_backend_optimization_level")]
+      + [f"--xla_backend_optimization_level={_level}"])
+
 import pytest  # noqa: E402
 
 from bnjax import compiler  # noqa: E402
@@ -72,3 +89,19 @@ def saved(monkeypatch):
 
   monkeypatch.setattr(figure.Figure, "savefig", capture)
   return figures
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the counts are of what runs
+def pytest_collection_modifyitems(config, items):
+  """The files that run for minutes first (a module sets ``RUNS_FOR_MINUTES =
+  True``), then the rest by their number of tests, largest first (what
+  pytest-xdist's ``--loadscope-reorder`` does; the Makefile turns that off
+  for this order): the test runner hands files to its workers in this order,
+  and the longest ones started last would leave a worker idle at the end.
+  The sort is stable and per file, so a file's tests stay together and in
+  order."""
+  count: dict = {}
+  for item in items:
+    count[item.nodeid.split("::")[0]] = count.get(item.nodeid.split("::")[0], 0) + 1
+  items.sort(key=lambda item: (not getattr(getattr(item, "module", None), "RUNS_FOR_MINUTES", False),
+                               -count[item.nodeid.split("::")[0]]))

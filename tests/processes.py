@@ -5,13 +5,21 @@ import os
 import subprocess
 
 
+def devices_flag(devices: int, env=None) -> str:
+  """``XLA_FLAGS`` of ``env`` (default: this process's) with ``devices``
+  forced host CPU devices (the suite's other flags kept: tests/conftest.py)."""
+  flags = [f for f in (os.environ if env is None else env).get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run(args, env_extra=None, devices=None, timeout=600):
   """``args`` run to the end with this environment (plus ``env_extra``;
   ``devices`` forced host CPU devices); a ``CompletedProcess`` with text
   output."""
   env = dict(os.environ, **(env_extra or {}))
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = devices_flag(devices, env)
   return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -23,6 +23,7 @@ import pytest
 from scipy import ndimage
 
 import compiles
+import processes
 from bnjax import cyclegan as cg
 from bnjax import data
 
@@ -507,7 +508,7 @@ def test_translators_sharded_over_two_devices_equal_one_device(root):
   import sys
 
   env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": processes.devices_flag(2)}
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                         env=env, timeout=600)
   assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]

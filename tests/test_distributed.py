@@ -17,6 +17,9 @@ from bnjax import adapt, distributed, launch
 
 PY = sys.executable
 
+# Its slow or e2e tests run for minutes: scheduled first (tests/conftest.py).
+RUNS_FOR_MINUTES = True
+
 
 def _script(tmp_path, text):
   path = tmp_path / "script.py"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bnjax
+import processes
 import tolerance
 from bnjax import adapt, data, inference, metrics, models, train
 
@@ -220,7 +221,7 @@ SHARDED = textwrap.dedent("""
 @pytest.mark.slow
 def test_four_device_sharding_equals_one_device(root):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")]),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+         "XLA_FLAGS": processes.devices_flag(4), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                         env=env, timeout=600)
   assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]

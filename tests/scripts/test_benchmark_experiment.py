@@ -13,6 +13,9 @@ from bnjax import data, metrics, models, shifts, train, workdir
 from experiments import benchmark
 from experiments.configs import benchmark as benchmark_config
 
+# Its slow or e2e tests run for minutes: scheduled first (tests/conftest.py).
+RUNS_FOR_MINUTES = True
+
 
 def tiny():
   c = benchmark_config.get_config()

@@ -14,6 +14,9 @@ import streams_many
 import train_step
 from timed import check_times
 
+# Its slow or e2e tests run for minutes: scheduled first (tests/conftest.py).
+RUNS_FOR_MINUTES = True
+
 
 @pytest.mark.e2e
 def test_small_benchmarks_run_and_compute_what_their_references_compute(root):

@@ -15,6 +15,9 @@ from experiments.configs import generative as generative_config
 
 pytest.importorskip("sklearn")
 
+# Its slow or e2e tests run for minutes: scheduled first (tests/conftest.py).
+RUNS_FOR_MINUTES = True
+
 
 def tiny():
   c = generative_config.get_config()

@@ -18,6 +18,9 @@ from experiments import benchmark
 
 PY = sys.executable
 
+# Its slow or e2e tests run for minutes: scheduled first (tests/conftest.py).
+RUNS_FOR_MINUTES = True
+
 
 BENCH = ["experiments/benchmark.py", "--config=experiments/configs/benchmark.py",
          "--config.seeds=2", "--config.variants=reference", "--config.shifts=brightness,zoom",

@@ -23,6 +23,9 @@ from experiments import sweep
 
 PY = sys.executable
 
+# Its slow or e2e tests run for minutes: scheduled first (tests/conftest.py).
+RUNS_FOR_MINUTES = True
+
 
 SWEEP = ["experiments/sweep.py", "--config=experiments/configs/sweep.py:custom",
          "--config.custom.mu1=30,60,90,120", "--config.custom.delta=80",
