@@ -4,10 +4,10 @@ r"""Train on a source domain, adapt BatchNorm to target domains, score IoU.
     python experiments/adapt_pair.py --config=experiments/configs/adapt_pair.py:paper --workdir=runs/paper
 
 Expected (the CPU default, ``make run``): ~1 min on 2 cores (~40 s with a warm
-compilation cache). Source (90,50,170,50) IoU 0.861; the brightness shift to
+compilation cache). Source (90,50,170,50) IoU 0.866; the brightness shift to
 (150,50,230,50) scores 0.205 without adaptation (everything predicted
-foreground: about the mask fraction), 0.863 with ``exact`` BN adaptation,
-oracle 0.873; to (30,50,110,50): 0.018, 0.871, 0.881.
+foreground: about the mask fraction), 0.859 with ``exact`` BN adaptation,
+oracle 0.873; to (30,50,110,50): 0.032, 0.872, 0.880 (2026-12-07).
 
 ``paper``: the study's 64x64 U-Net (width 64, 31.0 M parameters) with its
 RMSprop settings and 5000 images per domain (hours on a CPU; minutes on an
