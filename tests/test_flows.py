@@ -265,14 +265,20 @@ def test_bad_input_is_refused():
     _flow(alpha=0.5).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="FlowConfig.batch_size must be an integer >= 1"):
     flows.FlowConfig(batch_size=0)
-  with pytest.raises(ValueError, match="FlowConfig.learning_rate must be a number > 0"):
-    flows.FlowConfig(learning_rate=0.0)
+  # One rule, one message, for every value it refuses.
+  for bad in (0.0, -1e-3, float("nan"), "1e-3", True):
+    with pytest.raises(ValueError, match=r"FlowConfig.learning_rate must be a finite number > 0"):
+      flows.FlowConfig(learning_rate=bad)
+  with pytest.raises(ValueError, match=r"learning_rate must be a finite number > 0, got -1"):
+    flows.inpaint(model, v, x, np.ones((4, 4, 1), bool), steps=1, learning_rate=-1)
   with pytest.raises(ValueError, match="images must have shape"):
     flows.fit(jax.random.key(0), model, np.zeros((4, 8, 8, 1), np.float32),
               flows.FlowConfig(steps=1, batch_size=2), verbose=False)
-  with pytest.raises(ValueError, match="images must lie in"):
+  # The range error names what a flow's user can do (fit has no image_range).
+  with pytest.raises(ValueError, match=r"images must lie in .* k / \(levels - 1\)") as e:
     flows.fit(jax.random.key(0), model, np.full((4, 4, 4, 1), 255.0, np.float32),
               flows.FlowConfig(steps=1, batch_size=2), verbose=False)
+  assert "image_range" not in str(e.value)
 
 
 def test_fit_learns_is_seeded_and_guards():

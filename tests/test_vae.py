@@ -165,6 +165,19 @@ def test_fit_learns_is_seeded_and_needs_its_classifier(tiny):
     vae.fit(jax.random.key(2), model, images, labels + 5, classifier, cfg, verbose=False)
   with pytest.raises(ValueError, match="VAEConfig.wrong_label_rate must"):
     vae.VAEConfig(wrong_label_rate=2.0)
+  for bad in (0.0, -1e-3, float("nan")):
+    with pytest.raises(ValueError, match=r"VAEConfig.learning_rate must be a finite number > 0"):
+      vae.VAEConfig(learning_rate=bad)
+  # Images that do not match the model's image_shape: named before any work
+  # (they failed after compiling, in a broadcast).
+  other = np.zeros((images.shape[0], images.shape[1] + 4, images.shape[2], images.shape[3]),
+                   np.float32)
+  with pytest.raises(ValueError, match=r"images must have shape \[n, .*image_shape"):
+    vae.fit(jax.random.key(2), model, other, labels, classifier, cfg, verbose=False)
+  # The range error names what the VAE's user can do (fit has no image_range).
+  with pytest.raises(ValueError, match=r"images must lie in .*Bernoulli") as e:
+    vae.fit(jax.random.key(2), model, images * 255, labels, classifier, cfg, verbose=False)
+  assert "image_range" not in str(e.value)
 
 
 def test_given_label_rate_counts_agreement(tiny):

@@ -49,6 +49,16 @@ def number(name: str, value, minimum: float = 0.0, what: str = "") -> float:
   return float(value)
 
 
+def positive_number(name: str, value, what: str = "") -> float:
+  """``value`` as a float when it is a finite real number > 0 (booleans
+  refused): one rule and one message for every wrong value (negative, 0, NaN,
+  not a number)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+      not math.isfinite(value) or value <= 0):
+    raise ValueError(f"{name} must be a finite number > 0{what}, got {value!r}")
+  return float(value)
+
+
 def unit_interval(name: str, value) -> float:
   value = float(value)
   if not 0.0 <= value <= 1.0:
@@ -76,10 +86,16 @@ def model_axis(variables, size: int, name: str = "variables") -> None:
                      f"{sorted(leads, key=lambda v: -1 if v is None else v)}")
 
 
-def _image_values(images, name: str, image_range) -> None:
+# What the range error suggests for another scale: the option of the entry
+# points that have ``image_range``; others pass what their user can do.
+OTHER_SCALE = "pass image_range=None to use another scale"
+
+
+def _image_values(images, name: str, image_range, other_scale: str = OTHER_SCALE) -> None:
   """Integer images are refused; float images outside ``image_range`` (with a
   small tolerance) too, unless ``image_range`` is None. Only concrete values
-  are checked."""
+  are checked. ``other_scale``: the error's last words, what the caller can
+  do about another scale."""
   if not jnp.issubdtype(images.dtype, jnp.floating):
     if jnp.issubdtype(images.dtype, jnp.integer) or images.dtype == jnp.bool_:
       raise ValueError(
@@ -98,9 +114,9 @@ def _image_values(images, name: str, image_range) -> None:
     hint = (" (they look like 0-255 values: divide by 255)" if seen_hi > 2.0 and seen_lo >= 0
             else "")
     raise ValueError(
-        f"{name} must lie in [{lo:g}, {hi:g}] (image_range), got values in "
-        f"[{seen_lo:.4g}, {seen_hi:.4g}]{hint}; pass image_range=None to use "
-        "another scale")
+        f"{name} must lie in [{lo:g}, {hi:g}]"
+        f"{' (image_range)' if other_scale == OTHER_SCALE else ''}, got values in "
+        f"[{seen_lo:.4g}, {seen_hi:.4g}]{hint}; {other_scale}")
 
 
 # A rank-3 array whose last axis is at most this long is taken for one image
@@ -125,7 +141,7 @@ def _one_array(values, name: str, want: str):
 
 
 def images(images, masks=None, *, name: str = "images", image_range=UNIT_RANGE,
-           stacked: bool = False):
+           stacked: bool = False, other_scale: str = OTHER_SCALE):
   """Validates ``float[n, H, W, C]`` images (``[n, H, W]`` gets a channel),
   or with ``stacked`` a ``float[K, n, H, W, C]`` stack, and optional masks of
   the same ``n, H, W``. Returns float32 images and bool masks (jax arrays).
@@ -145,7 +161,7 @@ def images(images, masks=None, *, name: str = "images", image_range=UNIT_RANGE,
     images = images[..., None]
   if images.ndim != rank or 0 in images.shape[:rank - 3]:
     raise ValueError(f"{name} must be a non-empty {want}, got shape {images.shape}")
-  _image_values(images, name, image_range)
+  _image_values(images, name, image_range, other_scale)
   images = images.astype(jnp.float32)
   if masks is None:
     return images

@@ -466,8 +466,7 @@ class FlowConfig:
     _checks.positive_int("FlowConfig.levels", self.levels, 2)
     _checks.positive_int("FlowConfig.check_every", self.check_every)
     _checks.positive_int("FlowConfig.seed", self.seed, 0)
-    if _checks.number("FlowConfig.learning_rate", self.learning_rate) <= 0:
-      raise ValueError(f"FlowConfig.learning_rate must be a number > 0, got {self.learning_rate}")
+    _checks.positive_number("FlowConfig.learning_rate", self.learning_rate)
     _checks.number("FlowConfig.clip", self.clip)
     _checks.number("FlowConfig.weight_decay", self.weight_decay)
 
@@ -531,6 +530,11 @@ def _train_step(model: RealNVP, config: FlowConfig):
                                                          hyper)
 
 
+# The flows' images: grey levels k / (levels - 1) in [0, 1] (what a range error says).
+_OTHER_SCALE = ("a flow models images in [0, 1]: k / (levels - 1) for grey levels "
+                "k = 0..levels - 1 (FlowConfig.levels)")
+
+
 def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbose: bool = True):
   """Trains ``model`` by maximum likelihood on ``images`` (``[n, h, w, c]``,
   values ``k / (levels - 1)``): ``(variables, history)``.
@@ -544,7 +548,8 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
   _checks.key(key)
   if not isinstance(model, RealNVP):
     raise ValueError(f"model must be a RealNVP, got {type(model).__name__}")
-  images = jnp.asarray(_checks.images(images, name="images"), jnp.float32)
+  images = jnp.asarray(_checks.images(images, name="images", other_scale=_OTHER_SCALE),
+                       jnp.float32)
   if tuple(images.shape[1:]) != tuple(model.image_shape):
     raise ValueError(f"images must have shape [n, {', '.join(map(str, model.image_shape))}], "
                      f"got {tuple(images.shape)}")
@@ -600,9 +605,9 @@ def inpaint(model: RealNVP, variables, images, known, *, steps: int = 300,
   pixels fixed: ``(filled images, log_prob[steps])`` (the mean per step).
   The unknown pixels start from their given values."""
   steps = _checks.positive_int("steps", steps)
-  if _checks.number("learning_rate", learning_rate) <= 0:
-    raise ValueError(f"learning_rate must be a number > 0, got {learning_rate}")
-  images = jnp.asarray(_checks.images(images, name="images"), jnp.float32)
+  _checks.positive_number("learning_rate", learning_rate)
+  images = jnp.asarray(_checks.images(images, name="images", other_scale=_OTHER_SCALE),
+                       jnp.float32)
   try:
     known = jnp.broadcast_to(jnp.asarray(known, bool), images.shape)
   except ValueError:

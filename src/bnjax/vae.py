@@ -211,14 +211,18 @@ class VAEConfig:
     _checks.positive_int("VAEConfig.batch_size", self.batch_size)
     _checks.positive_int("VAEConfig.check_every", self.check_every)
     _checks.positive_int("VAEConfig.seed", self.seed, 0)
-    if _checks.number("VAEConfig.learning_rate", self.learning_rate) <= 0:
-      raise ValueError(f"VAEConfig.learning_rate must be a number > 0, got {self.learning_rate}")
+    _checks.positive_number("VAEConfig.learning_rate", self.learning_rate)
     _checks.number("VAEConfig.lambda_label", self.lambda_label)
     _checks.unit_interval("VAEConfig.wrong_label_rate", self.wrong_label_rate)
 
 
+# What a range error says (the VAE's likelihood is Bernoulli per pixel).
+_OTHER_SCALE = "the VAE models pixel intensities in [0, 1] (a Bernoulli likelihood per pixel)"
+
+
 def _data(images, labels, num_classes: int):
-  images = jnp.asarray(_checks.images(images, name="images"), jnp.float32)
+  images = jnp.asarray(_checks.images(images, name="images", other_scale=_OTHER_SCALE),
+                       jnp.float32)
   labels = np.asarray(labels)
   if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers of shape ({images.shape[0]},), got "
@@ -327,6 +331,9 @@ def fit(key, model: ConditionalVAE, images, labels, classifier=None,
                      f"VAEConfig.lambda_label > 0 (got {config.lambda_label}); "
                      "pass lambda_label=0 for a VAE without the label loss")
   images, labels = _data(images, labels, model.num_classes)
+  if tuple(images.shape[1:]) != tuple(int(s) for s in model.image_shape):
+    raise ValueError(f"images must have shape [n, {', '.join(map(str, model.image_shape))}] "
+                     f"(ConditionalVAE.image_shape), got {tuple(images.shape)}")
   order = _fitting.batches(config.seed, images.shape[0], config.batch_size, config.steps)
   init_key, step_key = jax.random.split(key)
   variables = _m.init(model, init_key, images[: config.batch_size], labels[: config.batch_size],
@@ -361,7 +368,8 @@ def losses(model: ConditionalVAE, variables, images, labels, classifier=None, *,
 def classify(classifier, images) -> np.ndarray:
   """The classifier's predicted class of each image (evaluation mode): int[n]."""
   clf_model, clf_vars = classifier
-  images = jnp.asarray(_checks.images(images, name="images"), jnp.float32)
+  images = jnp.asarray(_checks.images(images, name="images", other_scale=_OTHER_SCALE),
+                       jnp.float32)
   return np.asarray(jnp.argmax(clf_model.apply(clf_vars, images), axis=-1))
 
 
