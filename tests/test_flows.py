@@ -274,6 +274,16 @@ def test_bad_input_is_refused():
   with pytest.raises(ValueError, match="images must have shape"):
     flows.fit(jax.random.key(0), model, np.zeros((4, 8, 8, 1), np.float32),
               flows.FlowConfig(steps=1, batch_size=2), verbose=False)
+  # Data whose grey levels do not fit FlowConfig.levels (17-level digits with
+  # the default 256, 256-level data with 4) are refused, naming the levels.
+  seventeen = np.arange(64, dtype=np.float32).reshape(4, 4, 4, 1) % 17 / 16
+  with pytest.raises(ValueError, match=r"17-level data \(pixels k / 16\).*levels=17"):
+    flows.fit(jax.random.key(0), model, seventeen, flows.FlowConfig(steps=1, batch_size=2),
+              verbose=False)
+  fine = np.arange(64, dtype=np.float32).reshape(4, 4, 4, 1) / 255
+  with pytest.raises(ValueError, match=r"256-level data .* FlowConfig.levels is 4"):
+    flows.fit(jax.random.key(0), model, fine, flows.FlowConfig(steps=1, batch_size=2, levels=4),
+              verbose=False)
   # The range error names what a flow's user can do (fit has no image_range).
   with pytest.raises(ValueError, match=r"images must lie in .* k / \(levels - 1\)") as e:
     flows.fit(jax.random.key(0), model, np.full((4, 4, 4, 1), 255.0, np.float32),
@@ -298,7 +308,10 @@ def test_fit_learns_is_seeded_and_guards():
       _, h = flows.fit(jax.random.key(0), model, images,
                        dataclasses.replace(cfg, steps=10, **change), verbose=False)
       assert not np.array_equal(h["bits_per_dim"], h1["bits_per_dim"][:10]), change
-    v2, _ = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
+      v2, _ = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
+    # Continuous data (on no grid of levels) are dequantized at cfg.levels, not refused.
+    flows.fit(jax.random.key(0), model, rng.uniform(size=images.shape).astype(np.float32),
+              dataclasses.replace(cfg, steps=1), verbose=False)
   assert lowered == []
   jax.tree_util.tree_map(np.testing.assert_array_equal, v1, v2)  # seeded
   with pytest.raises(FloatingPointError, match="flow training diverged at step"):

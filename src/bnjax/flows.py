@@ -530,6 +530,39 @@ def _train_step(model: RealNVP, config: FlowConfig):
                                                          hyper)
 
 
+def _grid_of(values) -> int | None:
+  """The m of the grid k / (m - 1) (m <= 65536) that holds every one of the
+  sorted distinct ``values``, from their smallest gap; None for values on no
+  such grid (continuous data)."""
+  if values.size < 2:
+    return None
+  m = int(round(1.0 / float(np.min(np.diff(values))))) + 1
+  if m > 65536 or not _on_grid(values, m):
+    return None
+  return m
+
+
+def _on_grid(values, levels: int) -> bool:
+  # float32 pixels k / (levels - 1) are within 1e-4 of the grid (levels <= 65536).
+  scaled = values * (levels - 1)
+  return bool(np.all(np.abs(scaled - np.round(scaled)) <= 1e-4))
+
+
+def _check_levels(images, levels: int) -> None:
+  """Discrete images on a grid of other levels than ``levels`` are refused:
+  dequantizing 17-level data with 256-level noise gives a density, and
+  bits/dim, of nothing the data hold. Continuous data (on no grid) pass."""
+  values = np.unique(images.astype(np.float64))
+  if _on_grid(values, levels):
+    return
+  m = _grid_of(values)
+  if m is not None:
+    raise ValueError(
+        f"images are {m}-level data (pixels k / {m - 1}), but FlowConfig.levels is {levels}: "
+        f"pass FlowConfig(levels={m}) so that dequantization and bits/dim count the data's "
+        "levels")
+
+
 # The flows' images: grey levels k / (levels - 1) in [0, 1] (what a range error says).
 _OTHER_SCALE = ("a flow models images in [0, 1]: k / (levels - 1) for grey levels "
                 "k = 0..levels - 1 (FlowConfig.levels)")
@@ -557,6 +590,7 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
   if config.batch_size > n:
     raise ValueError(f"FlowConfig.batch_size must be <= the number of images ({n}), "
                      f"got {config.batch_size}")
+  _check_levels(np.asarray(images), config.levels)
   init_key, first_key, noise_key = jax.random.split(key, 3)
   first = dequantize(first_key, images[: config.batch_size], config.levels)
   variables = _m.init(model, init_key, first, train=True)

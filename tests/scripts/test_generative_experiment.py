@@ -42,9 +42,9 @@ def tiny():
     ("flow.latent_batch", 64, "config.flow.latent_batch must be one of flow.batch_sizes"),
     ("flow.norms", "actnorm", "config.flow.norms must include 'batch'"),
     ("shift.shifts", "brightness,nope", "config.shift.shifts must be a comma-separated list"),
-    ("flow.learning_rate", 0.0, "config.flow.learning_rate must be a number > 0"),
+    ("flow.learning_rate", 0.0, "config.flow.learning_rate must be a finite number > 0"),
     ("vae.wrong_label_rate", 1.5, "config.vae.wrong_label_rate must"),
-    ("flow.temperature", -1.0, "config.flow.temperature must be a number > 0"),
+    ("flow.temperature", -1.0, "config.flow.temperature must be a finite number > 0"),
     ("shift.downsample", 3, "config.shift.downsample"),
     ("shift.flow_batch_size", 64, r"config.shift.flow_batch_size must be <= data.n_train \(24\)"),
 ])
