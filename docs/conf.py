@@ -12,6 +12,7 @@ sys.path.insert(0, ROOT)  # the notebooks import experiments/
 project = "bnjax"
 release = version = bnjax.__version__
 copyright = "2026, the bnjax authors"
+author = "the bnjax authors"  # the pages' footer ("By ...")
 
 extensions = [
     "myst_nb",

@@ -267,6 +267,8 @@ def test_config_and_input_errors(sets):
   with pytest.raises(ValueError, match="no patch"):
     cg.train_translators(key, src[:, :8, :8], stack[:, :, :8, :8],
                          cg.CycleGANConfig(disc_layers=3, verbose=False))
+  with pytest.raises(ValueError, match=r"the K axis is missing.*target_images_stack\[None\]"):
+    cg.train_translators(key, src, stack[0], TINY)
   with pytest.raises(ValueError, match="2 sets for 3 target sets"):
     cg.train_translators(key, src[None].repeat(2, 0), stack, TINY)
   with pytest.raises(ValueError, match="3 keys"):

@@ -705,6 +705,14 @@ def train_translators(key, source_images, target_images_stack,
   if not isinstance(config, CycleGANConfig):
     raise ValueError(f"config must be a CycleGANConfig, got {type(config).__name__}")
   per_translator = np.ndim(source_images) == 5
+  if (not per_translator and np.ndim(target_images_stack) == np.ndim(source_images) >= 4
+      and np.shape(target_images_stack)[-3:] == np.shape(source_images)[-3:]):
+    # (one set [n, H, W, C] where a stack is wanted: named before a channel
+    # axis is added and the shapes no longer say what was passed)
+    raise ValueError(
+        f"target_images_stack must be a stack of K target sets [K, n, H, W, C]; got one set "
+        f"of shape {np.shape(target_images_stack)} (the K axis is missing): pass "
+        "target_images_stack[None] for one translator, or np.stack(target_sets)")
   source = _checks.images(source_images, name="source_images", stacked=per_translator)
   target = _checks.images(target_images_stack, name="target_images_stack", stacked=True)
   if source.shape[-3:] != target.shape[2:]:
