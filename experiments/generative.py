@@ -98,10 +98,7 @@ def plan_of(config) -> Plan:
   cfg.value("flow", flows.FlowConfig, learning_rate=config.flow.learning_rate,
             prefix="FlowConfig.")
   cfg.unit_interval(config.flow.momentum, "flow.momentum")
-  t = config.flow.temperature
-  if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-    raise cfg.ConfigError(f"config.flow.temperature must be a finite number > 0, got "
-                          f"{config.flow.temperature!r}")
+  cfg.positive_number(config.flow.temperature, "flow.temperature")
   cfg.positive_int(config.n_val, "n_val", minimum=10)
   if config.n_val > 1797 - max(batch_sizes):
     raise cfg.ConfigError(f"config.n_val must leave at least max(flow.batch_sizes) = "

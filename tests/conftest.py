@@ -20,8 +20,11 @@ puts it elsewhere, ``BNJAX_TEST_CACHE=off`` turns it off (every program is
 compiled afresh: what a first run on a new machine pays).
 """
 
+import collections
 import os
 import sys
+
+import processes  # tests/, on the path as the conftest's folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,10 +41,7 @@ _level = os.environ.get(XLA_OPT_ENV, "0").strip()
 if _level.lower() != "default":
   if not _level.isdigit():
     raise ValueError(f"{XLA_OPT_ENV} must be 'default' or a level >= 0, got {_level!r}")
-  os.environ["XLA_FLAGS"] = " ".join(
-      [f for f in os.environ.get("XLA_FLAGS", "").split()
-       if not f.startswith("--xla_backend_optimization_level")]
-      + [f"--xla_backend_optimization_level={_level}"])
+  os.environ["XLA_FLAGS"] = processes.xla_flags("xla_backend_optimization_level", _level)
 
 import pytest  # noqa: E402
 
@@ -100,8 +100,7 @@ def pytest_collection_modifyitems(config, items):
   and the longest ones started last would leave a worker idle at the end.
   The sort is stable and per file, so a file's tests stay together and in
   order."""
-  count: dict = {}
-  for item in items:
-    count[item.nodeid.split("::")[0]] = count.get(item.nodeid.split("::")[0], 0) + 1
-  items.sort(key=lambda item: (not getattr(getattr(item, "module", None), "RUNS_FOR_MINUTES", False),
-                               -count[item.nodeid.split("::")[0]]))
+  file_of = lambda item: item.nodeid.split("::")[0]
+  count = collections.Counter(map(file_of, items))
+  long_ = lambda item: getattr(getattr(item, "module", None), "RUNS_FOR_MINUTES", False)
+  items.sort(key=lambda item: (not long_(item), -count[file_of(item)]))

@@ -5,12 +5,18 @@ import os
 import subprocess
 
 
+def xla_flags(name: str, value, env=None) -> str:
+  """``XLA_FLAGS`` of ``env`` (default: this process's) with ``--name=value``
+  in place of any value it had, its other flags kept."""
+  flags = [f for f in (os.environ if env is None else env).get("XLA_FLAGS", "").split()
+           if f.split("=", 1)[0] != f"--{name}"]
+  return " ".join(flags + [f"--{name}={value}"])
+
+
 def devices_flag(devices: int, env=None) -> str:
   """``XLA_FLAGS`` of ``env`` (default: this process's) with ``devices``
   forced host CPU devices (the suite's other flags kept: tests/conftest.py)."""
-  flags = [f for f in (os.environ if env is None else env).get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  return xla_flags("xla_force_host_platform_device_count", devices, env)
 
 
 def run(args, env_extra=None, devices=None, timeout=600):

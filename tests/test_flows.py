@@ -308,7 +308,7 @@ def test_fit_learns_is_seeded_and_guards():
       _, h = flows.fit(jax.random.key(0), model, images,
                        dataclasses.replace(cfg, steps=10, **change), verbose=False)
       assert not np.array_equal(h["bits_per_dim"], h1["bits_per_dim"][:10]), change
-      v2, _ = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
+    v2, _ = flows.fit(jax.random.key(0), model, images, cfg, verbose=False)
     # Continuous data (on no grid of levels) are dequantized at cfg.levels, not refused.
     flows.fit(jax.random.key(0), model, rng.uniform(size=images.shape).astype(np.float32),
               dataclasses.replace(cfg, steps=1), verbose=False)

@@ -40,11 +40,16 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
   return int(value)
 
 
+def _finite_real(value) -> bool:
+  """A finite real number (int, float or their NumPy scalars; not a bool)."""
+  return (not isinstance(value, bool)
+          and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value))
+
+
 def number(name: str, value, minimum: float = 0.0, what: str = "") -> float:
   """``value`` as a float when it is a finite real number >= ``minimum``
   (booleans refused); ``what`` adds a word on its meaning to the error."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
-      not math.isfinite(value) or value < minimum):
+  if not _finite_real(value) or value < minimum:
     raise ValueError(f"{name} must be a number >= {minimum:g} (finite){what}, got {value!r}")
   return float(value)
 
@@ -53,8 +58,7 @@ def positive_number(name: str, value, what: str = "") -> float:
   """``value`` as a float when it is a finite real number > 0 (booleans
   refused): one rule and one message for every wrong value (negative, 0, NaN,
   not a number)."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
-      not math.isfinite(value) or value <= 0):
+  if not _finite_real(value) or value <= 0:
     raise ValueError(f"{name} must be a finite number > 0{what}, got {value!r}")
   return float(value)
 

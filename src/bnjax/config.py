@@ -34,8 +34,8 @@ from bnjax import models
 from bnjax import stacking
 from bnjax import train
 
-__all__ = ["ConfigError", "value", "names", "ints", "positive_int", "unit_interval", "choice",
-           "domain", "domains", "image_size", "unet", "taps", "train_config", "adapt_options",
+__all__ = ["ConfigError", "value", "names", "ints", "positive_int", "positive_number",
+           "unit_interval", "choice", "domain", "domains", "image_size", "unet", "taps", "train_config", "adapt_options",
            "tent_options", "cyclegan_config", "strategy"]
 
 
@@ -93,6 +93,12 @@ def ints(text, lo: int, hi: int, key: str, note: str = "") -> list[int]:
 
 def positive_int(v, key: str, minimum: int = 1) -> int:
   return value(key, _checks.positive_int, key.rsplit(".", 1)[-1], v, minimum)
+
+
+def positive_number(v, key: str) -> float:
+  """``v`` as a float when it is a finite number > 0, else a
+  :class:`ConfigError` naming ``config.<key>``."""
+  return value(key, _checks.positive_number, key.rsplit(".", 1)[-1], v)
 
 
 def unit_interval(v, key: str) -> float:
