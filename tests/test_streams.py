@@ -709,3 +709,36 @@ def test_a_model_written_elsewhere_runs_every_method():
     if method == "source":
       want = np.stack([np.asarray(model.apply(v, b, train=False)) for b in x])
       np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-5)
+
+
+def _iou_loop(pred, truth):
+  """Per-image IoU by hand (1 where both are empty), over the leading axes."""
+  pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+  out = np.empty(pred.shape[:-2])
+  for idx in np.ndindex(*pred.shape[:-2]):
+    union = np.logical_or(pred[idx], truth[idx]).sum()
+    out[idx] = np.logical_and(pred[idx], truth[idx]).sum() / union if union else 1.0
+  return out
+
+
+def test_a_stream_result_is_scored_per_batch_and_overall():
+  rng = np.random.default_rng(0)
+  x, y = data.make_dataset(jax.random.key(0), data.Domain(60, 30, 200, 30), 24, size=16)
+  from bnjax import metrics, models
+  unet = models.UNet(features=2, depth=2)
+  v = models.init(unet, jax.random.key(1), (16, 16, 1))
+  stream = streams.make(jax.random.key(2), np.asarray(x), np.asarray(y), setting="iid",
+                        batch_size=4, shifts=("gamma",), severity=3)
+  out = streams.run(unet, v, stream, "bn_test")
+  want = _iou_loop(out.masks, stream.masks)  # [T, B]
+  np.testing.assert_allclose(out.iou_per_batch(stream), want.mean(1), rtol=1e-6)
+  np.testing.assert_allclose(out.iou(stream), want.mean(), rtol=1e-6)
+  np.testing.assert_allclose(out.iou(np.asarray(stream.masks)), want.mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics.iou(out.masks, stream.masks), want.mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics.iou_per_image(out.masks, stream.masks), want, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"masks must have the shape of the predictions"):
+    out.iou(np.asarray(stream.masks)[0])
+  pred = rng.random((2, 3, 4, 8, 8)) > 0.5  # a run_many layout [K, M, T, B, H, W] less one axis
+  truth = rng.random((2, 3, 4, 8, 8)) > 0.5
+  np.testing.assert_allclose(metrics.iou_per_image(pred, truth), _iou_loop(pred, truth),
+                             rtol=1e-6)

@@ -19,6 +19,25 @@ RANGE_TOLERANCE = 1e-2
 UNIT_RANGE = (0.0, 1.0)
 
 
+class _Undeclared:
+  """The range of a model that declares none (``image_range="auto"`` on a
+  class without ``IMAGE_RANGE``): inputs of any kind, but image-shaped
+  inputs on the 8-bit scale are refused (:func:`eight_bit_images`)."""
+
+  def __repr__(self):
+    return "UNDECLARED"
+
+
+UNDECLARED = _Undeclared()
+# The values of 8-bit images converted to float without rescaling: nothing
+# below 0, a maximum above this and at most 255.
+_EIGHT_BIT_ABOVE = 2.0
+_EIGHT_BIT_HIGH = 255.0
+# What a caller passes when the model does take that scale.
+_DECLARE = ("if the model takes this scale, say so: image_range=(0, 255) (or None: any values, "
+            "unchecked), or IMAGE_RANGE = (0, 255) on the model's class")
+
+
 def is_traced(tree) -> bool:
   return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
 
@@ -97,7 +116,8 @@ OTHER_SCALE = "pass image_range=None to use another scale"
 
 def _image_values(images, name: str, image_range, other_scale: str = OTHER_SCALE) -> None:
   """Integer images are refused; float images outside ``image_range`` (with a
-  small tolerance) too, unless ``image_range`` is None. Only concrete values
+  small tolerance) too, unless ``image_range`` is None (any values) or
+  :data:`UNDECLARED` (any but 8-bit values). Only concrete values
   are checked. ``other_scale``: the error's last words, what the caller can
   do about another scale."""
   if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -111,6 +131,9 @@ def _image_values(images, name: str, image_range, other_scale: str = OTHER_SCALE
   if not bool(jnp.all(jnp.isfinite(images))):
     raise ValueError(f"{name} contain NaN or infinite pixels")
   if image_range is None:
+    return
+  if image_range is UNDECLARED:
+    _not_eight_bit(images, name)
     return
   lo, hi = (float(v) for v in image_range)
   seen_lo, seen_hi = float(jnp.min(images)), float(jnp.max(images))
@@ -126,6 +149,37 @@ def _image_values(images, name: str, image_range, other_scale: str = OTHER_SCALE
 # A rank-3 array whose last axis is at most this long is taken for one image
 # [H, W, C], not for n images [n, H, W] of that width.
 _MAX_CHANNELS = 4
+
+
+def looks_like_images(shape, lead: int) -> bool:
+  """Whether an input of ``shape`` is a set of images ``[..., n, H, W, C]``
+  (``lead`` leading axes, then rank 3 with at most 4 channels)."""
+  return len(shape) == lead + 3 and 0 < shape[-1] <= _MAX_CHANNELS
+
+
+def eight_bit_images(arrays, lead: int, name: str) -> None:
+  """The one rule for models that declare no image range: an image-shaped
+  input (:func:`looks_like_images`) of an integer dtype, or of floats that
+  look like 8-bit values (none below 0, the largest in (2, 255]), is
+  refused; every other input passes. Only concrete values are checked."""
+  for i, a in enumerate(arrays):
+    if looks_like_images(np.shape(a), lead):
+      _not_eight_bit(jnp.asarray(a), name if len(arrays) == 1 else f"{name}[{i}]")
+
+
+def _not_eight_bit(a, which: str) -> None:
+  if jnp.issubdtype(a.dtype, jnp.integer) or a.dtype == jnp.bool_:
+    raise ValueError(
+        f"{which} are images of {a.dtype} (integers), and the model declares no image range: "
+        f"convert them to float in [0, 1] first, e.g. {which}.astype(np.float32) / 255; "
+        f"{_DECLARE}")
+  if is_traced(a) or not jnp.issubdtype(a.dtype, jnp.floating) or not a.size:
+    return
+  lo, hi = float(jnp.min(a)), float(jnp.max(a))
+  if lo >= 0 and _EIGHT_BIT_ABOVE < hi <= _EIGHT_BIT_HIGH * (1 + 1e-6):
+    raise ValueError(
+        f"{which} look like 8-bit images (values in [{lo:.4g}, {hi:.4g}]) and the model "
+        f"declares no image range: divide by 255 for [0, 1]; {_DECLARE}")
 
 
 def _one_array(values, name: str, want: str):
@@ -196,16 +250,25 @@ def mask_array(masks, name: str = "masks") -> jax.Array:
 def image_range_of(model, image_range):
   """The range a model's inputs are checked against: ``image_range``, or with
   ``"auto"`` the range the model's class declares as ``IMAGE_RANGE`` (bnjax's
-  U-Net: [0, 1]), None (inputs of any kind) for models that declare none."""
+  U-Net: [0, 1]), :data:`UNDECLARED` (inputs of any kind, but no 8-bit
+  images: :func:`eight_bit_images`) for models that declare none."""
   if isinstance(image_range, str):
     if image_range != "auto":
       raise ValueError(f"image_range must be 'auto', None or (low, high), got {image_range!r}")
-    return getattr(type(model), "IMAGE_RANGE", None)
-  if image_range is not None and (len(tuple(image_range)) != 2
+    declared = getattr(type(model), "IMAGE_RANGE", None)
+    return UNDECLARED if declared is None else declared
+  if image_range is not None and (isinstance(image_range, _Undeclared)
+                                  or len(tuple(image_range)) != 2
                                   or not float(image_range[0]) < float(image_range[1])):
     raise ValueError(f"image_range must be 'auto', None or (low, high) with low < high, got "
                      f"{image_range!r}")
   return image_range
+
+
+def is_range(image_range) -> bool:
+  """Whether ``image_range`` (from :func:`image_range_of`) is a ``(low, high)``
+  range: the model takes one set of images, checked as :func:`images` does."""
+  return image_range is not None and image_range is not UNDECLARED
 
 
 def inputs(values, lead: int = 1, name: str = "inputs", image_range=None) -> tuple:
@@ -217,8 +280,9 @@ def inputs(values, lead: int = 1, name: str = "inputs", image_range=None) -> tup
   With ``image_range`` (a model of images, :func:`image_range_of`) the inputs
   are one set of images checked as every image entry point checks them
   (:func:`images`: float, in range, a channel added to ``[n, H, W]``, one
-  image or a tuple refused)."""
-  if image_range is not None:
+  image or a tuple refused); with :data:`UNDECLARED` image-shaped inputs
+  must not be 8-bit images (:func:`eight_bit_images`)."""
+  if is_range(image_range):
     return (images(values, name=name, image_range=image_range, stacked=lead == 2),)
   arrays = tuple(values) if isinstance(values, (tuple, list)) else (values,)
   if not arrays:
@@ -236,4 +300,6 @@ def inputs(values, lead: int = 1, name: str = "inputs", image_range=None) -> tup
         and not bool(jnp.all(jnp.isfinite(a)))):
       which = name if len(arrays) == 1 else f"{name}[{i}]"
       raise ValueError(f"{which} contain NaN or infinite values")
+  if image_range is UNDECLARED:
+    eight_bit_images(arrays, lead, name)
   return arrays

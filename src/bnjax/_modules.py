@@ -8,6 +8,7 @@ values to be hashable. Used by :mod:`bnjax.adapt` and :mod:`bnjax.features`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
+import flax.errors
 import numpy as np
 from flax import traverse_util
 
@@ -219,3 +221,20 @@ def init(model, key, *inputs, **flags):
                    compiler_options={"xla_backend_optimization_level": 0})
 
   return cached(model, ("init", tuple(sorted(flags.items()))), build)(key, *inputs)
+
+
+@contextlib.contextmanager
+def inputs_fit(name: str, arrays):
+  """Flax's ``ScopeParamShapeError`` (the inputs do not fit the parameters the
+  model was built with: most often images of another channel count) as a
+  ``ValueError`` naming the inputs' shapes and their channels."""
+  try:
+    yield
+  except flax.errors.ScopeParamShapeError as e:
+    shapes = [tuple(np.shape(a)) for a in arrays]
+    channels = ", ".join(str(s[-1]) for s in shapes if s)
+    raise ValueError(
+        f"{name} of shape {shapes[0] if len(shapes) == 1 else shapes} do not fit the model's "
+        f"parameters: {channels} channel(s) on the last axis, and the model was built for "
+        f"another number (Flax: {e}). Pass inputs with the channels the model was initialised "
+        f"with.") from None

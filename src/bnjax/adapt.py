@@ -638,8 +638,11 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
       as one set of images, as :func:`bnjax.inference.predict` checks them (float, in
       that range, ``[n, H, W]`` given a channel, one image or an
       ``(images, masks)`` tuple refused); other models take inputs of any
-      kind. ``(low, high)`` checks images against that range, None checks
-      no range.
+      kind except 8-bit images (an image-shaped ``[n, H, W, C]`` input, at
+      most 4 channels, of integers or of floats in [0, 255] with values
+      above 2 is refused: the one rule of :ref:`image-scale`).
+      ``(low, high)`` checks images against that range, None checks no
+      range (say so for a model that takes 0-255 values).
 
   Returns:
     New variables: the same ``params`` object (untouched) and a new
@@ -652,8 +655,9 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, inputs, mode: Mo
   paths = _m.stats_paths(variables.get("batch_stats") if isinstance(variables, Mapping) else None)
   if not paths:
     raise _no_layer_error(model, variables, inputs, kwargs)
-  return _adapt_linen(model, variables, tuple(a[None] for a in inputs), mode, batch_size,
-                      momentum, alpha, layers, stats, kwargs, is_batch_norm, None)
+  with _m.inputs_fit("inputs", inputs):
+    return _adapt_linen(model, variables, tuple(a[None] for a in inputs), mode, batch_size,
+                        momentum, alpha, layers, stats, kwargs, is_batch_norm, None)
 
 
 def recompute_batch_stats_stacked(model: nn.Module, variables: Mapping, inputs, *,

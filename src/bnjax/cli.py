@@ -7,8 +7,9 @@ other processes of a multi-process run (:func:`bnjax.distributed.initialize`),
 turns on the persistent compile cache and calls ``run(config, workdir)``. Every
 error of the command line or of the config is one line, ``error: ...``, and
 exit status 2; an interrupt is one line saying what the workdir keeps
-(:func:`interruptible`). The only module of bnjax that imports absl and
-ml_collections.
+(:func:`interruptible`). ``--help`` prints the experiment's description,
+its config file's (commands, runtime) and every config field with its value.
+The only module of bnjax that imports absl and ml_collections.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import runpy
 import sys
 from typing import Any, Callable
 
@@ -69,6 +71,39 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
   return " ".join(text.split())
 
 
+_HELP = ("-h", "--help", "--helpshort")
+
+
+def _fields(config, prefix: str = "config") -> list[str]:
+  """``config.a.b = value`` for every leaf field of a ConfigDict, in order."""
+  lines = []
+  for name, value in config.items():
+    if hasattr(value, "items") and hasattr(value, "lock"):  # a nested ConfigDict
+      lines += _fields(value, f"{prefix}.{name}")
+    else:
+      lines.append(f"  {prefix}.{name} = {value!r}")
+  return lines
+
+
+def _help(run: Callable, default_config: str, argv: list[str]) -> str:
+  """The experiment's description, its config file's docstring and every
+  field of the config the command line names (the default otherwise)."""
+  module = sys.modules.get(getattr(run, "__module__", ""))
+  doc = ((module.__doc__ if module is not None else None) or "").strip()
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")),
+              default_config)
+  path, _, arg = spec.partition(":")
+  module = runpy.run_path(path)
+  config = module["get_config"](arg) if arg else module["get_config"]()
+  config_doc = (module.get("__doc__") or "").strip()
+  return "\n\n".join(part for part in (
+      doc, f"Config {spec}:\n{config_doc}" if config_doc else f"Config {spec}:",
+      "Flags: --workdir=<run directory> (required; the same command resumes it), "
+      "--config=<file>[:arg], and any field below as --config.<field>=<value> (e.g. "
+      "--config.seed=1):\n" + "\n".join(_fields(config)),
+      "absl's own flags: --helpfull.") if part)
+
+
 def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
          argv: list[str] | None = None) -> None:
   """The command line of an experiment: ``--config=<file>[:arg]`` (an
@@ -84,6 +119,11 @@ def main(run: Callable[[Any, str], Any], default_config: str, experiment: str,
   status 2."""
   from absl import app, flags, logging
   from ml_collections import config_flags
+
+  args = sys.argv if argv is None else argv
+  if any(a in _HELP for a in args[1:]):
+    print(_help(run, default_config, args), flush=True)
+    sys.exit(0)
 
   @contextlib.contextmanager
   def one_line_errors(args):

@@ -211,12 +211,13 @@ def extract_all(model: nn.Module, variables, images, taps=None, pre_activation: 
   _checks.positive_int("batch_size", batch_size)
   first = stacking.tree_index(variables, 0) if stacked else variables
   image_range = _checks.image_range_of(model, image_range)
-  if image_range is not None:  # one set of images, checked as every image entry point does
+  if _checks.is_range(image_range):  # one set of images, checked as every image entry point does
     per_model_set = stacked and not isinstance(images, (tuple, list)) and np.ndim(images) == 5
     images = _checks.images(images, image_range=image_range, stacked=per_model_set)
   inputs = tuple(images) if isinstance(images, (tuple, list)) else (images,)
   per_model = stacked and len(inputs) == 1 and jnp.ndim(inputs[0]) == 5
-  check = _checks.inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images")
+  check = _checks.inputs(tuple(a[0] for a in inputs) if per_model else inputs, name="images",
+                         image_range=None if _checks.is_range(image_range) else image_range)
   if not per_model:
     inputs = check
   else:

@@ -32,8 +32,9 @@ def _check(pred, masks):
   if pred.shape != masks.shape:
     raise ValueError(
         f"pred and masks must have the same shape, got {pred.shape} and {masks.shape}")
-  if pred.ndim != 3 or pred.shape[0] == 0:
-    raise ValueError(f"pred and masks must be non-empty bool[n, H, W], got {pred.shape}")
+  if pred.ndim < 3 or 0 in pred.shape[:-2]:
+    raise ValueError(f"pred and masks must be non-empty bool[n, H, W] (or with more leading "
+                     f"axes, e.g. a stream's [T, B, H, W]), got {pred.shape}")
   return _checks.mask_array(pred, "pred"), _checks.mask_array(masks, "masks")
 
 
@@ -49,7 +50,9 @@ def _counts(pred, masks):
 
 
 def iou_per_image(pred, masks, empty: float = 1.0) -> jax.Array:
-  """float[n]: foreground IoU of each image (``empty`` where the union is empty)."""
+  """float[n] (float[...] for masks [..., H, W]): foreground IoU of each image
+  (``empty`` where the union is empty). A stream's ``[T, B, H, W]`` gives
+  float[T, B]: ``.mean(1)`` is each batch's IoU."""
   pred, masks = _check(pred, masks)
   inter, union, _ = _counts(pred, masks)
   return jnp.where(union > 0, inter / jnp.maximum(union, 1), _check_empty(empty))
@@ -60,14 +63,15 @@ def iou(pred, masks, empty: float = 1.0) -> float:
 
   Args:
     pred: the predicted masks, bool[n, H, W] (or integers in {0, 1}; float
-      scores are refused: threshold them first, e.g. ``probs > 0.5``).
+      scores are refused: threshold them first, e.g. ``probs > 0.5``), or
+      with more leading axes (a stream's ``[T, B, H, W]``: every image of it).
     masks: the true masks, the same shape and types.
     empty: the score of an image whose prediction and mask are both empty
       (IoU 0 / 0), in [0, 1]: 1.0 (default: a correct empty prediction is
       perfect) or 0.0 (the original study's code).
 
   Returns:
-    The mean over the ``n`` images of ``sum(pred & mask) / sum(pred | mask)``, a float.
+    The mean over the images of ``sum(pred & mask) / sum(pred | mask)``, a float.
   """
   return float(jnp.mean(iou_per_image(pred, masks, empty)))
 

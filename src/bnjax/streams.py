@@ -3,8 +3,9 @@ domain that changes, with a label distribution that drifts.
 
 A :class:`Stream` is built by :func:`make` from a pool of source-domain
 images and the shifts of :mod:`bnjax.shifts`, keyed and reproducible, in one
-of the :data:`SETTINGS` of the test-time-adaptation benchmarks (Döbler et
-al.'s settings, with a segmentation label drift):
+of the :data:`SETTINGS` of the test-time-adaptation benchmarks (the settings
+of Döbler et al.'s benchmark, :cite:p:`dobler2023rmt`, with a segmentation
+label drift):
 
 ``"iid"``
   one shift at one severity, the pool shuffled and cut into batches;
@@ -43,7 +44,7 @@ with the statistics put into them):
   no adaptation: the stored statistics.
 ``"bn_test"``
   every BatchNorm layer normalises with the current batch's moments only
-  (test-time BN; Nado et al. 2020, Schneider et al. 2020, :cite:p:`schneider2020covariate`).
+  (test-time BN; :cite:t:`nado2020evaluating`, :cite:t:`schneider2020covariate`).
 ``"bn_alpha"``
   the current batch's moments mixed with the source statistics,
   ``alpha * batch + (1 - alpha) * source`` (``alpha`` weighs the *batch*,
@@ -140,6 +141,7 @@ from bnjax import _modules as _m
 from bnjax import adapt as _adapt
 from bnjax import compiler
 from bnjax import methods as _methods
+from bnjax import metrics
 from bnjax import shifts as _shifts
 from bnjax import stacking
 from bnjax.metrics import logits_to_masks
@@ -868,11 +870,41 @@ class StreamResult:
       (:func:`run_many`), each batch's prediction as it arrived.
     logits: the logits, same leading axes, when asked for (else None).
     state: the method's state after the last batch (:func:`run` only).
+
+  Scoring against the true masks (a :class:`Stream`'s ``masks``, or the
+  user's own ``[T, B, H, W]``)::
+
+    result = bnjax.streams.run(model, variables, stream, "gated")
+    result.iou(stream)              # online IoU: the mean over every image
+    result.iou_per_batch(stream)    # float[T], each batch as it arrived
+
+  :func:`bnjax.metrics.iou` takes the stream layout as well:
+  ``metrics.iou(result.masks, stream.masks)``.
   """
 
   masks: np.ndarray
   logits: np.ndarray | None = None
   state: Any = None
+
+  def _truth(self, truth):
+    truth = truth.masks if isinstance(truth, Stream) else truth
+    if np.shape(truth) != self.masks.shape:
+      raise ValueError(f"masks must have the shape of the predictions {self.masks.shape}, got "
+                       f"{np.shape(truth)}")
+    return truth
+
+  def iou(self, masks, empty: float = 1.0) -> float:
+    """Online IoU: per-image foreground IoU (:func:`bnjax.metrics.iou`)
+    averaged over every image of the stream (of every model and stream of
+    :func:`run_many`). ``masks``: the true masks, same shape, or the
+    :class:`Stream`."""
+    return metrics.iou(self.masks, self._truth(masks), empty)
+
+  def iou_per_batch(self, masks, empty: float = 1.0) -> np.ndarray:
+    """float[..., T]: each batch's mean per-image IoU, in the order the
+    batches arrived (leading axes K, M of :func:`run_many`)."""
+    per_image = metrics.iou_per_image(self.masks, self._truth(masks), empty)
+    return np.asarray(per_image).mean(-1)
 
 
 def _scan(online_: Online, state0, inputs, reset, with_logits: bool, resets: bool):
@@ -893,7 +925,11 @@ def _scan(online_: Online, state0, inputs, reset, with_logits: bool, resets: boo
 
 def _stream_inputs(stream, reset, image_range, lead: int):
   """(inputs tuple of [..., T, B, ...] arrays, reset bool[..., T]) of a Stream,
-  an array or a tuple of arrays; ``lead`` axes before T (0 or 1)."""
+  an array or a tuple of arrays; ``lead`` axes before T (0 or 1).
+
+  One array whose steps look like one image each (``[T, H, W, C]``, at most
+  4 channels) is refused: the batch axis is missing. A tuple of arrays is
+  taken as the model's inputs as they are (a model of any kind)."""
   if isinstance(stream, Stream):
     arrays, reset = (stream.images,), stream.reset if reset is None else reset
   elif lead and isinstance(stream, (list, tuple)) and stream and all(
@@ -905,6 +941,14 @@ def _stream_inputs(stream, reset, image_range, lead: int):
     reset = np.stack([s.reset for s in stream]) if reset is None else reset
   else:
     arrays = tuple(stream) if isinstance(stream, (tuple, list)) else (stream,)
+    if not isinstance(stream, (tuple, list)) and np.ndim(stream) == 4 + lead and (
+        0 < np.shape(stream)[-1] <= 4):
+      t = "M, T" if lead else "T"
+      raise ValueError(
+          f"stream has shape {np.shape(stream)}, which reads as [{t}, H, W, C]: one image per "
+          f"step, without the batch axis. Pass [{t}, B, H, W, C] (stream[{':, ' * lead}:, None] "
+          f"for batches of one image); a model of other inputs takes them as a tuple "
+          f"(stream,)")
   arrays = tuple(jnp.asarray(a) for a in arrays)
   want = "[M, T, B, ...]" if lead else "[T, B, ...]"
   if any(a.ndim < 3 + lead for a in arrays) or len({a.shape[:2 + lead] for a in arrays}) != 1:
@@ -913,15 +957,17 @@ def _stream_inputs(stream, reset, image_range, lead: int):
   lead_shape = arrays[0].shape[:2 + lead]
   if 0 in lead_shape:
     raise ValueError(f"stream must hold at least one batch of one image, got {lead_shape}")
-  if image_range is not None:
+  flat = tuple(a.reshape((-1,) + a.shape[2 + lead:]) for a in arrays)
+  if _checks.is_range(image_range):
     if len(arrays) != 1:
       raise ValueError(f"the model takes one set of images, got a tuple of {len(arrays)} arrays")
-    flat = _checks.images(arrays[0].reshape((-1,) + arrays[0].shape[2 + lead:]),
-                          name="stream images", image_range=image_range)
-    arrays = (flat.reshape(lead_shape + flat.shape[1:]),)
+    if flat[0].ndim not in (3, 4):
+      raise ValueError(f"stream images must be {want[:-4]}H, W, C] (or without C), got shape "
+                       f"{arrays[0].shape}")
+    checked = _checks.images(flat[0], name="stream images", image_range=image_range)
+    arrays = (checked.reshape(lead_shape + checked.shape[1:]),)
   else:
-    _checks.inputs(tuple(a.reshape((-1,) + a.shape[2 + lead:]) for a in arrays),
-                   name="stream inputs")
+    _checks.inputs(flat, name="stream inputs", image_range=image_range)
   t_shape = lead_shape[:-1]
   reset = np.zeros(t_shape, bool) if reset is None else np.asarray(reset, bool)
   if reset.shape != t_shape:
@@ -982,10 +1028,11 @@ def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
   structure, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
                                                    image_range, options)
   inputs, reset = _stream_inputs(stream, reset, image_range, 0)
-  state0 = built.init(dict(variables), tuple(a[0] for a in inputs))
-  fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
-               bool(reset.any()), built, None)
-  masks, logits, final = fn(state0, inputs, jnp.asarray(reset))
+  with _m.inputs_fit("stream images", [a[0] for a in inputs]):
+    state0 = built.init(dict(variables), tuple(a[0] for a in inputs))
+    fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
+                 bool(reset.any()), built, None)
+    masks, logits, final = fn(state0, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits), final)
 
 
@@ -1013,9 +1060,10 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
   k = int(np.shape(leaves[0])[0])
   _checks.model_axis(stacked_variables, k, "stacked_variables")
   first = tuple(a[0, 0] for a in inputs)
-  states = stacking.tree_stack([built.init(stacking.tree_index(dict(stacked_variables), i), first)
-                                for i in range(k)])
-  fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
-               bool(reset.any()), built, stacking.resolve(strategy))
-  masks, logits = fn(states, inputs, jnp.asarray(reset))
+  with _m.inputs_fit("stream images", first):
+    states = stacking.tree_stack([built.init(stacking.tree_index(dict(stacked_variables), i),
+                                             first) for i in range(k)])
+    fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
+                 bool(reset.any()), built, stacking.resolve(strategy))
+    masks, logits = fn(states, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits))

@@ -175,3 +175,22 @@ def test_command_line_errors_are_one_line(root, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and line in lines[0], proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_help_lists_the_config_fields(root, tmp_path):
+  """--help: the experiment's description, its config file's commands and
+  every field with its value (of the config the command line names)."""
+  proc = _script(root, "streams", tmp_path / "run", "--help")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = proc.stdout
+  assert text.startswith("Adaptation on streams: which online method works"), text[:200]
+  assert "python experiments/streams.py --config=experiments/configs/streams.py:full" in text
+  for line in ("  config.seeds = 3", "  config.method_options.gated.threshold = 0.5",
+               "  config.batch_sizes = '1,4,16'"):
+    assert line in text.splitlines(), line
+  paper = os.path.join(root, "experiments", "configs", "adapt_pair.py") + ":paper"
+  proc = _script(root, "adapt_pair", tmp_path / "run", f"--config={paper}", "-h")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"Config {paper}:" in proc.stdout
+  assert "  config.preset = 'paper'" in proc.stdout.splitlines()
+  assert not (tmp_path / "run").exists()
