@@ -202,12 +202,17 @@ def _step_families(stream: streams.Stream) -> list[str]:
 
 
 def _block_labels(stream: streams.Stream) -> list[str]:
-  """Each block's shift and severity ("mixed" where its images differ)."""
+  """Each block's shift and severity (where its images differ: how many
+shifts, at which severities)."""
   out = []
   for i in np.unique(stream.block):
     steps = stream.block == i
     s, v = np.unique(stream.shift[steps]), np.unique(stream.severity[steps])
-    out.append(f"{stream.shifts[s[0]]} {v[0]}" if len(s) == 1 and len(v) == 1 else "mixed")
+    if len(s) == 1 and len(v) == 1:
+      out.append(f"{stream.shifts[s[0]]} {v[0]}")
+    else:
+      levels = f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}"
+      out.append(f"each image one of {len(s)} shifts, severity {levels}")
   return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import textwrap
 from typing import Sequence
 
@@ -183,32 +184,71 @@ def _colours(n: int):
   return [plt.get_cmap("viridis")(i / max(n - 1, 1)) for i in range(n)]
 
 
+#: The most models :func:`histories` names one by one in its legend.
+LEGEND_MODELS = 24
+
+
+def _legend_below(fig, handles, below: float, fontsize: float = 8.0) -> float:
+  """One legend for the whole figure, centred along its bottom above a
+  footnote of height ``below`` (figure fraction), in as many columns as the
+  figure's width holds (evened out, filled column by column); returns the
+  height (figure fraction) it takes."""
+  from matplotlib.textpath import TextPath
+
+  if not handles:
+    return 0.0
+  # An entry: its text, the handle (2 em), the gap to it (0.8 em), between columns (2 em).
+  entry = max(TextPath((0, 0), h.get_label(), size=fontsize).get_extents().width
+              for h in handles) + 4.8 * fontsize
+  most = int(max(1, min(len(handles), fig.get_figwidth() * 72 * 0.95 // entry)))
+  ncol = -(-len(handles) // -(-len(handles) // most))  # as many in each column
+  legend = fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, below),
+                      ncol=ncol, fontsize=fontsize, frameon=False)
+  height = legend.get_window_extent(fig.canvas.get_renderer()).height
+  return height / (fig.get_figheight() * fig.dpi) + 0.01
+
+
 def histories(history: dict, labels: Sequence[str], path, title: str = "",
               note: str = "") -> str:
   """Training (solid) and validation (dashed, when ``history`` has
   ``val_loss``) loss and validation Dice of every model, one colour per model
-  in both panels. ``history`` arrays are float[epochs, K] (NaN after a model
-  stopped), as :func:`bnjax.train.train_many` returns."""
+  in both panels, one legend for both below them (each model by name, up to
+  :data:`LEGEND_MODELS` of them, and what solid and dashed mean).
+  ``history`` arrays are float[epochs, K] (NaN after a model stopped), as
+  :func:`bnjax.train.train_many` returns."""
   plt = _plt()
+  from matplotlib.lines import Line2D
+
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   train_loss = np.asarray(history["train_loss"], float)
   val_loss = np.asarray(history["val_loss"], float) if "val_loss" in history else None
   val_dice = np.asarray(history["val_dice"], float)
   epochs = np.arange(1, train_loss.shape[0] + 1)
-  for i, (label, colour) in enumerate(zip(labels, _colours(len(labels)))):
+  colours = _colours(len(labels))
+  for i, (label, colour) in enumerate(zip(labels, colours)):
     axes[0].plot(epochs, train_loss[:, i], color=colour, label=label, lw=1)
     if val_loss is not None:
       axes[0].plot(epochs, val_loss[:, i], "--", color=colour, lw=1)
     axes[1].plot(epochs, val_dice[:, i], color=colour, label=label, lw=1)
   axes[0].set(xlabel="epoch", ylabel="loss",
-              title="training loss" + (" (solid), validation (dashed)" if val_loss is not None
-                                       else ""))
+              title="training (solid) and validation (dashed) loss" if val_loss is not None
+              else "training loss")
   axes[1].set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1), title="validation Dice")
-  if len(labels) <= 12:
-    axes[1].legend(fontsize=6)
+  handles = []
+  if len(labels) <= LEGEND_MODELS:
+    handles = [Line2D([], [], color=c, lw=2, label=l) for l, c in zip(labels, colours)]
+  elif labels:
+    note = "\n".join(filter(None, [
+        f"colours: the {len(labels)} models from dark purple (first) to yellow (last), in the "
+        f"order of {os.path.basename(_stem(path))}.json", note]))
+  if val_loss is not None:
+    handles += [Line2D([], [], color="0.2", lw=1.2, label="solid: training loss"),
+                Line2D([], [], color="0.2", lw=1.2, ls="--", label="dashed: validation loss")]
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout(rect=(0, _footnote(fig, note), 1, 1))
+  below = _footnote(fig, note)
+  legend = _legend_below(fig, handles, below)
+  fig.tight_layout(rect=(0, below + legend, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   clean = lambda a: np.where(np.isnan(a), None, a).tolist()
@@ -351,6 +391,105 @@ def severity_curves(curves: dict, methods: Sequence[str], path, title: str = "",
   return path
 
 
+_SEVERITY = re.compile(r"^(.*\S)\s+(\d+)$")
+#: The type size of the block labels above a stream panel (points).
+STRIP_FONTSIZE = 7.0
+
+
+def _runs(values: Sequence) -> list[tuple[int, int]]:
+  """(first, last + 1) of every run of equal consecutive ``values``."""
+  cuts = [i for i in range(1, len(values)) if values[i] != values[i - 1]]
+  return list(zip([0, *cuts], [*cuts, len(values)]))
+
+
+def _turns(seq: Sequence[int]) -> str:
+  """A sequence by its turning points: 1, 2, 3, 2, 1 -> "1→3→1"."""
+  keep = [seq[0]] + [b for a, b, c in zip(seq, seq[1:], seq[2:]) if b != a
+                     and (b - a) * (c - b) <= 0] + ([seq[-1]] if len(seq) > 1 else [])
+  return "→".join(str(v) for v in keep)
+
+
+def _block_names(names: Sequence[str]) -> dict:
+  """How to name a stream's blocks (one name each) in the strip above its
+  panel. Names of the form ``"<domain> <int>"`` are read as a domain and
+  its severity: a severity the same in every block goes to the caption
+  ("each at severity 5"); one that changes within a run of blocks of the
+  same domain (the ``"gradual"`` setting) is a ramp: the blocks are shaded
+  darker the more severe, the runs named, and the caption gives the walk
+  ("each: severity 1→5→1 over its blocks"). Returns ``{"runs": [(first,
+  last + 1)] of blocks, "text": a name per run, "caption", "severity": per
+  block or None, "ramp": bool}``."""
+  parsed = [_SEVERITY.match(str(n)) for n in names]
+  severity = [int(m.group(2)) for m in parsed] if all(parsed) else None
+  domains = [m.group(1) for m in parsed] if severity else [str(n) for n in names]
+  caption, ramp = "", False
+  if severity and len(set(severity)) == 1:
+    if len(_runs(domains)) == 1:
+      domains = [f"{domains[0]}, severity {severity[0]}"] * len(domains)
+    else:
+      caption = f"each at severity {severity[0]}"
+  elif severity:
+    walks = [tuple(severity[a:b]) for a, b in _runs(domains)]
+    if all(len(set(w)) == 1 for w in walks):  # constant within each domain: name both
+      domains = [f"{d} {v}" for d, v in zip(domains, severity)]
+    else:
+      ramp = True
+      caption = (f"each: severity {_turns(walks[0])} over its blocks" if len(set(walks)) == 1
+                 else "severity changes within each (darker: more severe)")
+  runs = _runs(domains)
+  return {"runs": runs, "text": [domains[a] for a, _ in runs], "caption": caption,
+          "severity": severity, "ramp": ramp}
+
+
+def _shade_blocks(ax, spans, batch_size: int, plan: dict | None) -> None:
+  """Alternate blocks shaded; for a severity ramp (:func:`_block_names`)
+  every block shaded by its severity and a line between runs."""
+  if plan is None or not plan["ramp"]:
+    for i, (a0, a1) in enumerate(spans):
+      if i % 2:
+        ax.axvspan(a0 * batch_size, a1 * batch_size, color="0.92", lw=0)
+    return
+  top = max(max(plan["severity"]), 1)
+  for (a0, a1), v in zip(spans, plan["severity"]):  # grey 0.96 (mildest) to 0.72 (most severe)
+    ax.axvspan(a0 * batch_size, a1 * batch_size, color=str(round(0.96 - 0.24 * v / top, 3)),
+               lw=0)
+  for a, _ in plan["runs"][1:]:
+    ax.axvline(spans[a][0] * batch_size, color="0.35", lw=0.8)
+
+
+def _block_strip(ax, spans, batch_size: int, plan: dict) -> dict:
+  """Names the blocks of a stream panel in a strip above its plotting area:
+  a secondary x axis with a tick label at the centre of each run of equally
+  named blocks (``plan`` from :func:`_block_names`), horizontal where every
+  name fits its run at the axes' present width, else upright, else one run
+  in k named; the caption above them. Returns ``{"ticks", "text",
+  "caption", "rotation"}``."""
+  from matplotlib.textpath import TextPath
+
+  runs, text, caption = plan["runs"], list(plan["text"]), plan["caption"]
+  total = spans[-1][1] - spans[0][0]
+  width_pt = ax.get_position().width * ax.figure.get_figwidth() * 72
+  room = [(spans[b - 1][1] - spans[a][0]) / total * width_pt for a, b in runs]
+  centres = [(spans[a][0] + spans[b - 1][1]) / 2 * batch_size for a, b in runs]
+  wide = [TextPath((0, 0), t, size=STRIP_FONTSIZE).get_extents().width + 4 for t in text]
+  rotation, every = 0, 1
+  if any(w > r for w, r in zip(wide, room)):
+    rotation = 90
+    every = max(1, int(np.ceil(STRIP_FONTSIZE * 1.4 / min(room))))
+  if every > 1:
+    centres, text = centres[::every], text[::every]
+    caption = "; ".join(filter(None, [caption, f"one label in {every}"]))
+  strip = ax.secondary_xaxis("top")
+  strip.set_xticks(centres, text, fontsize=STRIP_FONTSIZE, rotation=rotation, color="0.15")
+  strip.set_xticks([spans[a][0] * batch_size for a, _ in runs[1:]], minor=True)
+  # Ticks between the runs; the names start above them.
+  strip.tick_params(which="minor", length=4, width=0.8, color="0.35")
+  strip.tick_params(which="major", length=0, pad=5 if len(runs) > 1 else 2)
+  if caption:
+    strip.set_xlabel(caption, fontsize=STRIP_FONTSIZE, color="0.15", labelpad=3)
+  return {"ticks": centres, "text": text, "caption": caption, "rotation": rotation}
+
+
 def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size: int, path,
                   title: str = "", window_images: int = 32, ylabel: str = "online IoU",
                   labels: dict | None = None) -> str:
@@ -361,24 +500,32 @@ def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size
 
   ``panels[panel][method]`` is float[T] (one value per batch of
   ``batch_size`` images); ``labels[panel]`` optionally names each block
-  (written in the panel when it has at most 12); the raw values go beside
-  the figure as JSON.
+  (one name per block, e.g. ``"contrast 3"``): the names go in a strip
+  above the panel, one at the centre of each run of equally named blocks,
+  thinned where too many to read; a severity walk within a domain (the
+  ``"gradual"`` setting) is shaded and spelled out in the strip's caption
+  (:func:`_block_names`). The raw values and the labels go beside the
+  figure as JSON.
   """
   names = list(panels)
-  fig, axes = _panel_grid(len(names), 3.6, 2.6)
+  labels = {n: list(v) for n, v in (labels or {}).items() if v is not None}
+  fig, axes = _panel_grid(len(names), 3.6, 3.1 if labels else 2.6)
   colour = _fixed_colours(methods)
   window = max(1, window_images // max(batch_size, 1))
+  strips, ramps = [], False
   for ax, name in zip(axes.flat, names):
     block = np.asarray(blocks[name])
     edges = np.flatnonzero(np.diff(block)) + 1
-    starts, ends = np.r_[0, edges], np.r_[edges, len(block)]
-    names = (labels or {}).get(name)
-    for i, (a0, a1) in enumerate(zip(starts, ends)):
-      if i % 2:
-        ax.axvspan(a0 * batch_size, a1 * batch_size, color="0.92", lw=0)
-      if names is not None and len(starts) <= 12:
-        ax.text((a0 + a1) / 2 * batch_size, 0.03, names[i], rotation=90, fontsize=5,
-                ha="center", va="bottom", color="0.35")
+    spans = list(zip(np.r_[0, edges].tolist(), np.r_[edges, len(block)].tolist()))
+    plan = None
+    if name in labels:
+      if len(labels[name]) != len(spans):
+        raise ValueError(f"labels[{name!r}] names {len(labels[name])} blocks; the panel has "
+                         f"{len(spans)}")
+      plan = _block_names(labels[name])
+      strips.append((ax, spans, plan))
+      ramps |= plan["ramp"]
+    _shade_blocks(ax, spans, batch_size, plan)
     for method in methods:
       if method not in panels[name]:
         continue
@@ -386,15 +533,28 @@ def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size
       smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
       x = (np.arange(len(smooth)) + window) * batch_size
       ax.plot(x, smooth, color=colour[method], label=method, lw=1.1)
-    ax.set(title=name, xlabel="images seen", ylabel=ylabel, ylim=(0, 1))
+    ax.set(title=name, xlabel="images seen", ylabel=ylabel, ylim=(0, 1),
+           xlim=(0, len(block) * batch_size))
     ax.title.set_fontsize(9)
-  _finish_panels(fig, axes, path, title, 0.07, 110, ncol=5,
-                 note=f"shaded: alternate blocks of the stream (one domain each); lines: moving "
-                      f"averages over {window * batch_size} images")
-  write_json_atomic(f"{_stem(path)}.json", {
-      "batch_size": batch_size, "blocks": {n: np.asarray(b).tolist() for n, b in blocks.items()},
-      "per_step": {n: {m: np.asarray(v, float).tolist() for m, v in c.items()}
-                   for n, c in panels.items()}})
+  if strips:
+    fig.tight_layout()  # the panels' widths, which the strips' labels must fit
+    for ax, spans, plan in strips:
+      _block_strip(ax, spans, batch_size, plan)
+  note = "shaded: alternate blocks of the stream (one domain each)" + (
+      (", named above each panel" if len(strips) == len(names) else ", named above the panel")
+      if strips else "")
+  note += f"; lines: moving averages over {window * batch_size} images"
+  if ramps:
+    note += ("\nwhere the severity changes within a domain (e.g. gradual): darker = more "
+             "severe, a vertical line between domains")
+  _finish_panels(fig, axes, path, title, 0.07, 110, ncol=5, note=note)
+  numbers = {"batch_size": batch_size,
+             "blocks": {n: np.asarray(b).tolist() for n, b in blocks.items()},
+             "per_step": {n: {m: np.asarray(v, float).tolist() for m, v in c.items()}
+                          for n, c in panels.items()}}
+  if labels:
+    numbers["labels"] = {n: [str(s) for s in v] for n, v in labels.items()}
+  write_json_atomic(f"{_stem(path)}.json", numbers)
   return path
 
 
