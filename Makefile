@@ -53,6 +53,7 @@ test-slow-e2e: $(VENV)/.installed
 docs: $(VENV)/.docs
 	rm -rf docs/_build
 	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+	$(PY) docs/_check_built.py docs/_build
 
 # Pure-Python wheels the accelerator machine lacks (it has no package registry),
 # carried with the working tree by the device tool; benchmarks/gpu.sh installs

@@ -25,7 +25,9 @@ extensions = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute", "_module_map.md"]  # included by api.md
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute",
+                    "_module_map.md",  # included by api.md
+                    "_check_built.py"]  # make docs' check of the built pages' tables
 myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
@@ -57,6 +59,11 @@ nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
+# A notebook's text/markdown outputs (IPython.display.Markdown, e.g. the
+# benchmark's report) are parsed as GitHub-flavoured Markdown, so their
+# tables become HTML tables; myst-nb's default, "commonmark", has no tables
+# and shows the rows as text. docs/_check_built.py (make docs) checks it.
+nb_render_markdown_format = "gfm"
 
 html_theme = "sphinx_book_theme"
 html_title = "bnjax"

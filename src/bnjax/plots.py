@@ -213,7 +213,7 @@ def histories(history: dict, labels: Sequence[str], path, title: str = "",
   """Training (solid) and validation (dashed, when ``history`` has
   ``val_loss``) loss and validation Dice of every model, one colour per model
   in both panels, one legend for both below them (each model by name, up to
-  :data:`LEGEND_MODELS` of them, and what solid and dashed mean).
+  ``LEGEND_MODELS`` (24) of them, and what solid and dashed mean).
   ``history`` arrays are float[epochs, K] (NaN after a model stopped), as
   :func:`bnjax.train.train_many` returns."""
   plt = _plt()
@@ -504,7 +504,7 @@ def stream_curves(panels: dict, methods: Sequence[str], blocks: dict, batch_size
   above the panel, one at the centre of each run of equally named blocks,
   thinned where too many to read; a severity walk within a domain (the
   ``"gradual"`` setting) is shaded and spelled out in the strip's caption
-  (:func:`_block_names`). The raw values and the labels go beside the
+  (how they are grouped into shifts and severities). The raw values and the labels go beside the
   figure as JSON.
   """
   names = list(panels)
