@@ -156,3 +156,26 @@ def test_level_table():
   assert shifts.level("rotation", 3) == 27.0
   assert shifts.family_of("elastic") == "geometry"
   assert set(shifts.SHIFTS) == {s for f in shifts.FAMILIES.values() for s in f}
+
+
+def test_relabel_draws_new_masks_in_the_sets_own_appearance():
+  x, y = data.make_dataset(jax.random.key(0), data.Domain(60, 20, 200, 30), 24, size=16)
+  key = jax.random.key(4)
+  lo, lo_masks = shifts.relabel(key, x, y, 0.15)
+  hi, hi_masks = shifts.relabel(key, x, y, 0.4)
+  # One noise field per key: |noise| > 0.4 implies |noise| > 0.15.
+  assert np.all(np.asarray(lo_masks) | ~np.asarray(hi_masks))
+  assert np.mean(lo_masks) > 2.5 * np.mean(hi_masks)
+  pix, m = np.asarray(x)[..., 0] * 255, np.asarray(y)
+  new, nm = np.asarray(lo)[..., 0] * 255, np.asarray(lo_masks)
+  for sel, new_sel in ((m, nm), (~m, ~nm)):  # each class's mean and spread, NumPy
+    assert abs(new[new_sel].mean() - pix[sel].mean()) < 3.0
+    assert abs(new[new_sel].std() - pix[sel].std()) < 3.0
+  per_image = np.linspace(0.15, 0.4, 24)
+  _, masks = shifts.relabel(key, x, y, per_image)
+  frac = np.asarray(masks).mean((1, 2))
+  assert frac[:6].mean() > frac[-6:].mean() + 0.3
+  with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+    shifts.relabel(key, x, y, 1.2)
+  with pytest.raises(ValueError, match="square one-channel"):
+    shifts.relabel(key, np.repeat(np.asarray(x), 3, -1), y, 0.3)

@@ -742,3 +742,64 @@ def test_a_stream_result_is_scored_per_batch_and_overall():
   truth = rng.random((2, 3, 4, 8, 8)) > 0.5
   np.testing.assert_allclose(metrics.iou_per_image(pred, truth), _iou_loop(pred, truth),
                              rtol=1e-6)
+
+
+def _pool(n=32, size=16):
+  x, y = data.make_dataset(jax.random.key(3), data.Domain(60, 30, 200, 30), n, size=size)
+  return np.asarray(x), np.asarray(y)
+
+
+def _class_means(x, y):
+  x = np.asarray(x)[..., 0]
+  return x[np.asarray(y)].mean(), x[~np.asarray(y)].mean()
+
+
+def test_correlated_is_iid_with_its_labels_sorted():
+  x, y = _pool()
+  a = streams.make(jax.random.key(1), x, y, setting="correlated", batch_size=4)
+  b = streams.make(jax.random.key(1), x, y, setting="iid", batch_size=4, labels="sorted")
+  np.testing.assert_array_equal(a.images, b.images)
+  np.testing.assert_array_equal(a.masks, b.masks)
+  frac = np.asarray(a.masks).reshape(-1, 16 * 16).mean(1)
+  assert np.all(np.diff(frac) >= 0)  # ascending foreground fraction, image by image
+  with pytest.raises(ValueError, match="setting 'correlated' is setting='iid', labels='sorted'"):
+    streams.make(jax.random.key(1), x, y, setting="correlated", batch_size=4, labels="shift")
+
+
+def test_a_label_shift_keeps_the_source_appearance():
+  x, y = _pool()
+  s = streams.make(jax.random.key(1), x, y, setting="iid", shifts=(), batch_size=4,
+                   labels="shift", label_severity=5)
+  assert s.shifts == () and np.all(s.shift == -1) and np.all(s.severity == 0)
+  np.testing.assert_array_equal(s.label_severity, 5.0)
+  fg, bg = _class_means(s.images.reshape((-1,) + s.images.shape[2:]),
+                        s.masks.reshape((-1,) + s.masks.shape[2:]))
+  fg0, bg0 = _class_means(x, y)
+  assert abs(fg - fg0) < 4 / 255 and abs(bg - bg0) < 4 / 255  # the pool's appearance
+  assert np.mean(s.masks) > 2.5 * np.mean(y)  # and far more foreground (0.65 against 0.2)
+  plain = streams.make(jax.random.key(1), x, y, setting="iid", shifts=(), batch_size=4)
+  np.testing.assert_allclose(np.mean(plain.masks), np.mean(y))  # labels="iid": the pool's
+
+
+def test_a_label_drift_composes_with_mixed_domains():
+  x, y = _pool(48)
+  s = streams.make(jax.random.key(2), x, y, setting="mixed", batch_size=4, labels="drift",
+                   label_severity=5, shifts=("brightness", "contrast"), severity=(3, 5))
+  t = s.steps
+  want = 5 * np.sin(np.pi * (np.arange(t) + 0.5) / t) ** 2
+  np.testing.assert_allclose(s.label_severity, want, rtol=1e-6)
+  frac = np.asarray(s.masks).mean((1, 2, 3))
+  middle, ends = frac[t // 3: 2 * t // 3].mean(), np.r_[frac[:t // 6], frac[-(t // 6):]].mean()
+  assert middle > ends + 0.2, (middle, ends)  # the class balance drifts up and back
+  assert set(np.unique(s.shift)) == {0, 1} and set(np.unique(s.severity)) == {3, 5}
+  # The appearance shifts act on the relabelled images: brightness raised some of them.
+  with pytest.raises(ValueError, match=r"labels must be one of"):
+    streams.make(jax.random.key(2), x, y, setting="iid", batch_size=4, labels="balanced")
+  with pytest.raises(ValueError, match=r"label_severity must be in \[0, 5\]"):
+    streams.make(jax.random.key(2), x, y, setting="iid", batch_size=4, labels="shift",
+                 label_severity=6)
+  with pytest.raises(ValueError, match=r"square and one-channel"):
+    streams.make(jax.random.key(2), np.repeat(x, 3, -1), y, setting="iid", batch_size=4,
+                 labels="drift")
+  with pytest.raises(ValueError, match=r"no appearance shift, shifts=\(\), is for 'iid'"):
+    streams.make(jax.random.key(2), x, y, setting="continual", batch_size=4, shifts=())

@@ -62,7 +62,7 @@ import numpy as np
 from bnjax import _checks
 from bnjax import data
 
-__all__ = ["SHIFTS", "FAMILIES", "SEVERITIES", "apply", "level", "family_of"]
+__all__ = ["SHIFTS", "FAMILIES", "SEVERITIES", "apply", "level", "family_of", "relabel"]
 
 #: The shifts by family: intensity, texture, geometry, shape.
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -229,6 +229,43 @@ def _apply(key, images, masks, shift: str, severity: int):
   res, threshold = (int(value), 0.4) if shift == "res" else (2, value)
   new = _new_masks(k1, n, masks.shape[1], res, threshold)
   return data.render_white_noise(k2, new, _class_params(images, masks)), new
+
+
+@jax.jit
+def _relabel(key, images, masks, threshold):
+  k1, k2 = jax.random.split(key)
+  new = _new_masks(k1, masks.shape[0], masks.shape[1], 2, threshold[:, None, None])
+  return data.render_white_noise(k2, new, _class_params(images, masks)), new
+
+
+def relabel(key: jax.Array, images, masks, threshold):
+  """A label shift without an appearance shift: new Perlin masks
+  ``|noise| > threshold`` (:func:`bnjax.data.perlin_masks`' generator, the
+  study's res = 2) and white-noise images re-rendered from the set's own
+  class statistics (the mean and standard deviation of its background and
+  foreground pixels on the 0-255 scale, pooled over the set), as the
+  ``"threshold"`` shift does at its five levels.
+
+  Args:
+    key: PRNG key.
+    images: float[n, H, W, 1] (or [n, H, W]) in [0, 1], square.
+    masks: bool[n, H, W].
+    threshold: in (0, 1): one for the set or float[n], one per image (0.4 is
+      the study's, a foreground fraction of about 0.20; lower: more
+      foreground).
+
+  Returns:
+    (float32[n, H, W, 1] in [0, 1], bool[n, H, W]).
+  """
+  _checks.key(key)
+  images, masks = _checks.images(images, masks)
+  if images.shape[-1] != 1 or masks.shape[1] != masks.shape[2]:
+    raise ValueError(f"relabel renders square one-channel images; got images of shape "
+                     f"{images.shape}")
+  t = np.broadcast_to(np.asarray(threshold, np.float32), (images.shape[0],))
+  if not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(t >= 1):
+    raise ValueError(f"threshold must be in (0, 1) (one, or one per image), got {threshold!r}")
+  return _relabel(key, images, masks, jnp.asarray(t))
 
 
 def apply(key: jax.Array, images, masks, shift: str, severity: int):

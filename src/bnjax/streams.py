@@ -23,7 +23,19 @@ label drift):
 ``"correlated"``
   the images of ``"iid"`` ordered by their foreground fraction, so that
   consecutive batches share a label distribution that drifts over time
-  (the segmentation counterpart of label-sorted streams).
+  (the segmentation counterpart of label-sorted streams): the same stream
+  as ``setting="iid", labels="sorted"``.
+
+The class balance is a second axis, ``labels`` (:data:`LABELS`), applied to
+the pool's draws before the setting's appearance, so that the two compose
+(``setting="mixed", labels="drift"``; ``setting="iid", shifts=(),
+labels="shift"``: the source's appearance, a label shift only): ``"iid"``
+the pool's masks; ``"shift"`` new masks with more foreground for every image
+(the data module's Perlin generator at a lower threshold, the images
+re-rendered from the pool's class statistics: :func:`bnjax.shifts.relabel`);
+``"drift"`` the same with a severity that rises from 0 to ``label_severity``
+and falls back over the stream; ``"sorted"`` each block's images ordered by
+their foreground fraction.
 
 An online method is one pure step ``(state, inputs) -> (state, logits)``
 (:func:`online`): the logits of a batch come from the state *at the time the
@@ -147,7 +159,7 @@ from bnjax import stacking
 from bnjax.metrics import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
-           "pixel_entropy", "SETTINGS", "METHODS", "GRADUAL", "AUGMENTS", "HYPER"]
+           "pixel_entropy", "SETTINGS", "LABELS", "METHODS", "GRADUAL", "AUGMENTS", "HYPER"]
 
 #: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
@@ -157,6 +169,11 @@ METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", 
 #: The severities of one shift, block by block, in the ``"gradual"`` setting.
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
+#: The label axis of :func:`make`, independent of the setting's appearance.
+LABELS: tuple[str, ...] = ("iid", "shift", "drift", "sorted")
+# The mask threshold of label severity s (the "threshold" shift's levels):
+# 0.4 (the study's, foreground about 0.20) at 0 to 0.15 (about 0.65) at 5.
+_LABEL_THRESHOLD = lambda s: 0.4 - 0.05 * s
 
 
 # --------------------------------------------------------------------------
@@ -175,8 +192,12 @@ class Stream:
     block: int[T], the block (one domain segment) each batch belongs to.
     reset: bool[T], whether the method starts again from the source model
       before that batch (every batch in ``"episodic"``).
-    shifts: the shift names ``shift`` indexes.
+    shifts: the shift names ``shift`` indexes (empty: no appearance shift,
+      ``shift`` is -1).
     setting: the setting it was built in.
+    labels: its label axis (:data:`LABELS`).
+    label_severity: float[T], each batch's label severity (0: the pool's
+      masks; s: new masks at threshold ``0.4 - 0.05 s``).
   """
 
   images: Any
@@ -187,6 +208,8 @@ class Stream:
   reset: np.ndarray
   shifts: tuple
   setting: str
+  labels: str = "iid"
+  label_severity: Any = None
 
   @property
   def steps(self) -> int:
@@ -216,31 +239,44 @@ def _order(key, n: int, count: int) -> jax.Array:
 
 def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
          shifts: Sequence[str] | str | None = None, severity=5,
-         block_steps: int | None = None) -> Stream:
+         block_steps: int | None = None, labels: str = "iid",
+         label_severity: float = 5.0) -> Stream:
   """A stream of batches from a pool of source-domain images (see the module
-  docstring for the settings).
+  docstring for the settings and the label axis).
 
   Args:
     key: PRNG key; the same key gives the same stream.
     images: the pool, float[N, H, W, C] (or [N, H, W]) in [0, 1].
     masks: bool[N, H, W].
-    setting: one of :data:`SETTINGS`.
+    setting: one of :data:`SETTINGS` (the appearance over time).
     batch_size: images per batch, in 1..N.
     shifts: shift names of :data:`bnjax.shifts.SHIFTS`: one for ``"iid"``,
       ``"episodic"`` and ``"correlated"`` (default ``"brightness"``), the
       sequence for ``"continual"`` and ``"gradual"`` and the choices of
-      ``"mixed"`` (default: all of them).
+      ``"mixed"`` (default: all of them); ``()`` for ``"iid"`` and
+      ``"episodic"``: no appearance shift (the source's appearance).
     severity: 0..5 (0: the source itself); for ``"mixed"`` also a sequence
       to draw from; ``"gradual"`` runs its own sequence :data:`GRADUAL`.
     block_steps: batches per block (default: the pool once, N // B); the
       images of a block are a fresh permutation of the pool (repeated when
       the block needs more than N images).
+    labels: one of :data:`LABELS` (the class balance over time, applied
+      before the appearance): ``"iid"`` the pool's masks; ``"shift"`` new
+      masks at ``label_severity`` for every image; ``"drift"`` new masks
+      whose severity drifts from 0 to ``label_severity`` and back over the
+      stream; ``"sorted"`` the images of each block ordered by their
+      foreground fraction. ``"shift"`` and ``"drift"`` need square
+      one-channel images (:func:`bnjax.shifts.relabel`).
+    label_severity: in [0, 5]: new masks ``|perlin noise| > 0.4 - 0.05 s``
+      (the ``"threshold"`` shift's scale: about 0.20 foreground at 0, 0.65
+      at 5), images re-rendered from the pool's class statistics.
 
   Returns:
     A :class:`Stream` of T = blocks x block_steps batches.
   """
   _checks.key(key)
   _checks.choice("setting", setting, SETTINGS)
+  _checks.choice("labels", labels, LABELS)
   images, masks = _checks.images(images, masks)
   n = images.shape[0]
   batch_size = _checks.positive_int("batch_size", batch_size)
@@ -248,15 +284,26 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
     raise ValueError(f"batch_size must be in 1..{n} (the pool's images), got {batch_size}")
   steps = (n // batch_size if block_steps is None
            else _checks.positive_int("block_steps", block_steps))
+  if setting == "correlated":  # the iid setting with its images sorted by foreground
+    if labels not in ("iid", "sorted"):
+      raise ValueError(f"setting 'correlated' is setting='iid', labels='sorted'; for labels="
+                       f"{labels!r} pass setting='iid'")
+    labels = "sorted"
+  label_sev = _check_number("label_severity", label_severity, 0.0, 5.0)
+  if labels in ("shift", "drift") and (images.shape[-1] != 1
+                                       or images.shape[1] != images.shape[2]):
+    raise ValueError(f"labels={labels!r} draws new masks and re-renders the images: they must "
+                     f"be square and one-channel, got {images.shape[1:]}")
   if shifts is None:
     names = ("brightness",) if setting in _ONE_SHIFT else _shifts.SHIFTS
   else:
     names = (shifts,) if isinstance(shifts, str) else tuple(shifts)
-  if not names:
-    raise ValueError("shifts must name at least one shift")
+  if not names and setting not in ("iid", "episodic"):
+    raise ValueError(f"shifts must name at least one shift for setting {setting!r} (no "
+                     "appearance shift, shifts=(), is for 'iid' and 'episodic')")
   for s in names:
     _checks.choice("shifts", s, _shifts.SHIFTS)
-  if setting in _ONE_SHIFT and len(names) != 1:
+  if setting in _ONE_SHIFT and len(names) > 1:
     raise ValueError(f"setting {setting!r} streams one shift; got shifts={names}")
   sevs = _severities(severity)
   if setting != "mixed" and len(sevs) != 1:
@@ -265,15 +312,29 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
     blocks = [(s, v) for s in names for v in GRADUAL]
   elif setting == "mixed":
     blocks = [(None, None)]
+  elif not names:
+    blocks = [(None, 0)]
   else:
     blocks = [(s, sevs[0]) for s in (names if setting == "continual" else names[:1])]
 
+  t = len(blocks) * steps
+  # Each batch's label severity: constant, or 0 -> label_severity -> 0 over the stream.
+  if labels == "shift":
+    label_t = np.full(t, label_sev)
+  elif labels == "drift":
+    label_t = label_sev * np.sin(np.pi * (np.arange(t) + 0.5) / t) ** 2
+  else:
+    label_t = np.zeros(t)
   count = steps * batch_size
   xs, ys, shift_idx, sev = [], [], [], []
   for b, (s, v) in enumerate(blocks):
     k_order, k_shift, k_draw = jax.random.split(jax.random.fold_in(key, b), 3)
     order = _order(k_order, n, count)
     x, y = images[order], masks[order]
+    if labels in ("shift", "drift"):
+      per_image = np.repeat(label_t[b * steps:(b + 1) * steps], batch_size)
+      x, y = _shifts.relabel(jax.random.fold_in(k_draw, 1), x, y,
+                             _LABEL_THRESHOLD(per_image))
     if setting == "mixed":
       k_s, k_v = jax.random.split(k_draw)
       si = np.asarray(jax.random.randint(k_s, (count,), 0, len(names)))
@@ -284,26 +345,28 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
         gx, gy = _shifts.apply(jax.random.fold_in(k_shift, g), x[where], y[where], names[a],
                                int(c))
         x[where], y[where] = np.asarray(gx), np.asarray(gy)
+    elif s is None:
+      si, vi = np.full(count, -1), np.zeros(count, int)
     else:
       x, y = _shifts.apply(k_shift, x, y, s, v)
       si, vi = np.full(count, names.index(s)), np.full(count, v)
+    if labels == "sorted":
+      # Ascending foreground fraction (stable) within the block: the labels
+      # drift, the images are the block's reordered.
+      by = np.argsort(np.asarray(jnp.mean(y, axis=(1, 2))), kind="stable")
+      x, y, si, vi = jnp.asarray(x)[by], jnp.asarray(y)[by], si[by], vi[by]
     xs.append(jnp.asarray(x))
     ys.append(jnp.asarray(y))
     shift_idx.append(si)
     sev.append(vi)
   x, y = jnp.concatenate(xs), jnp.concatenate(ys)
   si, vi = np.concatenate(shift_idx), np.concatenate(sev)
-  if setting == "correlated":
-    # Ascending foreground fraction (stable): the labels drift, the images
-    # are those of "iid" reordered.
-    by = np.argsort(np.asarray(jnp.mean(y, axis=(1, 2))), kind="stable")
-    x, y, si, vi = x[by], y[by], si[by], vi[by]
-  t = len(blocks) * steps
   shape = (t, batch_size)
   return Stream(images=x.reshape(shape + x.shape[1:]), masks=y.reshape(shape + y.shape[1:]),
                 shift=si.reshape(shape), severity=vi.reshape(shape),
                 block=np.repeat(np.arange(len(blocks)), steps),
-                reset=np.full(t, setting == "episodic"), shifts=names, setting=setting)
+                reset=np.full(t, setting == "episodic"), shifts=names, setting=setting,
+                labels=labels, label_severity=label_t)
 
 
 # --------------------------------------------------------------------------
