@@ -208,7 +208,9 @@ shifts, at which severities)."""
   for i in np.unique(stream.block):
     steps = stream.block == i
     s, v = np.unique(stream.shift[steps]), np.unique(stream.severity[steps])
-    if len(s) == 1 and len(v) == 1:
+    if len(s) == 1 and s[0] < 0:
+      out.append("source appearance")
+    elif len(s) == 1 and len(v) == 1:
       out.append(f"{stream.shifts[s[0]]} {v[0]}")
     else:
       levels = f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}"

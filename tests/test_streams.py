@@ -13,7 +13,7 @@ import pytest
 
 import compiles
 import foreign_models as fm
-from bnjax import data, streams
+from bnjax import adapt, data, streams
 
 EPS = 1e-5
 
@@ -703,6 +703,12 @@ def test_a_model_written_elsewhere_runs_every_method():
   x = np.random.default_rng(0).uniform(0, 1, (4, 2, 8, 8, 1)).astype(np.float32)
   v = model.init(jax.random.key(0), x[0], train=False)
   for method in streams.METHODS:
+    if method == "balanced":  # a classifier: no masks, no class statistics
+      with pytest.raises(ValueError, match=r"measure them once on unlabelled source images"):
+        streams.run(model, v, x, method)
+      with pytest.raises(ValueError, match=r"need a segmentation model: its output \(2, 2\)"):
+        adapt.add_class_stats(model, v, x[0])
+      continue
     options = {"source_images": x[0], "fisher_batch_size": 2} if method == "eata" else {}
     out = streams.run(model, v, x, method, return_logits=True, **options)
     assert out.logits.shape == (4, 2, 2) and np.isfinite(out.logits).all(), method

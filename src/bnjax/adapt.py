@@ -95,7 +95,8 @@ from bnjax._modules import stats_of as _stats_of
 
 __all__ = ["recompute_batch_stats", "recompute_batch_stats_nnx",
            "recompute_batch_stats_stacked", "batch_stats_paths", "layer_stats",
-           "MODES", "STATS"]
+           "add_class_stats", "recompute_balanced_stats", "class_weights", "MODES", "STATS",
+           "CLASS_STATS"]
 
 Mode = Literal["exact", "train_pass", "ema"]
 Stats = Literal["mean", "var", "both"]
@@ -249,6 +250,8 @@ def _linen_interceptor(policy: _Policy, is_batch_norm):
             f"{'/'.join(module.scope.path)}, which owns no batch_stats 'mean' and 'var'")
     elif not owns:
       return next_fun(*args, **kwargs)
+    if policy.kind in _CLASS_KINDS:
+      return _class_call(_LinenLayer(module), module, next_fun, args, kwargs, policy.kind)
     return _adapting_call(_LinenLayer(module), module, next_fun, args, kwargs, policy)
   return interceptor
 
@@ -306,6 +309,197 @@ def _batch_normalised_apply(model, variables, inputs, kwargs, is_batch_norm=None
   names = _m.stats_paths(variables["batch_stats"])
   policy = _Policy("batch", frozenset(names))
   return _policy_apply(model, variables, inputs, kwargs, policy, is_batch_norm)[0]
+
+
+# --------------------------------------------------------------------------
+# Class-balanced statistics: each class's moments at every BatchNorm layer,
+# weighted by the model's masks pooled to the layer's resolution
+
+#: The collection of the class statistics kept with the variables
+#: (:func:`add_class_stats`).
+CLASS_STATS = "class_stats"
+_CLASS_KINDS = ("class_record", "balanced")
+# Per layer, what a "class_record" pass leaves in batch_stats: the classes'
+# weights, weighted sums and weighted sums of squares.
+_CLASS_SUMS = ("bnjax_class_w", "bnjax_class_wx", "bnjax_class_wxx")
+# What a "balanced" pass leaves per layer: the gap between the batch's
+# normalised class means and the source's.
+_CLASS_GAP = "bnjax_class_gap"
+# A class is present in a batch at a layer when its pooled weight reaches this
+# (pixels at the layer's resolution).
+_PRESENT = 0.5
+# The per-call arrays of a class pass: weights float[B, H, W, K] (the masks),
+# and for "balanced" the momentum of the running class moments.
+_CLASS_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("bnjax_class_context",
+                                                               default=None)
+
+
+def class_weights(logits) -> jax.Array:
+  """float[..., K]: the one-hot masks of ``logits[..., K]`` (argmax; one
+  sigmoid logit is two classes, foreground where it is > 0)."""
+  logits = jnp.asarray(logits)
+  if logits.shape[-1] == 1:
+    fg = (logits[..., 0] > 0).astype(jnp.float32)
+    return jnp.stack([1.0 - fg, fg], axis=-1)
+  return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+
+def _pooled(weights, x, name: str):
+  """``weights`` [B, H, W, K] at the resolution of a layer input ``x`` [B, h,
+  w, C] (average pooling when h and w divide H and W, a linear resize else),
+  or per-example class shares for ``x`` [B, C]."""
+  b, height, width, k = weights.shape
+  if x.shape[0] != b:
+    raise ValueError(f"BatchNorm layer {name}: its input {x.shape} does not start with the "
+                     f"batch axis of the model's output ({b}); class-balanced statistics need it")
+  if x.ndim == 2:
+    return jnp.mean(weights, axis=(1, 2))
+  if x.ndim != 4:
+    raise ValueError(f"BatchNorm layer {name}: class-balanced statistics take inputs [B, h, w, "
+                     f"C] or [B, C], got {x.shape}")
+  h, w = x.shape[1], x.shape[2]
+  if height % h == 0 and width % w == 0:
+    return weights.reshape(b, h, height // h, w, width // w, k).mean(axis=(2, 4))
+  resized = jax.image.resize(weights, (b, h, w, k), "linear")
+  return resized / jnp.maximum(jnp.sum(resized, axis=-1, keepdims=True), 1e-12)
+
+
+def _class_moments(x, w):
+  """(weight float[K], mean float[K, C], biased variance float[K, C]) of the
+  rows of ``x`` [..., C] weighted by ``w`` [..., K] (two-pass)."""
+  x = x.reshape(-1, x.shape[-1]).astype(jnp.promote_types(x.dtype, jnp.float32))
+  w = w.reshape(-1, w.shape[-1]).astype(x.dtype)
+  weight = jnp.sum(w, axis=0)
+  mean = (w.T @ x) / jnp.maximum(weight, 1e-12)[:, None]
+  var = jnp.einsum("nk,nkc->kc", w, jnp.square(x[:, None, :] - mean[None])) / jnp.maximum(
+      weight, 1e-12)[:, None]
+  return weight, mean, var
+
+
+def _recombine(mean, var, proportions):
+  """The mixture's mean and variance: the classes' moments weighted by
+  ``proportions``."""
+  p = proportions[:, None]
+  mu = jnp.sum(p * mean, axis=0)
+  return mu, jnp.maximum(jnp.sum(p * (var + jnp.square(mean)), axis=0) - jnp.square(mu), 0.0)
+
+
+def _class_call(layer, module, fn, args, kwargs, kind: str):
+  """One BatchNorm call of a class pass. ``"class_record"``: the layer
+  normalises with its stored statistics and records its input's per-class
+  weighted sums. ``"balanced"``: its running class moments (from
+  ``class_stats``, the source's at first) move towards the batch's by the
+  momentum (classes absent from the batch stay), are recombined with the
+  source's class proportions, and the layer normalises with the result;
+  the new running moments and the gap between the batch's normalised class
+  means and the source's are recorded."""
+  x, mask = _m.first_argument(fn, args, kwargs, "mask")
+  features, _ = _m.feature_axes(module, x.ndim)
+  if features != (x.ndim - 1,) or mask is not None:
+    raise ValueError(f"BatchNorm layer {layer.name}: class-balanced statistics need the "
+                     "features on the last axis and no mask=")
+  if layer.recorded():
+    raise ValueError(f"BatchNorm layer {layer.name} is called more than once per forward pass; "
+                     "shared BatchNorm layers cannot be adapted")
+  ctx = _CLASS_CONTEXT.get()
+  w = _pooled(ctx["weights"], x, layer.name)
+  weight, mean, var = _class_moments(x, w)
+  src_mean, src_var = layer.stored()
+  if kind == "class_record":
+    out = fn(*args, **kwargs)
+    xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    wf = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
+    for name, value in zip(_CLASS_SUMS, (weight, wf.T @ xf, wf.T @ jnp.square(xf))):
+      module.put_variable("batch_stats", name, value)
+    layer.record(src_mean, src_var, jnp.zeros(src_mean.shape, jnp.int32))
+    return out
+  if not module.has_variable(CLASS_STATS, "class_mean"):
+    raise ValueError(f"BatchNorm layer {layer.name} has no class statistics; measure them once "
+                     "on source images: variables = bnjax.adapt.add_class_stats(model, "
+                     "variables, source_images)")
+  get = lambda n: module.get_variable(CLASS_STATS, n)
+  run_mean = get("running_mean") if module.has_variable(CLASS_STATS, "running_mean") else get(
+      "class_mean")
+  run_var = get("running_var") if module.has_variable(CLASS_STATS, "running_var") else get(
+      "class_var")
+  present = weight >= _PRESENT
+  a = jnp.where(present, ctx["momentum"], 0.0)[:, None]
+  new_mean = (1 - a) * run_mean + a * mean
+  second = (1 - a) * (run_var + jnp.square(run_mean)) + a * (var + jnp.square(mean))
+  new_var = jnp.maximum(second - jnp.square(new_mean), 0.0)
+  mu, sigma2 = _recombine(new_mean, new_var, ctx["proportions"])
+  layer.put(jnp.asarray(mu, src_mean.dtype), jnp.asarray(sigma2, src_var.dtype))
+  out = fn(*args, **kwargs)
+  if layer.updated():
+    raise ValueError(f"BatchNorm layer {layer.name} updated its statistics: it ran in train "
+                     "mode; pass the flag that selects eval mode in apply_kwargs")
+  eps = float(getattr(module, "epsilon", 1e-5))
+  z = (mean - mu) / jnp.sqrt(sigma2 + eps)
+  z_src = (get("class_mean") - get("mean")) / jnp.sqrt(get("var") + eps)
+  p = ctx["proportions"] * present
+  gap = jnp.sum(p * jnp.mean(jnp.square(z - z_src), axis=-1)) / jnp.maximum(jnp.sum(p), 1e-12)
+  module.put_variable(CLASS_STATS, "running_mean", new_mean)
+  module.put_variable(CLASS_STATS, "running_var", new_var)
+  module.put_variable("batch_stats", _CLASS_GAP, gap)
+  layer.record(mu, sigma2, jnp.zeros(src_mean.shape, jnp.int32))
+  return out
+
+
+def _class_apply(model, variables, inputs, kwargs, kind: str, weights, momentum=None,
+                 is_batch_norm=None):
+  """``(output, state)`` of a class pass (``kind`` in ``_CLASS_KINDS``):
+  ``model.apply`` with the pass's interceptor, ``weights`` [B, H, W, K] the
+  masks, and ``state`` the mutated ``batch_stats`` (records) and
+  ``class_stats`` (running moments). Traceable."""
+  proportions = None
+  if kind == "balanced":
+    proportions = variables[CLASS_STATS]["proportions"]
+    if proportions.shape[-1] != weights.shape[-1]:
+      raise ValueError(f"the class statistics are of {proportions.shape[-1]} classes, the "
+                       f"model's output of {weights.shape[-1]}")
+  token = _CLASS_CONTEXT.set({"weights": weights, "momentum": momentum,
+                              "proportions": proportions})
+  try:
+    with nn.intercept_methods(_linen_interceptor(_Policy(kind, frozenset()), is_batch_norm)):
+      return model.apply(variables, *inputs, mutable=["batch_stats", CLASS_STATS], **kwargs)
+  finally:
+    _CLASS_CONTEXT.reset(token)
+
+
+def _layer_values(tree, name: str) -> dict[str, Any]:
+  """``{layer path: value}`` of the variable ``name`` left in a stats tree."""
+  flat = traverse_util.flatten_dict(tree) if tree else {}
+  return {"/".join(map(str, k[:-1])): v for k, v in flat.items() if k[-1] == name}
+
+
+def _balanced(model, variables, inputs, kwargs, logits, momentum, is_batch_norm=None):
+  """One balanced pass from the masks of ``logits``: (its logits, the new
+  ``class_stats``, the mean gap over the layers, the statistics each layer
+  normalised with ``{name: (mean, var)}``)."""
+  out, state = _class_apply(model, variables, inputs, kwargs, "balanced", class_weights(logits),
+                            momentum, is_batch_norm)
+  gaps = _layer_values(state["batch_stats"], _CLASS_GAP)
+  used = {name: rec[:2] for name, rec in _records(state["batch_stats"]).items()}
+  classes = {**variables[CLASS_STATS], **state[CLASS_STATS]}
+  return out, classes, sum(gaps.values()) / max(len(gaps), 1), used
+
+
+def _balanced_choice(model, variables, inputs, kwargs, momentum, is_batch_norm=None):
+  """The class-balanced step: two balanced passes, one from the source
+  model's masks (its stored statistics) and one from test-time BN's (the
+  batch's own moments), and the one whose normalised class means are closer
+  to the source's (the smaller gap). Returns (logits, class_stats,
+  used statistics, whether the source's masks were chosen)."""
+  names = frozenset(_m.stats_paths(variables["batch_stats"]))
+  stats_only = {k: v for k, v in variables.items() if k != CLASS_STATS}
+  src_logits = model.apply(stats_only, *inputs, **kwargs)
+  bn_logits, _ = _policy_apply(model, stats_only, inputs, kwargs, _Policy("choose", names),
+                               is_batch_norm)
+  a = _balanced(model, variables, inputs, kwargs, src_logits, momentum, is_batch_norm)
+  b = _balanced(model, variables, inputs, kwargs, bn_logits, momentum, is_batch_norm)
+  first = a[2] <= b[2]
+  pick = lambda u, v: jax.tree_util.tree_map(lambda p, q: jnp.where(first, p, q), u, v)
+  return pick(a[0], b[0]), pick(a[1], b[1]), pick(a[3], b[3]), first
 
 
 # --------------------------------------------------------------------------
@@ -714,6 +908,160 @@ def _adapt_linen(model, variables, inputs, mode, batch_size, momentum, alpha, la
 def batch_stats_paths(variables: Mapping) -> list[str]:
   """Paths (``"enc0/bn1"``) of the BatchNorm layers in ``variables``."""
   return list(_m.stats_paths(variables.get("batch_stats", {})))
+
+
+# --------------------------------------------------------------------------
+# Class-balanced statistics: the public functions
+
+
+def _stats_only(variables):
+  return {k: v for k, v in variables.items() if k != CLASS_STATS}
+
+
+def add_class_stats(model: nn.Module, variables: Mapping, images, *, batch_size: int = 64,
+                    apply_kwargs: Mapping | None = None, is_batch_norm=None,
+                    image_range="auto") -> dict:
+  """The variables with the source's class statistics kept beside them, in a
+  ``class_stats`` collection, measured once on unlabelled source images: the
+  class proportions of the model's own masks (argmax of its output, at the
+  output's resolution) and, at every BatchNorm layer, each class's mean and
+  biased variance of the layer's input, the masks average-pooled to the
+  layer's resolution as weights, with the model in eval mode (its stored
+  statistics). What class-balanced adaptation needs
+  (:func:`recompute_balanced_stats`, the ``"balanced"`` method of
+  :mod:`bnjax.streams`); the model's output must keep the input's spatial
+  layout ``[B, H, W, K]`` (a segmentation model).
+
+  Args:
+    model: a linen model whose BatchNorm inputs are ``[B, h, w, C]`` (or
+      ``[B, C]``), features on the last axis.
+    variables: its ``{"params": ..., "batch_stats": ...}``.
+    images: unlabelled source images ``[n, H, W, C]``, checked as
+      :func:`recompute_batch_stats` checks its inputs.
+    batch_size: images per forward pass.
+
+  Returns:
+    ``{**variables, "class_stats": ...}``: per layer ``class_mean`` and
+    ``class_var`` float[K, C] and the stored ``mean`` and ``var`` they were
+    measured with; ``proportions`` float[K] at the top.
+  """
+  batch_size = _checks.positive_int("batch_size", batch_size)
+  inputs = _checks.inputs(images, lead=1, name="images",
+                          image_range=_checks.image_range_of(model, image_range))
+  if len(inputs) != 1:
+    raise ValueError("images must be one array of images [n, H, W, C]")
+  variables = _stats_only(variables)
+  paths = _m.stats_paths(variables.get("batch_stats"))
+  if not paths:
+    raise _no_layer_error(model, variables, inputs, _m.apply_kwargs(model, apply_kwargs, 1))
+  kw, arrays = _m.Kwargs.split(_m.apply_kwargs(model, apply_kwargs, 1))
+
+  def build():
+    def one(v, x, arrays):
+      logits = model.apply(v, x, **kw.join(arrays))
+      if logits.ndim != 4 or logits.shape[1:3] != x.shape[1:3]:
+        raise ValueError(f"class statistics need a segmentation model: its output "
+                         f"{logits.shape} must be [B, H, W, K] for inputs {x.shape}")
+      w = class_weights(logits)
+      _, state = _class_apply(model, v, (x,), kw.join(arrays), "class_record", w,
+                              is_batch_norm=is_batch_norm)
+      sums = {n: _layer_values(state["batch_stats"], n) for n in _CLASS_SUMS}
+      return jnp.sum(w, axis=(0, 1, 2)), sums
+    return compiler.jit(one)
+
+  fn = _m.cached(model, ("class_record", kw.key(), is_batch_norm), build)
+  x = inputs[0]
+  totals, sums = None, None
+  for start in range(0, x.shape[0], batch_size):
+    t, s = jax.device_get(fn(variables, x[start:start + batch_size], arrays))
+    add = lambda a, b: np.asarray(b, np.float64) + (0 if a is None else a)
+    totals = add(totals, t)
+    sums = {n: {k: add(None if sums is None else sums[n][k], v) for k, v in s[n].items()}
+            for n in _CLASS_SUMS}
+  stored = _stats_of(variables["batch_stats"])
+  tree = {}
+  for name, path in paths.items():
+    w, wx, wxx = (sums[n][name] for n in _CLASS_SUMS)
+    mean_all, var_all = (np.asarray(a, np.float64) for a in stored[name])
+    safe = np.maximum(w, 1e-12)[:, None]
+    cm = np.where(w[:, None] > 0, wx / safe, mean_all)
+    cv = np.where(w[:, None] > 0, np.maximum(wxx / safe - cm ** 2, 0.0), var_all)
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node.update(class_mean=jnp.asarray(cm, jnp.float32), class_var=jnp.asarray(cv, jnp.float32),
+                mean=jnp.asarray(mean_all, jnp.float32), var=jnp.asarray(var_all, jnp.float32))
+  tree["proportions"] = jnp.asarray(totals / totals.sum(), jnp.float32)
+  return {**variables, CLASS_STATS: tree}
+
+
+def _with_running(class_stats) -> dict:
+  """``class_stats`` with running class moments at every layer (the
+  source's where there are none yet), so that a scan's carry keeps its
+  structure."""
+  flat = traverse_util.flatten_dict(dict(class_stats))
+  for k in [k for k in flat if k[-1] == "class_mean"]:
+    flat.setdefault(k[:-1] + ("running_mean",), flat[k])
+    flat.setdefault(k[:-1] + ("running_var",), flat[k[:-1] + ("class_var",)])
+  return traverse_util.unflatten_dict(flat)
+
+
+def _class_stats_of(variables, what: str):
+  if not isinstance(variables, Mapping) or CLASS_STATS not in variables:
+    raise ValueError(f"{what} needs the source's class statistics beside the variables; "
+                     "measure them once on unlabelled source images: variables = "
+                     "bnjax.adapt.add_class_stats(model, variables, source_images)")
+  return variables[CLASS_STATS]
+
+
+def recompute_balanced_stats(model: nn.Module, variables: Mapping, inputs, *,
+                             apply_kwargs: Mapping | None = None, is_batch_norm=None,
+                             image_range="auto") -> dict:
+  """Class-balanced BatchNorm statistics of a target set: at every layer each
+  class's mean and variance of the layer's input, weighted by the masks
+  pooled to the layer's resolution, recombined with the *source's* class
+  proportions (``class_stats``, :func:`add_class_stats`), so that a change of
+  class balance does not move the statistics as an appearance change does
+  (the idea of TRIBE's balanced BN, :cite:t:`su2024tribe`, and RoTTA's
+  category-balanced memory, :cite:t:`yuan2023rotta`, made per pixel: a
+  segmentation model labels every pixel, so each class's moments come from
+  its own pixels at every layer). Classes the set lacks keep the source's
+  moments.
+
+  The masks come from two starts, the source model's (its stored
+  statistics: right under a label shift) and test-time BN's (the set's own
+  moments: right under an appearance shift); one balanced pass from each,
+  every layer normalising with the recombined moments of its input, and the
+  result whose normalised class means (each class's mean less the layer's
+  mean, over its standard deviation) are closer to the source's is kept.
+  One pass per start, not iterated: iterating masks -> statistics -> masks
+  lets mislabelled pixels pull the statistics further (docs/deviations.md).
+
+  The set is one forward pass (one batch of all ``inputs``).
+
+  Returns:
+    The variables with the chosen balanced statistics as ``batch_stats``
+    (``params`` and ``class_stats`` unchanged).
+  """
+  _class_stats_of(variables, "recompute_balanced_stats")
+  inputs = _checks.inputs(inputs, lead=1, image_range=_checks.image_range_of(model, image_range))
+  kwargs = _m.apply_kwargs(model, apply_kwargs, len(inputs))
+  kw, arrays = _m.Kwargs.split(kwargs)
+  paths = _m.stats_paths(variables.get("batch_stats"))
+  if not paths:
+    raise _no_layer_error(model, _stats_only(variables), inputs, kwargs)
+
+  def build():
+    def one(v, x, arrays):
+      _, _, used, first = _balanced_choice(model, v, x, kw.join(arrays), 1.0, is_batch_norm)
+      return used, first
+    return compiler.jit(one)
+
+  fn = _m.cached(model, ("balanced_set", kw.key(), is_batch_norm), build)
+  v = {**variables, CLASS_STATS: _with_running(variables[CLASS_STATS])}
+  with _m.inputs_fit("inputs", inputs):
+    used, _ = fn(v, inputs, arrays)
+  return {**variables, "batch_stats": _nest_stats(variables["batch_stats"], paths, used)}
 
 
 # --------------------------------------------------------------------------

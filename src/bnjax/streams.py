@@ -83,6 +83,22 @@ with the statistics put into them):
   (SITA, :cite:t:`khurana2021sita`; DUA, :cite:t:`mirza2022dua`) without a gradient.
   The inputs must be images ``[B, H, W, C]``; the logits are the original
   images'.
+``"balanced"``
+  class-balanced statistics (:func:`bnjax.adapt.recompute_balanced_stats`
+  online; the idea of TRIBE's balanced BN, :cite:t:`su2024tribe`, made per
+  pixel): at every layer each class's running mean and variance of the
+  layer's input (starting from the source's, ``class_stats`` of
+  :func:`bnjax.adapt.add_class_stats`) move towards the batch's, weighted by
+  the masks pooled to the layer, by ``momentum`` per image (a batch of B
+  moves them by ``1 - (1 - momentum)^B``; default 0.2, chosen on one source
+  model's streams at batch 1 and 4 among 0.1, 0.2, 0.4; a class absent from
+  the batch keeps its moments), and the layer normalises
+  with them recombined with the source's class proportions. Per batch, two
+  passes, from the source model's masks and from test-time BN's; the one
+  whose normalised class means are closer to the source's is used and its
+  running moments kept (``state["source_masks"]`` counts the batches where
+  the source's masks won). A change of class balance then moves no
+  statistic; a change of appearance moves every class's.
 ``"gated"``
   bnjax's own: an ``inner`` method (default ``"ema_bn"`` with
   ``per_image=True`` and momentum 0.1, options ``inner_options``) runs on
@@ -164,8 +180,8 @@ __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_man
 #: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
 #: The online methods of :func:`run`.
-METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", "tent", "eta",
-                             "eata", "sar", "gated")
+METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", "balanced",
+                             "tent", "eta", "eata", "sar", "gated")
 #: The severities of one shift, block by block, in the ``"gradual"`` setting.
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
@@ -413,6 +429,7 @@ _DEFAULTS = {
     "bn_alpha": {"alpha": 0.1, "prior": None},
     "ema_bn": {"momentum": 0.05, "per_image": False},
     "augbn": {"augment": "flips", "alpha": 1.0, "prior": None},
+    "balanced": {"momentum": 0.2},
     "tent": {"learning_rate": 1e-3, "optimizer": None},
     "eta": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None},
     "eata": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None,
@@ -468,8 +485,9 @@ def _options(method: str, options: dict) -> tuple:
       out["alpha"] = None
     else:
       out["alpha"] = _check_number("alpha", out["alpha"], 0.0, 1.0)
-  if method == "ema_bn":
+  if method in ("ema_bn", "balanced"):
     out["momentum"] = _check_number("momentum", out["momentum"], 0.0, 1.0, closed_lo=False)
+  if method == "ema_bn":
     if not isinstance(out["per_image"], (bool, np.bool_)):
       raise ValueError(f"per_image must be True or False, got {out['per_image']!r}")
     out["per_image"] = bool(out["per_image"])
@@ -677,6 +695,20 @@ def _build(model, method: str, structure: tuple, kw: _m.Kwargs, is_batch_norm) -
       return {**state, "variables": v}, out
     return Online(method, None, step)
 
+  if method == "balanced":
+    def step(state, x):
+      v = state["variables"]
+      # Per image: B images move the class moments as B batches of one would.
+      m = 1.0 - (1.0 - state["hyper"]["momentum"]) ** x[0].shape[0]
+      out, classes, _, first = _adapt._balanced_choice(
+          model, v, x, kw.join(state["arrays"]), m, is_batch_norm)
+      return ({**state, "variables": {**v, _adapt.CLASS_STATS: classes},
+               "source_masks": state["source_masks"] + first}, out)
+
+    def init(v, **_):
+      return {"source_masks": jnp.asarray(0)}
+    return Online(method, init, step)
+
   # The entropy methods: the BatchNorm scale and bias, the layers normalising
   # with the batch's moments (as TENT's model in train mode does). The default
   # optimizer is Adam at the state's learning rate (optax.adam of a traced
@@ -862,6 +894,9 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
       raise ValueError(f"method {method!r} optimises the BatchNorm scale and bias, and no "
                        "BatchNorm layer of this model has either")
     state = {"variables": dict(variables), "arrays": arrays, "hyper": _hyper_arrays(hyper)}
+    if method == "balanced":
+      classes = _adapt._class_stats_of(variables, "method 'balanced'")
+      state["variables"][_adapt.CLASS_STATS] = _adapt._with_running(classes)
     if built.init is None:
       return state
     extra = built.init(variables, source_images=source_images, arrays=arrays)
