@@ -99,6 +99,18 @@ with the statistics put into them):
   running moments kept (``state["source_masks"]`` counts the batches where
   the source's masks won). A change of class balance then moves no
   statistic; a change of appearance moves every class's.
+``"lame"``
+  output-only (:cite:t:`boudiaf2022lame`, "Parameter-free online test-time
+  adaptation"): no parameter or statistic changes; the source model's
+  probabilities are corrected per batch by the Laplacian-regularised
+  maximum likelihood of LAME's code (:func:`lame_fixed_point`), the
+  affinity a kNN graph (``knn``, default 5 as their kNN affinity) over
+  pixels: each pixel's nearest pixels by the L2-normalised features entering
+  the model's last module (a U-Net's last decoder map), drawn from the
+  (2 ``window`` + 1)^2 square around it (default 2: 5x5) instead of the whole
+  batch (which is B H W pixels); ``bound_lambda`` (1) and ``max_steps``
+  (100) as their code. The safe fallback under label shift: it keeps the
+  source's statistics.
 ``"gated"``
   bnjax's own: an ``inner`` method (default ``"ema_bn"`` with
   ``per_image=True`` and momentum 0.1, options ``inner_options``) runs on
@@ -175,13 +187,14 @@ from bnjax import stacking
 from bnjax.metrics import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
-           "pixel_entropy", "SETTINGS", "LABELS", "METHODS", "GRADUAL", "AUGMENTS", "HYPER"]
+           "pixel_entropy", "lame_fixed_point", "SETTINGS", "LABELS", "METHODS", "GRADUAL",
+           "AUGMENTS", "HYPER"]
 
 #: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
 #: The online methods of :func:`run`.
 METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", "balanced",
-                             "tent", "eta", "eata", "sar", "gated")
+                             "lame", "tent", "eta", "eata", "sar", "gated")
 #: The severities of one shift, block by block, in the ``"gradual"`` setting.
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
@@ -430,6 +443,7 @@ _DEFAULTS = {
     "ema_bn": {"momentum": 0.05, "per_image": False},
     "augbn": {"augment": "flips", "alpha": 1.0, "prior": None},
     "balanced": {"momentum": 0.2},
+    "lame": {"knn": 5, "window": 2, "bound_lambda": 1.0, "max_steps": 100},
     "tent": {"learning_rate": 1e-3, "optimizer": None},
     "eta": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None},
     "eata": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "d_margin": None,
@@ -444,7 +458,8 @@ _GATED_INNER = {"ema_bn": {"per_image": True, "momentum": 0.1}}
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
 #: The float options: carried in the state (``state["hyper"]``), never compiled in.
 HYPER: tuple[str, ...] = ("alpha", "prior", "momentum", "threshold", "learning_rate",
-                          "e_margin", "d_margin", "fisher_alpha", "rho", "reset_constant")
+                          "e_margin", "d_margin", "fisher_alpha", "rho", "reset_constant",
+                          "bound_lambda")
 
 
 def _check_number(name, value, lo, hi, closed_lo=True):
@@ -491,6 +506,14 @@ def _options(method: str, options: dict) -> tuple:
     if not isinstance(out["per_image"], (bool, np.bool_)):
       raise ValueError(f"per_image must be True or False, got {out['per_image']!r}")
     out["per_image"] = bool(out["per_image"])
+  if method == "lame":
+    out["knn"] = _checks.positive_int("knn", out["knn"])
+    out["window"] = _checks.positive_int("window", out["window"])
+    out["max_steps"] = _checks.positive_int("max_steps", out["max_steps"])
+    if out["knn"] > (2 * out["window"] + 1) ** 2 - 1:
+      raise ValueError(f"knn must be at most the {(2 * out['window'] + 1) ** 2 - 1} other pixels "
+                       f"of a window of radius {out['window']}, got {out['knn']}")
+    out["bound_lambda"] = _checks.number("bound_lambda", out["bound_lambda"])
   if method in _GRADIENT:
     out["learning_rate"] = _checks.number("learning_rate", out["learning_rate"])
     if out["optimizer"] is not None and not isinstance(out["optimizer"],
@@ -709,6 +732,18 @@ def _build(model, method: str, structure: tuple, kw: _m.Kwargs, is_batch_norm) -
       return {"source_masks": jnp.asarray(0)}
     return Online(method, init, step)
 
+  if method == "lame":
+    def step(state, x):
+      logits, feats = _last_input_apply(model, state["variables"], x, kw.join(state["arrays"]))
+      probs = _class_probs(logits)
+      y = lame_fixed_point(probs, _knn_window(feats, s["knn"], s["window"]),
+                           state["hyper"]["bound_lambda"], s["max_steps"])
+      logy = jnp.log(jnp.maximum(y, 1e-30))
+      if logits.shape[-1] == 1:  # one sigmoid logit back: log-odds of the foreground
+        logy = logy[..., 1:] - logy[..., :1]
+      return state, logy.astype(logits.dtype)
+    return Online(method, None, step)
+
   # The entropy methods: the BatchNorm scale and bias, the layers normalising
   # with the batch's moments (as TENT's model in train mode does). The default
   # optimizer is Adam at the state's learning rate (optax.adam of a traced
@@ -823,6 +858,87 @@ def _build(model, method: str, structure: tuple, kw: _m.Kwargs, is_batch_norm) -
     return Online(method, init, step)
 
   raise ValueError(f"method must be one of {METHODS}, got {method!r}")  # pragma: no cover
+
+
+def _last_input_apply(model, variables, inputs, kwargs):
+  """(logits, features): the model's output and the input of the last module
+  it entered (its head: the decoder's last feature map for a U-Net)."""
+  seen = []
+
+  def interceptor(next_fun, args, kw, context):
+    if context.method_name == "__call__" and args:
+      seen.append(args[0])
+    return next_fun(*args, **kw)
+
+  with nn.intercept_methods(interceptor):
+    logits = model.apply(variables, *inputs, **kwargs)
+  feats = next((f for f in reversed(seen) if hasattr(f, "shape") and f.ndim == logits.ndim
+                and f.shape[:-1] == logits.shape[:-1]), None)
+  if feats is None or logits.ndim != 4:
+    raise ValueError(f"method 'lame' needs a segmentation model whose last module takes a "
+                     f"feature map [B, H, W, D] of its output's layout; got output "
+                     f"{logits.shape}")
+  return logits, feats
+
+
+def _knn_window(feats, knn: int, window: int):
+  """(int32[B, H, W, knn, 2] row and column, bool[B, H, W, knn] inside the
+  image): each pixel's ``knn`` nearest pixels by the Euclidean distance of
+  L2-normalised features, among the other pixels of the (2 window + 1)^2
+  square around it (LAME's kNN affinity, its neighbours drawn from a window
+  instead of the whole batch)."""
+  b, h, w, _ = feats.shape
+  f = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+  offsets = [(dy, dx) for dy in range(-window, window + 1) for dx in range(-window, window + 1)
+             if (dy, dx) != (0, 0)]
+  rows = jnp.arange(h)[:, None] + jnp.asarray([o[0] for o in offsets])[None, :]  # [H, M]
+  cols = jnp.arange(w)[:, None] + jnp.asarray([o[1] for o in offsets])[None, :]  # [W, M]
+  r = rows[:, None, :] + jnp.zeros((1, w, 1), rows.dtype)                     # [H, W, M]
+  c = cols[None, :, :] + jnp.zeros((h, 1, 1), cols.dtype)
+  inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+  rc, cc = jnp.clip(r, 0, h - 1), jnp.clip(c, 0, w - 1)
+  neighbours = f[:, rc, cc]                                                   # [B, H, W, M, D]
+  dist = jnp.sum(jnp.square(neighbours - f[:, :, :, None, :]), axis=-1)
+  dist = jnp.where(inside[None], dist, jnp.inf)
+  # Nearest first; ties to the earlier offset (a stable order).
+  order = jnp.argsort(dist, axis=-1, stable=True)[..., :knn]
+  take = lambda a: jnp.take_along_axis(jnp.broadcast_to(a, dist.shape), order, axis=-1)
+  valid = jnp.take_along_axis(jnp.broadcast_to(inside[None], dist.shape), order, axis=-1)
+  return jnp.stack([take(rc[None]), take(cc[None])], axis=-1), valid
+
+
+def lame_fixed_point(probs, neighbours, bound_lambda=1.0, max_steps: int = 100):
+  """LAME's bound optimisation (Boudiaf et al. 2022, :cite:t:`boudiaf2022lame`,
+  as their code): ``Y <- softmax(log p + lambda W Y)`` from ``Y = p``, ``W``
+  the kNN affinity (1 for each of a pixel's neighbours), until the energy
+  ``sum(-log p Y - lambda (W Y) Y + Y log Y)`` changes by at most 1e-8 of
+  itself (from the third step on) or ``max_steps``. ``probs``
+  float[B, H, W, K]; ``neighbours`` ``(indices int[B, H, W, k, 2], valid
+  bool[B, H, W, k])`` from the feature map. Returns float[B, H, W, K]."""
+  index, valid = neighbours
+  unary = -jnp.log(probs + 1e-10)
+  bidx = jnp.arange(probs.shape[0])[:, None, None, None]
+
+  def pairwise(y):
+    gathered = y[bidx, index[..., 0], index[..., 1]]                # [B, H, W, k, K]
+    return bound_lambda * jnp.sum(gathered * valid[..., None], axis=-2)
+
+  def energy(y, pw):
+    return jnp.sum(unary * y - pw * y + y * jnp.log(jnp.maximum(y, 1e-20)))
+
+  def cond(carry):
+    i, _, e, old = carry
+    return (i < max_steps) & ~((i > 2) & (jnp.abs(e - old) <= 1e-8 * jnp.abs(old)))
+
+  def body(carry):
+    i, y, e, _ = carry
+    pw = pairwise(y)
+    y = jax.nn.softmax(-unary + pw, axis=-1)
+    return i + 1, y, energy(y, pw), e
+
+  y0 = jax.nn.softmax(-unary, axis=-1)
+  inf = jnp.asarray(jnp.inf, y0.dtype)
+  return jax.lax.while_loop(cond, body, (jnp.asarray(0), y0, inf, inf))[1]
 
 
 def _fisher(model, kw: _m.Kwargs, is_batch_norm, batch_size: int):
