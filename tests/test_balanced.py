@@ -90,6 +90,17 @@ def _weights(logits):
   return np.eye(logits.shape[-1])[np.argmax(logits, -1)]
 
 
+def _interior_np(w):
+  """1 where a pixel's whole 3x3 neighbourhood inside the image has its class."""
+  n, h, width, _ = w.shape
+  out = np.zeros_like(w)
+  for r in range(h):
+    for c in range(width):
+      window = w[:, max(r - 1, 0):r + 2, max(c - 1, 0):c + 2]
+      out[:, r, c] = window.min(axis=(1, 2))
+  return out
+
+
 def _stored(v, i):
   s = v["batch_stats"][f"BatchNorm_{i}"]
   return np.asarray(s["mean"], np.float64), np.asarray(s["var"], np.float64)
@@ -111,6 +122,60 @@ def test_class_stats_against_numpy():
     np.testing.assert_allclose(got["class_var"], var, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(got["mean"], _stored(v, i)[0], rtol=1e-6)
   np.testing.assert_array_equal(out["params"]["Conv_0"]["kernel"], v["params"]["Conv_0"]["kernel"])
+  # The input's own class moments over interior pixels (appearance_gap's reference).
+  _, mean, var = _class_moments(x.astype(np.float64), _interior_np(w))
+  np.testing.assert_allclose(out["class_stats"]["input_mean"], mean, rtol=1e-5)
+  np.testing.assert_allclose(out["class_stats"]["input_var"], var, rtol=1e-4)
+
+
+def _appearance_numpy(x, logits, classes):
+  weight, mean, var = _class_moments(np.asarray(x, np.float64), _interior_np(_weights(logits)))
+  sm, sv = np.asarray(classes["input_mean"]), np.asarray(classes["input_var"])
+  per = ((mean - sm) ** 2 / (sv + 1e-6) + (0.5 * np.log((var + 1e-6) / (sv + 1e-6))) ** 2).mean(-1)
+  p = np.asarray(classes["proportions"]) * (weight >= 32)
+  return float((p * per).sum() / max(p.sum(), 1e-12))
+
+
+def test_appearance_gap_against_numpy():
+  model, v, x = _setup(4)
+  vc = adapt.add_class_stats(model, v, x)
+  for shifted in (x, np.clip(x + 0.3, 0, 1), x ** 2):
+    logits = model.apply(v, shifted)
+    want = _appearance_numpy(shifted, np.asarray(logits), vc["class_stats"])
+    got = adapt.appearance_gap(shifted, logits, vc["class_stats"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+  assert adapt.appearance_gap(x, model.apply(v, x), vc["class_stats"]) < 1e-6  # itself: 0
+
+
+def test_gated_decides_by_the_appearance_signal():
+  """gated's default, by hand: the appearance signal of each batch (NumPy)
+  under the source's masks, its moving average (0.2 per image), and the
+  inner method's logits (balanced, run alone) used where the average reaches
+  the threshold, the source's elsewhere."""
+  model, v, x = _setup(5, n=12)
+  vc = adapt.add_class_stats(model, v, x[:6])
+  rng = np.random.default_rng(6)
+  base = rng.uniform(0, 1, (6, 2, 8, 8, 1)).astype(np.float32)
+  batches = np.stack([base[0], base[1], np.clip(base[2] + 0.4, 0, 1), np.clip(base[3] + 0.4, 0, 1),
+                      base[4], base[5]])
+  a = 1 - (1 - 0.2) ** 2
+  signal, values = None, []
+  for xb in batches:
+    value = _appearance_numpy(xb, np.asarray(model.apply(v, xb)), vc["class_stats"])
+    signal = value if signal is None else (1 - a) * signal + a * value
+    values.append(signal)
+  threshold = float(np.median(values))
+  inner = streams.run(model, vc, batches, "balanced", return_logits=True)
+  out = streams.run(model, vc, batches, "gated", threshold=threshold, return_logits=True)
+  use = np.asarray(values) >= threshold
+  assert 0 < use.sum() < len(batches) and int(out.state["resets"]) == 0
+  for t, xb in enumerate(batches):
+    want = inner.logits[t] if use[t] else np.asarray(model.apply(v, xb))
+    np.testing.assert_allclose(out.logits[t], want, rtol=1e-4, atol=1e-4)
+  assert int(out.state["adapted"]) == use.sum()
+  np.testing.assert_allclose(out.state["signal"], values[-1], rtol=1e-4)
+  with pytest.raises(ValueError, match=r"signal must be one of"):
+    streams.run(model, vc, batches, "gated", signal="entropy")
 
 
 def _balanced_numpy(v, classes, x, start_logits, running=None, momentum=1.0):
@@ -256,3 +321,28 @@ def test_a_label_shift_built_here_keeps_the_source_iou(trained):
     assert r["balanced"] >= r["source"] - 0.06, r
     assert r["bn_b"] > r["src_b"] + 0.1, r  # the appearance shift adaptation repairs
     assert r["bal_b"] >= r["bn_b"] - 0.02, r
+
+
+def test_gated_holds_the_source_under_label_shift_and_adapts_under_appearance(trained):
+  """Streams built here at batch 4: a pure label shift (source appearance,
+  threshold-0.15 masks), brightness on the source's masks, and the two
+  alternating block by block. gated ends within 0.02 of the source on the
+  first, of test-time BN on the second, and above both on the third."""
+  model, vc, src = trained
+  b, steps = 4, 6
+  masks = data.perlin_masks(jax.random.key(11), b * steps, size=SIZE, threshold=0.15)
+  label = (np.asarray(data.render(jax.random.key(12), masks, src)).reshape(steps, b, SIZE, SIZE, 1),
+           np.asarray(masks).reshape(steps, b, SIZE, SIZE))
+  plain, plain_masks = data.make_dataset(jax.random.key(13), src, b * steps, size=SIZE)
+  bright = (np.asarray(jnp.clip(plain + 40 / 255, 0, 1)).reshape(steps, b, SIZE, SIZE, 1),
+            np.asarray(plain_masks).reshape(steps, b, SIZE, SIZE))
+  both = tuple(np.concatenate([label[i], bright[i], label[i], bright[i]]) for i in (0, 1))
+  score = {}
+  for name, (x, y) in (("label", label), ("bright", bright), ("both", both)):
+    for method in ("source", "bn_test", "gated"):
+      score[name, method] = streams.run(model, vc, x, method).iou(y)
+  assert score["label", "bn_test"] < score["label", "source"] - 0.1, score  # what breaks
+  assert score["label", "gated"] >= score["label", "source"] - 0.02, score
+  assert score["bright", "source"] < score["bright", "bn_test"] - 0.1, score
+  assert score["bright", "gated"] >= score["bright", "bn_test"] - 0.02, score
+  assert score["both", "gated"] > max(score["both", "source"], score["both", "bn_test"]), score

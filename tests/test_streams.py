@@ -474,7 +474,9 @@ def test_gated_chooses_by_agreement(pixnet, inner_options, m, gain):
     a, b = inner[-1][..., 1] > inner[-1][..., 0], src[-1][..., 1] > src[-1][..., 0]
     agreement.append((a & b).sum() / max((a | b).sum(), 1))
   threshold = (min(agreement) + max(agreement)) / 2
-  options = {} if inner_options is None else {"inner_options": inner_options}
+  options = {"signal": "agreement"}
+  if inner_options is not None:
+    options["inner_options"] = inner_options
   got = _run_logits(model, v, batches, "gated", threshold=threshold, **options)
   use = np.array(agreement) < threshold
   assert 0 < use.sum() < len(batches)
@@ -499,7 +501,8 @@ def test_gated_resets_a_collapsed_inner_state(pixnet):
   v["params"]["d2"]["bias"][1] -= np.median(np.diff(np_logits(v, batches[0], sm, sv), axis=-1))
   t = 0
   assert 0 < np.mean(np.diff(np_logits(v, batches[t], sm, sv), axis=-1) > 0) < 1
-  gated = streams.online(model, "gated", inner="ema_bn", inner_options={"momentum": 0.01})
+  gated = streams.online(model, "gated", signal="agreement", inner="ema_bn",
+                         inner_options={"momentum": 0.01})
   x = (jnp.asarray(batches[t]),)
   state = gated.init(v, x)
   broken = jax.tree_util.tree_map(lambda a: a, state["inner"])
@@ -547,7 +550,8 @@ def test_float_options_compile_nothing_new(pixnet):
   assert canary, "the listener sees no compilation: was jax's event renamed?"
   for method, a, b in (("tent", {"learning_rate": 0.05}, {"learning_rate": 0.01}),
                        ("ema_bn", {"momentum": 0.2}, {"momentum": 0.3}),
-                       ("gated", {"threshold": 0.0}, {"threshold": 1.0})):
+                       ("gated", {"threshold": 0.0, "signal": "agreement"},
+                        {"threshold": 1.0, "signal": "agreement"})):
     one = streams.run(model, v, batches * 2, method, return_logits=True, image_range=None, **a)
     with compiles.lowered() as events:
       two = streams.run(model, v, batches * 2, method, return_logits=True, image_range=None,
@@ -714,6 +718,10 @@ def test_a_model_written_elsewhere_runs_every_method():
         streams.run(model, v, x, method)
       continue
     options = {"source_images": x[0], "fisher_batch_size": 2} if method == "eata" else {}
+    if method == "gated":  # its appearance signal needs class statistics: masks
+      with pytest.raises(ValueError, match=r"gated's appearance signal needs the source's class"):
+        streams.run(model, v, x, method)
+      options = {"signal": "agreement"}
     out = streams.run(model, v, x, method, return_logits=True, **options)
     assert out.logits.shape == (4, 2, 2) and np.isfinite(out.logits).all(), method
     if method == "source":

@@ -112,22 +112,26 @@ with the statistics put into them):
   (100) as their code. The safe fallback under label shift: it keeps the
   source's statistics.
 ``"gated"``
-  bnjax's own: an ``inner`` method (default ``"ema_bn"`` with
-  ``per_image=True`` and momentum 0.1, options ``inner_options``) runs on
-  every batch, but its
-  prediction is used only
-  where it disagrees with the source model's enough to say that the source
-  is broken: the agreement (IoU of the two masks over the batch's pixels)
-  below ``threshold``; elsewhere the source's prediction stands. Where a
-  label shift moves the BatchNorm statistics (the foreground fraction
-  changes, the appearance does not) the source's prediction is right and
-  the two largely agree; where the appearance moved, the source's
-  prediction is wrong (all background or all foreground under a brightness
-  shift) and they disagree. An inner prediction that collapses (one class
-  over the whole batch while the source's has both) is not used, and the
-  inner state starts again from the source. ``experiments/streams.py``
-  chooses the threshold by the decisions it makes on held-out shift
-  families.
+  bnjax's own, the method it recommends: an ``inner`` method runs on every
+  batch, but its prediction is used only where the appearance changed;
+  elsewhere the source model's prediction stands. The default
+  ``signal="appearance"`` (:data:`GATE_SIGNALS`) measures the change per
+  class (:func:`bnjax.adapt.appearance_gap`): under the source model's masks,
+  each class's mean and variance of the input pixels (interior pixels only)
+  against the source's, a moving average of it (``signal_momentum`` per
+  image, default 0.2) against ``threshold`` (default 0.015). A change of
+  class balance leaves each class's pixels as they were, so the source's
+  prediction is kept where a label shift would move every BatchNorm
+  statistic; a change of appearance moves them. Its inner method defaults
+  to ``"balanced"``; both need the class statistics of
+  :func:`bnjax.adapt.add_class_stats` in the variables. ``signal=
+  "agreement"`` is the earlier gate (no class statistics; inner ``"ema_bn"``
+  per image, momentum 0.1): the inner prediction is used where its masks'
+  IoU with the source's over the batch is below ``threshold`` (default 0.5).
+  In both, an inner prediction that collapses (one class over the whole
+  batch while the source's has both) is not used, and the inner state starts
+  again from the source. ``state["signal"]`` holds the last signal,
+  ``state["adapted"]`` counts the batches that used the inner prediction.
 ``"tent"``
   one entropy-minimisation step on the BatchNorm scale and bias per batch,
   the layers normalising with the batch's moments (:cite:t:`wang2021tent`;
@@ -188,7 +192,7 @@ from bnjax.metrics import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
            "pixel_entropy", "lame_fixed_point", "SETTINGS", "LABELS", "METHODS", "GRADUAL",
-           "AUGMENTS", "HYPER"]
+           "AUGMENTS", "HYPER", "GATE_SIGNALS"]
 
 #: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
@@ -450,16 +454,26 @@ _DEFAULTS = {
              "fisher_alpha": 2000.0, "fisher_batch_size": 8},
     "sar": {"learning_rate": 1e-3, "optimizer": None, "e_margin": None, "rho": 0.05,
             "reset_constant": None},
-    "gated": {"inner": "ema_bn", "inner_options": {}, "threshold": 0.5},
+    "gated": {"signal": "appearance", "inner": None, "inner_options": {}, "threshold": None,
+              "signal_momentum": 0.2},
 }
 # gated's inner options when none are given (the statistics follow images, not batches).
 _GATED_INNER = {"ema_bn": {"per_image": True, "momentum": 0.1}}
+#: What ``gated`` decides by: the per-class appearance change (default) or
+#: the agreement of the inner method's masks with the source's.
+GATE_SIGNALS: tuple[str, ...] = ("appearance", "agreement")
+# The default threshold of each signal. "appearance": 0.015, between the
+# signal under label shifts of two development models (at most 0.006 at
+# batch 4, masks at threshold 0.15) and under the mildest appearance shifts
+# (from 0.028: brightness and contrast at severity 1); the streams
+# experiment measures it held out.
+_GATE_THRESHOLD = {"appearance": 0.015, "agreement": 0.5}
 # Options that are arrays, used by ``init`` only (not part of a compile key).
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
 #: The float options: carried in the state (``state["hyper"]``), never compiled in.
 HYPER: tuple[str, ...] = ("alpha", "prior", "momentum", "threshold", "learning_rate",
                           "e_margin", "d_margin", "fisher_alpha", "rho", "reset_constant",
-                          "bound_lambda")
+                          "bound_lambda", "signal_momentum")
 
 
 def _check_number(name, value, lo, hi, closed_lo=True):
@@ -480,6 +494,9 @@ def _options(method: str, options: dict) -> tuple:
                      f"{sorted([*allowed, *arrays]) or 'none'}, got {unknown}")
   out = {**allowed, **{k: v for k, v in options.items() if k not in arrays}}
   if method == "gated":
+    _checks.choice("signal", out["signal"], GATE_SIGNALS)
+    if out["inner"] is None:
+      out["inner"] = "balanced" if out["signal"] == "appearance" else "ema_bn"
     _checks.choice("inner", out["inner"], tuple(m for m in METHODS if m not in ("source",
                                                                                 "gated")))
     if "inner_options" not in options:  # the default inner's own default
@@ -488,7 +505,14 @@ def _options(method: str, options: dict) -> tuple:
     given = dict(given.items() if isinstance(given, Mapping) else given)
     # Checked as the inner method's own options (arrays are passed on, not kept).
     out["inner_options"] = _options(out["inner"], given)
-    out["threshold"] = _check_number("threshold", out["threshold"], 0.0, 1.0)
+    if out["threshold"] is None:
+      out["threshold"] = _GATE_THRESHOLD[out["signal"]]
+    if out["signal"] == "agreement":
+      out["threshold"] = _check_number("threshold", out["threshold"], 0.0, 1.0)
+    else:
+      out["threshold"] = _checks.number("threshold", out["threshold"], minimum=0.0)
+    out["signal_momentum"] = _check_number("signal_momentum", out["signal_momentum"], 0.0, 1.0,
+                                           closed_lo=False)
   if method == "augbn":
     _checks.choice("augment", out["augment"], AUGMENTS)
   if method in ("bn_alpha", "augbn"):
@@ -1030,12 +1054,11 @@ def online(model: nn.Module, method: str, *, apply_kwargs: Mapping | None = None
 
 def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
   """``"gated"``: an inner method runs on every batch (its state always
-  follows the stream); per batch its prediction is used only when it
-  disagrees with the source model's enough to say the source is broken,
-  agreement (the IoU of the two masks over the batch's pixels) below
-  ``threshold``; where the inner prediction collapses (all background or
-  all foreground over the batch while the source's is neither) the source's
-  is used and the inner state goes back to its start."""
+  follows the stream); per batch its prediction is used only where the
+  signal says the appearance changed (module docstring); where the inner
+  prediction collapses (all background or all foreground over the batch
+  while the source's is neither) the source's is used and the inner state
+  goes back to its start."""
   opts = _options("gated", {k: v for k, v in options.items() if k != "source_images"})
   o = dict(opts)
   structure, hyper = _split("gated", opts)
@@ -1047,26 +1070,45 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
                     if "source_images" in options else {}))
   kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
   kw, arrays = _m.Kwargs.split(kwargs)
+  appearance = o["signal"] == "appearance"
 
   def init(variables, inputs=None):
+    if appearance:
+      classes = _adapt._class_stats_of(variables, "gated's appearance signal")
+      if "input_mean" not in classes:
+        raise ValueError("gated's appearance signal needs the class statistics of the model's "
+                         "input images (add_class_stats measures them for image inputs [n, H, "
+                         "W, C] of the output's size); or pass signal='agreement'")
     state = inner.init(variables, inputs)
-    return {"inner": state, "inner0": state, "source": dict(variables), "arrays": arrays,
+    source = {k: v for k, v in dict(variables).items() if k != _adapt.CLASS_STATS}
+    return {"inner": state, "inner0": state, "source": source, "arrays": arrays,
             "hyper": _hyper_arrays(hyper), "adapted": jnp.asarray(0),
-            "resets": jnp.asarray(0)}
+            "resets": jnp.asarray(0), "signal": jnp.asarray(0.0, jnp.float32),
+            "signal_set": jnp.asarray(False),
+            **({"classes": _adapt._class_stats_of(variables, "gated")} if appearance else {})}
 
   def step(state, x):
     inner_state, adapted = inner.step(state["inner"], x)
     src = model.apply(state["source"], *x, **kw.join(state["arrays"]))
     m_src, m_ad = logits_to_masks(src), logits_to_masks(adapted)
-    inter, union = jnp.sum(m_src & m_ad), jnp.sum(m_src | m_ad)
-    agreement = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    hyper = state["hyper"]
+    if appearance:
+      value = _adapt.appearance_gap(x[0], src, state["classes"])
+      a = 1.0 - (1.0 - hyper["signal_momentum"]) ** x[0].shape[0]
+      signal = jnp.where(state["signal_set"], (1 - a) * state["signal"] + a * value, value)
+      change = signal >= hyper["threshold"]
+    else:
+      inter, union = jnp.sum(m_src & m_ad), jnp.sum(m_src | m_ad)
+      signal = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+      change = signal < hyper["threshold"]
     frac_src, frac_ad = jnp.mean(m_src), jnp.mean(m_ad)
     collapsed = ((frac_ad == 0) | (frac_ad == 1)) & (frac_src > 0) & (frac_src < 1)
-    use = (agreement < state["hyper"]["threshold"]) & ~collapsed
+    use = change & ~collapsed
     inner_state = jax.tree_util.tree_map(lambda a, b: jnp.where(collapsed, a, b),
                                          state["inner0"], inner_state)
     return ({**state, "inner": inner_state, "adapted": state["adapted"] + use,
-             "resets": state["resets"] + collapsed}, jnp.where(use, adapted, src))
+             "resets": state["resets"] + collapsed, "signal": jnp.asarray(signal, jnp.float32),
+             "signal_set": jnp.asarray(True)}, jnp.where(use, adapted, src))
 
   return Online("gated", init, step, opts, ("gated", structure))
 
