@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import adapt, data, inference, metrics, models, plots, shifts, stats, streams, train
+from bnjax import (adapt, data, inference, metrics, models, plots, shifts, stacking, stats,
+                   streams, train)
 from bnjax import config as cfg
 from bnjax.progress import Progress
 from bnjax.cli import main
@@ -68,8 +69,32 @@ class Plan:
   mixed_severities: tuple
 
 
+def parse_setting(token: str) -> tuple[str, str | None, str]:
+  """A setting of the config: ``<setting>[:<shift>][/<labels>]`` -> (setting
+  of :data:`bnjax.streams.SETTINGS` or ``"none"`` (the source's appearance),
+  the one shift of iid / episodic / correlated (None: ``config.one_shift``),
+  the label axis of :data:`bnjax.streams.LABELS`). ``"none/shift"`` is a
+  pure label shift, ``"iid:gradient/drift"`` a gradient-texture shift with a
+  label drift, ``"mixed/drift"`` mixed domains with a label drift."""
+  rest, _, labels = token.partition("/")
+  setting, _, shift = rest.partition(":")
+  labels = labels or "iid"
+  if setting not in (*streams.SETTINGS, "none"):
+    raise cfg.ConfigError(f"config.settings: {token!r}: the setting must be one of "
+                          f"{(*streams.SETTINGS, 'none')}")
+  if labels not in streams.LABELS:
+    raise cfg.ConfigError(f"config.settings: {token!r}: the labels must be one of "
+                          f"{streams.LABELS}")
+  if shift and (setting not in ("iid", "episodic", "correlated")
+                or shift not in shifts.SHIFTS):
+    raise cfg.ConfigError(f"config.settings: {token!r}: ':<shift>' names one shift of "
+                          f"{shifts.SHIFTS} for iid, episodic or correlated")
+  return setting, shift or None, labels
+
+
 def _blocks(plan, setting: str) -> int:
-  return {"continual": len(plan.shifts), "gradual": 9 * len(plan.gradual_shifts)}.get(setting, 1)
+  kind = parse_setting(setting)[0]
+  return {"continual": len(plan.shifts), "gradual": 9 * len(plan.gradual_shifts)}.get(kind, 1)
 
 
 def plan_of(config) -> Plan:
@@ -78,7 +103,11 @@ def plan_of(config) -> Plan:
   naming the key otherwise."""
   cfg.positive_int(config.seeds, "seeds")
   cfg.positive_int(config.seed, "seed", minimum=0)
-  settings = cfg.names(config.settings, streams.SETTINGS, "settings")
+  settings = [t.strip() for t in str(config.settings).split(",") if t.strip()]
+  if not settings:
+    raise cfg.ConfigError("config.settings must name at least one setting")
+  for token in settings:
+    parse_setting(token)
   batch_sizes = cfg.ints(config.batch_sizes, 1, 4096, "batch_sizes")
   methods = cfg.names(config.methods, streams.METHODS, "methods")
   # The baseline every finding is measured against, first (the others'
@@ -148,14 +177,17 @@ def _train_models(wd, config, plan):
 
 
 def _stream(config, plan, setting: str, b: int, pool) -> streams.Stream:
-  """The stream of ``setting`` at batch size ``b``, from the shared pool."""
+  """The stream of ``setting`` (a :func:`parse_setting` token) at batch size
+  ``b``, from the shared pool."""
   n = config.stream_images
-  names = {"continual": plan.shifts, "mixed": plan.shifts,
-           "gradual": plan.gradual_shifts}.get(setting, config.one_shift)
-  severity = plan.mixed_severities if setting == "mixed" else (
-      5 if setting == "gradual" else config.severity)
-  return streams.make(data.named_key(config.seed, "stream", setting, b), *pool, setting=setting,
-                      batch_size=b, shifts=names, severity=severity,
+  kind, shift, labels = parse_setting(setting)
+  names = {"continual": plan.shifts, "mixed": plan.shifts, "none": (),
+           "gradual": plan.gradual_shifts}.get(kind, shift or config.one_shift)
+  severity = plan.mixed_severities if kind == "mixed" else (
+      5 if kind == "gradual" else config.severity)
+  return streams.make(data.named_key(config.seed, "stream", setting, b), *pool,
+                      setting="iid" if kind == "none" else kind, batch_size=b, shifts=names,
+                      severity=severity, labels=labels,
                       block_steps=n // (_blocks(plan, setting) * b))
 
 
@@ -196,6 +228,8 @@ def _rows(setting, b, method, s) -> list[dict]:
 
 def _step_families(stream: streams.Stream) -> list[str]:
   """The shift family of each step's batch ("mixed" where its images differ)."""
+  if not stream.shifts:  # the source's appearance
+    return ["none"] * stream.steps
   names = np.asarray(stream.shifts)[stream.shift]
   fam = np.vectorize(shifts.family_of)(names)
   return [f[0] if (f == f[0]).all() else "mixed" for f in fam]
@@ -403,9 +437,9 @@ def report(wd, config, plan, rows, curves) -> str:
     lines.append(f"| {b} | {m} | {g['threshold']:.2f} | {g['heldout_iou']:.3f} | "
                  f"{g['source']:.3f} | {g['method']:.3f} | {g['best_per_step']:.3f} |")
   if "gated" in methods:
-    lines += ["", "The goal for `gated` (threshold "
-              f"{plan.options['gated'].get('threshold', 0.5)}, inner "
-              f"{plan.options['gated'].get('inner', 'ema_bn')}): never more than 0.02 below "
+    gate = dict(streams.online(plan.model, "gated", **plan.options["gated"]).options)
+    lines += ["", f"The goal for `gated` (signal {gate['signal']}, threshold "
+              f"{gate['threshold']:g}, inner {gate['inner']}): never more than 0.02 below "
               "`source`, and within 0.02 of the best method in `iid` and `continual`.", "",
               "| batch | setting | gated - source | gated - best | best | met |", "|---|---|---|---|---|---|"]
     for b in plan.batch_sizes:
@@ -446,6 +480,11 @@ def run(config, workdir: str) -> list[dict]:
   variables = _train_models(wd, config, plan)
   pool = _pool(config, plan, "eval", config.data.n_pool)  # held-out source images
   fisher_images = _pool(config, plan, "adapt", config.data.n_fisher)[0]  # unlabelled, EATA
+  # The class statistics every model keeps beside its variables (balanced, gated),
+  # measured on the same unlabelled source images.
+  variables = stacking.tree_stack([
+      adapt.add_class_stats(plan.model, stacking.tree_index(variables, i), fisher_images)
+      for i in range(config.seeds)])
   cells = [(m, b) for b in plan.batch_sizes for m in plan.methods]  # source first per size
   bar = Progress(len(cells) + 1, "(method, batch size) cells")
   rows, curves, source_masks = [], {}, {}

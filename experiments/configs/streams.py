@@ -3,6 +3,7 @@ r"""Adaptation on streams: settings x batch sizes x online methods x source seed
     python experiments/streams.py --config=experiments/configs/streams.py --workdir=runs/streams
     python experiments/streams.py --config=experiments/configs/streams.py:full --workdir=runs/streams_full
     python experiments/streams.py --config=experiments/configs/streams.py --config.batch_sizes=1 --config.methods=source,ema_bn --workdir=runs/streams_b1
+    python experiments/streams.py --config=experiments/configs/streams.py:labels --workdir=runs/streams_labels
 
 Expected on 2 CPU cores (the default: 32x32 images, width 8, 3 seeds, the
 six settings at batch sizes 1, 4 and 16, every method; streams of 576
@@ -10,8 +11,13 @@ images): about 15 minutes. The findings (which method at which batch size
 and setting, every cell below ``source``) are in docs/guides/streams.md.
 
 ``full``: 64x64, width 16, batch sizes 1, 2, 4, 16 and 64, 5 seeds, longer
-streams (an accelerator's work). Settings, batch sizes and methods are
-comma-separated lists (``bnjax.streams.SETTINGS`` and ``METHODS``).
+streams (an accelerator's work). ``labels``: the label-shift rows (a pure
+label shift, a label drift, the drift under brightness, gradient texture and
+rotation, mixed domains with the drift) for source, bn_test, ema_bn,
+balanced, lame, tent and gated. Settings, batch sizes and methods are
+comma-separated lists: a setting is ``<setting>[:<shift>][/<labels>]``
+(``bnjax.streams.SETTINGS`` or ``none`` for the source's appearance, one
+shift for iid, ``bnjax.streams.LABELS``), methods ``bnjax.streams.METHODS``.
 """
 
 import os
@@ -25,7 +31,7 @@ BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 
 
 def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
-  c = BASE["get_config"](arg, "streams")
+  c = BASE["get_config"](arg, "streams", presets=("cpu", "full", "labels"))
   full = arg == "full"
   c.seeds = 5 if full else 3               # source models (retrainings) per cell
   c.source = BASE["SOURCE"]
@@ -62,4 +68,13 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
                                                    "threshold": 0.5})
 
   c.strategy = "auto"    # how the seeds' models are mapped: auto | vmap | unroll
+  if arg == "labels":
+    # Label shift (issue 36): a pure label shift, a label drift, the drift
+    # under one shift of each appearance family, and mixed domains with it;
+    # the methods that keep the class balance apart and the references.
+    c.settings = ("none/shift,none/drift,iid:brightness/drift,iid:gradient/drift,"
+                  "iid:rotation/drift,mixed/drift")
+    c.methods = "source,bn_test,ema_bn,balanced,lame,tent,gated"
+    c.severity = 3
+    c.method_options.gated = config_dict.ConfigDict()  # bnjax's default gate
   return c

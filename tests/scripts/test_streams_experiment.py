@@ -136,5 +136,31 @@ def test_config_errors():
   with pytest.raises(bnjax_config.ConfigError, match=r"config.method_options.ema_bn: momentum "
                                                      r"must be in \(0, 1\]"):
     experiment.plan_of(c)
-  with pytest.raises(ValueError, match="'cpu' or 'full'"):
+  with pytest.raises(ValueError, match="'cpu' or 'full' or 'labels'"):
     streams_config.get_config("gpu")
+  for token, message in (("iid/balanced", "the labels must be one of"),
+                         ("nowhere", "the setting must be one of"),
+                         ("continual:gamma", "':<shift>' names one shift")):
+    c = tiny()
+    c.settings = token
+    with pytest.raises(bnjax_config.ConfigError, match=message):
+      experiment.plan_of(c)
+
+
+def test_label_settings_build_the_streams_they_name():
+  """A setting token is a stream of bnjax.streams.make: the source's
+  appearance with a label shift, one shift with a label drift."""
+  c = tiny()
+  c.settings = "none/shift,iid:gamma/drift"
+  plan = experiment.plan_of(c)
+  pool = data.make_dataset(jax.random.key(0), plan.source, 12, size=16)
+  label = experiment._stream(c, plan, "none/shift", 2, pool)
+  assert label.shifts == () and label.labels == "shift"
+  assert float(np.mean(label.masks)) > 2 * float(np.mean(pool[1]))
+  drift = experiment._stream(c, plan, "iid:gamma/drift", 2, pool)
+  assert drift.shifts == ("gamma",) and drift.labels == "drift"
+  assert drift.label_severity.max() > 4 and drift.label_severity[0] < 1
+  assert experiment.parse_setting("mixed/drift") == ("mixed", None, "drift")
+  assert experiment.parse_setting("iid") == ("iid", None, "iid")
+  labels = streams_config.get_config("labels")
+  assert experiment.plan_of(labels).settings[0] == "none/shift"
