@@ -18,9 +18,11 @@ checkpoint per ``config.chunk`` models). For every pair, seed and method:
   target adaptation images (ATC's threshold fitted on the source's labelled
   held-out images), with ``bn_w2`` the source-to-target BatchNorm-statistics
   distance (AdaBN's recomputed statistics, the same for every method: a
-  shift measure), and two feature distances at ``config.tap`` between the
+  shift measure), two feature distances at ``config.tap`` between the
   source images' and the target images' features of the unadapted model
-  (Fréchet, sliced W2);
+  (Fréchet, sliced W2), and ``appearance``, how far each class's pixels
+  moved under the source model's masks (:func:`bnjax.adapt.appearance_gap`:
+  a change of class balance alone leaves it near 0);
 * ``overlap``, the class overlap of the target (the overlap coefficient of
   the two classes' intensity histograms): it needs the target masks (or the
   domain's parameters), so it is a reference, never a candidate.
@@ -71,7 +73,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 GRIDS = ("brightness", "geometric", "clip_corrected")
 METHODS = ("adabn", "tent", "histogram_match")
-LABEL_FREE = tuple(k for k in selection.KEYS) + ("frechet", "sliced_w2")
+LABEL_FREE = tuple(k for k in selection.KEYS) + ("frechet", "sliced_w2", "appearance")
 NEEDS_LABELS = ("overlap",)
 PREDICTORS = LABEL_FREE + NEEDS_LABELS
 ID_FIELDS = ("kind", "family", "group", "source", "target", "severity", "seed", "method")
@@ -273,7 +275,11 @@ def _pair_measures(config, plan, model, x, y, xa, keys, v, src):
       source_inputs=tuple(tile(a) for a in src_eval),
       adapted_inputs=[score_x for _, _, score_x in adapted.values()], strategy=config.strategy)
   x, y = np.asarray(x), np.asarray(y)
-  shared = {k: [] for k in ("bn_w2", "frechet", "sliced_w2", "overlap")}
+  shared = {k: [] for k in ("bn_w2", "frechet", "sliced_w2", "appearance", "overlap")}
+  # The per-class appearance change (bnjax.adapt.appearance_gap): the source
+  # model's class statistics on its unlabelled source images, the target's
+  # under the source model's masks.
+  classes = adapt.add_class_stats(model, v, src_adapt[0])["class_stats"]
   for p in range(n_pairs):
     kf = jax.random.fold_in(keys[p], 1)
     fs = distances.subsample(src_features, config.max_rows, kf)
@@ -283,6 +289,9 @@ def _pair_measures(config, plan, model, x, y, xa, keys, v, src):
                                                        v_ad_p["batch_stats"]).values())))
     shared["frechet"].append(distances.frechet(fs, ft))
     shared["sliced_w2"].append(distances.sliced_wasserstein(fs, ft, key=kf, n_proj=100))
+    masks = jnp.asarray(bnjax.predict(model, v, xa[p]))
+    shared["appearance"].append(float(adapt.appearance_gap(
+        xa[p], jnp.stack([~masks, masks], axis=-1).astype(jnp.float32), classes)))
     shared["overlap"].append(class_overlap(x[p], y[p]))
   return {"iou0": np.array([metrics.iou(pred0[p], y[p]) for p in range(n_pairs)]),
           "iou1": {m: np.array([metrics.iou(pred1[m][p], y[p]) for p in range(n_pairs)])
@@ -551,7 +560,8 @@ def report(wd, config, plan, rows, analysis) -> str:
           "group": [r["family"] for r, k in zip(mrows, ok) if k],
           "heldout": e["family"]["predicted_gain"], "fit": [list(fit.edges), list(fit.values)],
           "note": f"Spearman {e['spearman_gain']:+.2f}, held-out acc. {e['family']['accuracy']:.2f}",
-          "xscale": "symlog" if p in ("bn_w2", "frechet", "sliced_w2") else "linear"}
+          "xscale": "symlog" if p in ("bn_w2", "frechet", "sliced_w2", "appearance")
+          else "linear"}
     plots.predictor_scatter(panels, fams, wd.file(f"scatter_{method}.png"),
                             f"{method}: gain (IoU adapted - unadapted) against each predictor "
                             "(one point per pair and seed)", ylabel="gain",

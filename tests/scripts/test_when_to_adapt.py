@@ -106,6 +106,14 @@ def test_one_row_by_hand(result):
   want = selection.scores(model, v, v_ad, xa, source_inputs=sx)
   for k in ("atc", "agreement", "entropy_after", "bn_w2"):
     assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+  # The appearance change: the source model's class statistics on its own
+  # unlabelled source images, the target's under its masks.
+  sa, _ = data.make_dataset(data.split_key(config.seed + 1, src, "adapt"), src, 8, 16)
+  classes = adapt.add_class_stats(model, v, sa)["class_stats"]
+  masks = inference.predict(model, v, xa)
+  logits = np.stack([~masks, masks], axis=-1).astype(np.float32)
+  assert got["appearance"] == pytest.approx(
+      float(adapt.appearance_gap(xa, logits, classes)), rel=1e-4, abs=1e-6)
 
 
 def _first_at_or_above(train_x, fitted, t):
