@@ -145,6 +145,13 @@ def test_appearance_gap_against_numpy():
     got = adapt.appearance_gap(shifted, logits, vc["class_stats"])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
   assert adapt.appearance_gap(x, model.apply(v, x), vc["class_stats"]) < 1e-6  # itself: 0
+  logits = model.apply(v, x)
+  with pytest.raises(ValueError, match=r"images must be \[B, H, W, C\] and logits"):
+    adapt.appearance_gap(x[..., 0], logits, vc["class_stats"])
+  with pytest.raises(ValueError, match=r"images have 3 channels, the class statistics 1"):
+    adapt.appearance_gap(np.repeat(x, 3, -1), logits, vc["class_stats"])
+  with pytest.raises(ValueError, match=r"class_stats must be the 'class_stats' collection"):
+    adapt.appearance_gap(x, logits, vc)
 
 
 def test_gated_decides_by_the_appearance_signal():

@@ -89,3 +89,16 @@ def test_lame_checks_its_options():
     streams.run(model, v, x, "lame", knn=9, window=1)
   with pytest.raises(ValueError, match=r"bound_lambda"):
     streams.run(model, v, x, "lame", bound_lambda=-1.0)
+
+
+def test_lame_fixed_point_checks_its_arguments():
+  probs = np.full((1, 4, 4, 2), 0.5, np.float32)
+  index = np.zeros((1, 4, 4, 3, 2), np.int32)
+  valid = np.ones((1, 4, 4, 3), bool)
+  np.testing.assert_allclose(streams.lame_fixed_point(probs, (index, valid)), 0.5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"probs must be float\[B, H, W, K\]"):
+    streams.lame_fixed_point(probs[0], (index, valid))
+  with pytest.raises(ValueError, match=r"neighbours must be indices \[B, H, W, k, 2\]"):
+    streams.lame_fixed_point(probs, (index[:, :2], valid))
+  with pytest.raises(ValueError, match="max_steps must be"):
+    streams.lame_fixed_point(probs, (index, valid), max_steps=0)

@@ -376,6 +376,23 @@ def _class_moments(x, w):
   return weight, mean, var
 
 
+def _class_sums(x, w):
+  """(sum w float[K], sum w x float[K, C], sum w x^2 float[K, C]) of the rows
+  of ``x`` [..., C] weighted by ``w`` [..., K]: what a chunk adds to a
+  class's moments."""
+  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  w = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
+  return jnp.sum(w, axis=0), w.T @ x, w.T @ jnp.square(x)
+
+
+def _moments_of_sums(w, wx, wxx, mean_else, var_else):
+  """Each class's mean and biased variance from its summed weights (NumPy);
+  a class of weight 0 gets ``mean_else`` and ``var_else``."""
+  safe = np.maximum(w, 1e-12)[:, None]
+  mean = np.where(w[:, None] > 0, wx / safe, mean_else)
+  return mean, np.where(w[:, None] > 0, np.maximum(wxx / safe - mean ** 2, 0.0), var_else)
+
+
 def _recombine(mean, var, proportions):
   """The mixture's mean and variance: the classes' moments weighted by
   ``proportions``."""
@@ -403,16 +420,14 @@ def _class_call(layer, module, fn, args, kwargs, kind: str):
                      "shared BatchNorm layers cannot be adapted")
   ctx = _CLASS_CONTEXT.get()
   w = _pooled(ctx["weights"], x, layer.name)
-  weight, mean, var = _class_moments(x, w)
   src_mean, src_var = layer.stored()
   if kind == "class_record":
     out = fn(*args, **kwargs)
-    xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    wf = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
-    for name, value in zip(_CLASS_SUMS, (weight, wf.T @ xf, wf.T @ jnp.square(xf))):
+    for name, value in zip(_CLASS_SUMS, _class_sums(x, w)):
       module.put_variable("batch_stats", name, value)
     layer.record(src_mean, src_var, jnp.zeros(src_mean.shape, jnp.int32))
     return out
+  weight, mean, var = _class_moments(x, w)
   if not module.has_variable(CLASS_STATS, "class_mean"):
     raise ValueError(f"BatchNorm layer {layer.name} has no class statistics; measure them once "
                      "on source images: variables = bnjax.adapt.add_class_stats(model, "
@@ -491,7 +506,7 @@ def _balanced_choice(model, variables, inputs, kwargs, momentum, is_batch_norm=N
   to the source's (the smaller gap). Returns (logits, class_stats,
   used statistics, whether the source's masks were chosen)."""
   names = frozenset(_m.stats_paths(variables["batch_stats"]))
-  stats_only = {k: v for k, v in variables.items() if k != CLASS_STATS}
+  stats_only = _stats_only(variables)
   src_logits = model.apply(stats_only, *inputs, **kwargs)
   bn_logits, _ = _policy_apply(model, stats_only, inputs, kwargs, _Policy("choose", names),
                                is_batch_norm)
@@ -952,9 +967,10 @@ def add_class_stats(model: nn.Module, variables: Mapping, images, *, batch_size:
     raise ValueError("images must be one array of images [n, H, W, C]")
   variables = _stats_only(variables)
   paths = _m.stats_paths(variables.get("batch_stats"))
+  kwargs = _m.apply_kwargs(model, apply_kwargs, 1)
   if not paths:
-    raise _no_layer_error(model, variables, inputs, _m.apply_kwargs(model, apply_kwargs, 1))
-  kw, arrays = _m.Kwargs.split(_m.apply_kwargs(model, apply_kwargs, 1))
+    raise _no_layer_error(model, variables, inputs, kwargs)
+  kw, arrays = _m.Kwargs.split(kwargs)
 
   def build():
     def one(v, x, arrays):
@@ -966,9 +982,7 @@ def add_class_stats(model: nn.Module, variables: Mapping, images, *, batch_size:
       _, state = _class_apply(model, v, (x,), kw.join(arrays), "class_record", w,
                               is_batch_norm=is_batch_norm)
       sums = {n: _layer_values(state["batch_stats"], n) for n in _CLASS_SUMS}
-      xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-      wf = _interior(w).reshape(-1, w.shape[-1])
-      sums["input"] = {"": (jnp.sum(wf, axis=0), wf.T @ xf, wf.T @ jnp.square(xf))}
+      sums["input"] = {"": _class_sums(x, _interior(w))}
       return jnp.sum(w, axis=(0, 1, 2)), sums
     return compiler.jit(one)
 
@@ -983,11 +997,8 @@ def add_class_stats(model: nn.Module, variables: Mapping, images, *, batch_size:
   stored = _stats_of(variables["batch_stats"])
   tree = {}
   for name, path in paths.items():
-    w, wx, wxx = (sums[n][name] for n in _CLASS_SUMS)
     mean_all, var_all = (np.asarray(a, np.float64) for a in stored[name])
-    safe = np.maximum(w, 1e-12)[:, None]
-    cm = np.where(w[:, None] > 0, wx / safe, mean_all)
-    cv = np.where(w[:, None] > 0, np.maximum(wxx / safe - cm ** 2, 0.0), var_all)
+    cm, cv = _moments_of_sums(*(sums[n][name] for n in _CLASS_SUMS), mean_all, var_all)
     node = tree
     for part in path:
       node = node.setdefault(part, {})
@@ -996,11 +1007,9 @@ def add_class_stats(model: nn.Module, variables: Mapping, images, *, batch_size:
   tree["proportions"] = jnp.asarray(totals / totals.sum(), jnp.float32)
   # The input's own per-class moments (what an appearance shift moves and a
   # label shift does not: appearance_gap).
-  w_in, wx, wxx = sums["input"][""]
-  safe = np.maximum(w_in, 1e-12)[:, None]
-  mean_in = wx / safe
+  mean_in, var_in = _moments_of_sums(*sums["input"][""], 0.0, 0.0)
   tree["input_mean"] = jnp.asarray(mean_in, jnp.float32)
-  tree["input_var"] = jnp.asarray(np.maximum(wxx / safe - mean_in ** 2, 0.0), jnp.float32)
+  tree["input_var"] = jnp.asarray(var_in, jnp.float32)
   return {**variables, CLASS_STATS: tree}
 
 
@@ -1031,8 +1040,17 @@ def appearance_gap(images, logits, class_stats) -> jax.Array:
   appearance leaves it near 0 (the masks are the source's, right under a
   label shift), while a change of appearance moves it (and makes the
   source's masks wrong, which moves it further). A scalar, traceable."""
-  w = _interior(class_weights(logits))
   x = jnp.asarray(images, jnp.float32)
+  if not (isinstance(class_stats, Mapping) and "input_mean" in class_stats):
+    raise ValueError("class_stats must be the 'class_stats' collection of add_class_stats "
+                     "(with the input's per-class moments)")
+  if x.ndim != 4 or jnp.ndim(logits) != 4 or jnp.shape(logits)[:3] != x.shape[:3]:
+    raise ValueError(f"images must be [B, H, W, C] and logits [B, H, W, K] of the same B, H, W; "
+                     f"got {x.shape} and {jnp.shape(logits)}")
+  if x.shape[-1] != class_stats["input_mean"].shape[-1]:
+    raise ValueError(f"images have {x.shape[-1]} channels, the class statistics "
+                     f"{class_stats['input_mean'].shape[-1]}")
+  w = _interior(class_weights(logits))
   weight, mean, var = _class_moments(x, w.reshape(x.shape[:-1] + (w.shape[-1],)))
   src_mean, src_var = class_stats["input_mean"], class_stats["input_var"]
   eps = 1e-6
@@ -1101,14 +1119,13 @@ def recompute_balanced_stats(model: nn.Module, variables: Mapping, inputs, *,
 
   def build():
     def one(v, x, arrays):
-      _, _, used, first = _balanced_choice(model, v, x, kw.join(arrays), 1.0, is_batch_norm)
-      return used, first
+      return _balanced_choice(model, v, x, kw.join(arrays), 1.0, is_batch_norm)[2]
     return compiler.jit(one)
 
   fn = _m.cached(model, ("balanced_set", kw.key(), is_batch_norm), build)
   v = {**variables, CLASS_STATS: _with_running(variables[CLASS_STATS])}
   with _m.inputs_fit("inputs", inputs):
-    used, _ = fn(v, inputs, arrays)
+    used = fn(v, inputs, arrays)
   return {**variables, "batch_stats": _nest_stats(variables["batch_stats"], paths, used)}
 
 

@@ -577,6 +577,12 @@ def _split(method: str, options: tuple) -> tuple[tuple, dict]:
   return tuple(sorted(structure.items())), hyper
 
 
+def _per_image(momentum, batch_size: int):
+  """A per-image momentum as the weight of a batch of ``batch_size``: B images
+  move a running estimate as B batches of one would, ``1 - (1 - m)^B``."""
+  return 1.0 - (1.0 - momentum) ** batch_size
+
+
 def _hyper_arrays(hyper: dict) -> dict:
   return {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
 
@@ -730,8 +736,7 @@ def _build(model, method: str, structure: tuple, kw: _m.Kwargs, is_batch_norm) -
   if method == "ema_bn":
     def step(state, x):
       momentum = state["hyper"]["momentum"]
-      # Per image: B images move the statistics as B batches of one would.
-      m = 1.0 - (1.0 - momentum) ** x[0].shape[0] if s["per_image"] else momentum
+      m = _per_image(momentum, x[0].shape[0]) if s["per_image"] else momentum
       v = state["variables"]
       out, records = apply(v, x, state["arrays"], _adapt._Policy("choose", layers(v), m))
       current = _stats_of(v)
@@ -745,8 +750,7 @@ def _build(model, method: str, structure: tuple, kw: _m.Kwargs, is_batch_norm) -
   if method == "balanced":
     def step(state, x):
       v = state["variables"]
-      # Per image: B images move the class moments as B batches of one would.
-      m = 1.0 - (1.0 - state["hyper"]["momentum"]) ** x[0].shape[0]
+      m = _per_image(state["hyper"]["momentum"], x[0].shape[0])
       out, classes, _, first = _adapt._balanced_choice(
           model, v, x, kw.join(state["arrays"]), m, is_batch_norm)
       return ({**state, "variables": {**v, _adapt.CLASS_STATS: classes},
@@ -939,7 +943,16 @@ def lame_fixed_point(probs, neighbours, bound_lambda=1.0, max_steps: int = 100):
   itself (from the third step on) or ``max_steps``. ``probs``
   float[B, H, W, K]; ``neighbours`` ``(indices int[B, H, W, k, 2], valid
   bool[B, H, W, k])`` from the feature map. Returns float[B, H, W, K]."""
+  max_steps = _checks.positive_int("max_steps", max_steps)
+  if jnp.ndim(probs) != 4 or not (isinstance(neighbours, tuple) and len(neighbours) == 2):
+    raise ValueError(f"probs must be float[B, H, W, K] and neighbours (indices [B, H, W, k, 2], "
+                     f"valid [B, H, W, k]); got probs of shape {jnp.shape(probs)}")
   index, valid = neighbours
+  if jnp.shape(index)[:3] != jnp.shape(probs)[:3] or jnp.shape(index)[-1] != 2 or (
+      jnp.shape(valid) != jnp.shape(index)[:-1]):
+    raise ValueError(f"neighbours must be indices [B, H, W, k, 2] and valid [B, H, W, k] of "
+                     f"probs' B, H, W {jnp.shape(probs)[:3]}; got {jnp.shape(index)} and "
+                     f"{jnp.shape(valid)}")
   unary = -jnp.log(probs + 1e-10)
   bidx = jnp.arange(probs.shape[0])[:, None, None, None]
 
@@ -1073,6 +1086,7 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
   appearance = o["signal"] == "appearance"
 
   def init(variables, inputs=None):
+    classes = None
     if appearance:
       classes = _adapt._class_stats_of(variables, "gated's appearance signal")
       if "input_mean" not in classes:
@@ -1080,12 +1094,12 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
                          "input images (add_class_stats measures them for image inputs [n, H, "
                          "W, C] of the output's size); or pass signal='agreement'")
     state = inner.init(variables, inputs)
-    source = {k: v for k, v in dict(variables).items() if k != _adapt.CLASS_STATS}
+    source = _adapt._stats_only(dict(variables))
     return {"inner": state, "inner0": state, "source": source, "arrays": arrays,
             "hyper": _hyper_arrays(hyper), "adapted": jnp.asarray(0),
             "resets": jnp.asarray(0), "signal": jnp.asarray(0.0, jnp.float32),
             "signal_set": jnp.asarray(False),
-            **({"classes": _adapt._class_stats_of(variables, "gated")} if appearance else {})}
+            **({"classes": classes} if appearance else {})}
 
   def step(state, x):
     inner_state, adapted = inner.step(state["inner"], x)
@@ -1094,7 +1108,7 @@ def _gated(model, apply_kwargs, is_batch_norm, options) -> Online:
     hyper = state["hyper"]
     if appearance:
       value = _adapt.appearance_gap(x[0], src, state["classes"])
-      a = 1.0 - (1.0 - hyper["signal_momentum"]) ** x[0].shape[0]
+      a = _per_image(hyper["signal_momentum"], x[0].shape[0])
       signal = jnp.where(state["signal_set"], (1 - a) * state["signal"] + a * value, value)
       change = signal >= hyper["threshold"]
     else:
@@ -1197,8 +1211,8 @@ def _stream_inputs(stream, reset, image_range, lead: int):
     reset = np.stack([s.reset for s in stream]) if reset is None else reset
   else:
     arrays = tuple(stream) if isinstance(stream, (tuple, list)) else (stream,)
-    if not isinstance(stream, (tuple, list)) and np.ndim(stream) == 4 + lead and (
-        0 < np.shape(stream)[-1] <= 4):
+    if not isinstance(stream, (tuple, list)) and _checks.looks_like_images(np.shape(stream),
+                                                                           lead + 1):
       t = "M, T" if lead else "T"
       raise ValueError(
           f"stream has shape {np.shape(stream)}, which reads as [{t}, H, W, C]: one image per "
