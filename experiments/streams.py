@@ -69,13 +69,17 @@ class Plan:
   mixed_severities: tuple
 
 
-def parse_setting(token: str) -> tuple[str, str | None, str]:
-  """A setting of the config: ``<setting>[:<shift>][/<labels>]`` -> (setting
-  of :data:`bnjax.streams.SETTINGS` or ``"none"`` (the source's appearance),
-  the one shift of iid / episodic / correlated (None: ``config.one_shift``),
-  the label axis of :data:`bnjax.streams.LABELS`). ``"none/shift"`` is a
-  pure label shift, ``"iid:gradient/drift"`` a gradient-texture shift with a
-  label drift, ``"mixed/drift"`` mixed domains with a label drift."""
+def parse_setting(token: str) -> tuple[str, tuple | None, str]:
+  """A setting of the config: ``<setting>[:<shift>[+<shift>...]][/<labels>]``
+  -> (setting of :data:`bnjax.streams.SETTINGS` or ``"none"`` (the source's
+  appearance), the shifts it streams (one for iid / episodic / correlated;
+  any number, joined by ``+``, for continual, gradual and mixed; None: the
+  config's ``one_shift``, ``shifts`` or ``gradual_shifts``), the label axis
+  of :data:`bnjax.streams.LABELS`). ``"none/shift"`` is a pure label shift,
+  ``"iid:gradient/drift"`` a gradient-texture shift with a label drift,
+  ``"mixed/drift"`` mixed domains with a label drift,
+  ``"continual:brightness+rotation/alternate"`` brightness, a label shift,
+  rotation, a label shift."""
   rest, _, labels = token.partition("/")
   setting, _, shift = rest.partition(":")
   labels = labels or "iid"
@@ -85,16 +89,30 @@ def parse_setting(token: str) -> tuple[str, str | None, str]:
   if labels not in streams.LABELS:
     raise cfg.ConfigError(f"config.settings: {token!r}: the labels must be one of "
                           f"{streams.LABELS}")
-  if shift and (setting not in ("iid", "episodic", "correlated")
-                or shift not in shifts.SHIFTS):
+  names = tuple(shift.split("+")) if shift else None
+  one = setting in ("iid", "episodic", "correlated")
+  if names is not None and (setting == "none" or (one and len(names) > 1)
+                            or any(n not in shifts.SHIFTS for n in names)):
     raise cfg.ConfigError(f"config.settings: {token!r}: ':<shift>' names one shift of "
-                          f"{shifts.SHIFTS} for iid, episodic or correlated")
-  return setting, shift or None, labels
+                          f"{shifts.SHIFTS} for iid, episodic or correlated, and "
+                          "'+'-joined shifts for continual, gradual or mixed")
+  return setting, names, labels
 
 
-def _blocks(plan, setting: str) -> int:
-  kind = parse_setting(setting)[0]
-  return {"continual": len(plan.shifts), "gradual": 9 * len(plan.gradual_shifts)}.get(kind, 1)
+def _shifts_of(plan, config, setting: str) -> tuple:
+  """The shifts a setting token streams (its own, or the config's)."""
+  kind, names, _ = parse_setting(setting)
+  if names is not None:
+    return names
+  return {"continual": plan.shifts, "mixed": plan.shifts, "none": (),
+          "gradual": plan.gradual_shifts}.get(kind, (config.one_shift,))
+
+
+def _blocks(plan, config, setting: str) -> int:
+  kind, _, labels = parse_setting(setting)
+  names = _shifts_of(plan, config, setting)
+  n = {"continual": len(names), "gradual": 9 * len(names)}.get(kind, 1)
+  return 2 * n if labels == "alternate" else n
 
 
 def plan_of(config) -> Plan:
@@ -117,6 +135,7 @@ def plan_of(config) -> Plan:
   for name in ("n_train", "n_pool", "n_fisher"):
     cfg.positive_int(config.data[name], f"data.{name}")
   cfg.choice(config.one_shift, shifts.SHIFTS, "one_shift")
+  cfg.choice(config.data.images, ("synthetic", "nuclei"), "data.images")
   cfg.value("severity", streams._severities, config.severity)
   plan = Plan(settings, batch_sizes, methods, cfg.domain(config.source, "source"),
               cfg.unet(config.model, image_size=size),
@@ -124,16 +143,18 @@ def plan_of(config) -> Plan:
               {}, tuple(cfg.names(config.shifts, shifts.SHIFTS, "shifts")),
               tuple(cfg.names(config.gradual_shifts, shifts.SHIFTS, "gradual_shifts")),
               tuple(cfg.ints(config.mixed_severities, 1, 5, "mixed_severities")))
+  if config.data.images == "nuclei":
+    _check_nuclei(config, plan, size)
   n = cfg.positive_int(config.stream_images, "stream_images")
   for b in batch_sizes:
     if b > config.data.n_pool:
       raise cfg.ConfigError(f"config.batch_sizes: {b} exceeds config.data.n_pool "
                             f"({config.data.n_pool})")
     for s in settings:
-      if n % (_blocks(plan, s) * b):
+      if n % (_blocks(plan, config, s) * b):
         raise cfg.ConfigError(
-            f"config.stream_images ({n}) must be a multiple of {_blocks(plan, s)} blocks x "
-            f"batch size {b} (setting {s!r})")
+            f"config.stream_images ({n}) must be a multiple of {_blocks(plan, config, s)} "
+            f"blocks x batch size {b} (setting {s!r})")
   given = config.method_options.to_dict() if hasattr(config.method_options, "to_dict") else dict(
       config.method_options)
   unknown = sorted(set(given) - set(streams.METHODS))
@@ -152,12 +173,56 @@ def plan_of(config) -> Plan:
   return plan
 
 
+def _check_nuclei(config, plan, size: int):
+  """The real image set is installed, holds the tiles asked for, and keeps
+  its own masks and pixels (no label axis or shift that draws new masks)."""
+  for name, split in (("n_train", "train"), ("n_pool", "eval"), ("n_fisher", "adapt")):
+    try:
+      have = len(_nuclei_tiles(config, split)[0])
+    except (ImportError, ValueError) as e:  # not installed, unreadable, tiles too large
+      raise cfg.ConfigError(f"config.data.images='nuclei' (data.size {size}): {e}") from None
+    if config.data[name] > have:
+      raise cfg.ConfigError(f"config.data.{name} ({config.data[name]}) exceeds the {have} tiles "
+                            f"of {size} pixels the nuclei image's {split} rows give")
+  for token in plan.settings:
+    labels = parse_setting(token)[2]
+    if labels not in ("iid", "sorted"):
+      raise cfg.ConfigError(f"config.settings: {token!r}: the nuclei image keeps its own masks "
+                            f"(labels 'iid' or 'sorted'); labels {labels!r} draw synthetic ones")
+    drawn = sorted(set(_shifts_of(plan, config, token)) & set(shifts.FAMILIES["shape"]))
+    if drawn:
+      raise cfg.ConfigError(f"config.settings: {token!r} streams {drawn}, which draw synthetic "
+                            "masks and images: leave the shape family out of config.shifts, "
+                            "one_shift and gradual_shifts with data.images='nuclei'")
+
+
 # --------------------------------------------------------------------------
 # Data, models, streams
 
 
+def _nuclei_tiles(config, split: str):
+  """The tiles of ``split``: training tiles (and the unlabelled source
+  images, ``"adapt"``) from the nuclei image's top half, the streams' pool
+  from its bottom half (no pixel shared); training tiles overlap more
+  (stride size/4, the others size/2)."""
+  size = config.data.size
+  image, mask = data.nuclei(config.data.nuclei_folder or None)
+  half = image.shape[0] // 2
+  rows = (half, image.shape[0]) if split == "eval" else (0, half)
+  stride = size // 4 if split == "train" else size // 2
+  return data.tiles(image, mask, size, max(stride, 1), rows=rows)[:2]
+
+
 def _pool(config, plan, split: str, n: int, seed: int = 0):
-  return data.split_dataset(config.seed + seed, plan.source, split, n, config.data.size)
+  """``n`` labelled source images of ``split`` for seed ``seed``: the
+  synthetic source domain's, or ``n`` tiles of the nuclei image's rows of
+  that split drawn without replacement."""
+  if config.data.images == "synthetic":
+    return data.split_dataset(config.seed + seed, plan.source, split, n, config.data.size)
+  x, y = _nuclei_tiles(config, split)
+  key = data.named_key(config.seed + seed, "nuclei", split)
+  pick = np.asarray(jax.random.permutation(key, len(x)))[:n]
+  return jnp.asarray(x[pick]), jnp.asarray(y[pick])
 
 
 def _train_models(wd, config, plan):
@@ -180,15 +245,13 @@ def _stream(config, plan, setting: str, b: int, pool) -> streams.Stream:
   """The stream of ``setting`` (a :func:`parse_setting` token) at batch size
   ``b``, from the shared pool."""
   n = config.stream_images
-  kind, shift, labels = parse_setting(setting)
-  names = {"continual": plan.shifts, "mixed": plan.shifts, "none": (),
-           "gradual": plan.gradual_shifts}.get(kind, shift or config.one_shift)
+  kind, _, labels = parse_setting(setting)
   severity = plan.mixed_severities if kind == "mixed" else (
       5 if kind == "gradual" else config.severity)
   return streams.make(data.named_key(config.seed, "stream", setting, b), *pool,
-                      setting="iid" if kind == "none" else kind, batch_size=b, shifts=names,
-                      severity=severity, labels=labels,
-                      block_steps=n // (_blocks(plan, setting) * b))
+                      setting="iid" if kind == "none" else kind, batch_size=b,
+                      shifts=_shifts_of(plan, config, setting), severity=severity,
+                      labels=labels, block_steps=n // (_blocks(plan, config, setting) * b))
 
 
 # --------------------------------------------------------------------------
@@ -372,10 +435,87 @@ def _fmt(values) -> str:
   return f"{mean:.3f}" + (f" ± {half:.3f}" if np.isfinite(half) else "")
 
 
+def _label_groups(plan) -> dict:
+  """The settings by what changes: ``label``, the class balance alone (the
+  source's appearance, a label axis other than iid); ``appearance``, an
+  appearance shift (with or without a label change)."""
+  out = {"label": [], "appearance": []}
+  for token in plan.settings:
+    kind, _, labels = parse_setting(token)
+    if kind == "none" and labels != "iid":
+      out["label"].append(token)
+    elif kind != "none":
+      out["appearance"].append(token)
+  return out
+
+
+def label_shift_summary(wd, plan, table, seeds: int) -> list[str]:
+  """What each method keeps of the source's IoU where only the class balance
+  changes, and what it gains where the appearance changes (IoU - source,
+  mean over seeds and over the settings of each group): a table for the
+  report, ``labels.png`` (one panel per batch size, one colour per method)
+  and ``labels.json``. Nothing when the settings lack either group."""
+  groups = _label_groups(plan)
+  if not groups["label"] or not groups["appearance"]:
+    return []
+  methods = [m for m in plan.methods if m != "source"]
+  diff = lambda setting, b, m: float((_values(table[(setting, b, m)])
+                                      - _values(table[(setting, b, "source")])).mean())
+  numbers = {}
+  for b in plan.batch_sizes:
+    for m in methods:
+      numbers[f"{m}|{b}"] = {
+          "label_kept": float(np.mean([diff(s, b, m) for s in groups["label"]])),
+          "appearance_gain": float(np.mean([diff(s, b, m) for s in groups["appearance"]])),
+          "per_setting": {s: diff(s, b, m) for s in plan.settings}}
+  lines = ["", "## Label shift: kept and gained", "",
+           f"IoU - source, mean over {seeds} seeds and the settings of each group: where the "
+           f"class balance alone changes ({', '.join(groups['label'])}; 0 keeps all of the "
+           f"source's IoU) and where the appearance changes "
+           f"({', '.join(groups['appearance'])}). `labels.png` draws it.", "",
+           "| batch | method | label shift alone | appearance shift |", "|---|---|---|---|"]
+  for b in plan.batch_sizes:
+    for m in methods:
+      n = numbers[f"{m}|{b}"]
+      lines.append(f"| {b} | {m} | {n['label_kept']:+.3f} | {n['appearance_gain']:+.3f} |")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colour = {m: colours[plan.methods.index(m) % len(colours)] for m in methods}
+  marker = {m: "osD^vPX*<>"[i % 10] for i, m in enumerate(methods)}  # coincident points stay seen
+  k = len(plan.batch_sizes)
+  fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.9), squeeze=False, sharex=True,
+                           sharey=True)
+  for ax, b in zip(axes[0], plan.batch_sizes):
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.axvline(0, color="0.6", lw=0.8)
+    for m in methods:
+      n = numbers[f"{m}|{b}"]
+      ax.scatter(n["label_kept"], n["appearance_gain"], color=colour[m], marker=marker[m], s=44,
+                 alpha=0.8, label=m, zorder=3)
+    ax.set_title(f"batch size {b}", fontsize=9)
+    ax.set_xlabel("IoU − source, class balance alone\n(0: keeps the source)", fontsize=8)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("IoU − source, appearance shift", fontsize=8)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+  fig.suptitle(f"Label shift against appearance shift: what each method keeps and gains "
+               f"(mean over {seeds} seeds; up and right is better)", fontsize=9)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  fig.savefig(wd.file("labels.png"), dpi=110)
+  plt.close(fig)
+  wd.write_json("labels.json", {"groups": groups, "by_method_and_batch": numbers})
+  return lines
+
+
 def report(wd, config, plan, rows, curves) -> str:
   table = _table(rows)
   methods = plan.methods
-  lines = [f"# Streams ({config.preset}): source {plan.source}, {config.seeds} seeds, "
+  source = (f"source {plan.source}" if config.data.images == "synthetic" else
+            "source: tiles of the nuclei image (training: its top half, streams: its bottom "
+            "half)")
+  lines = [f"# Streams ({config.preset}): {source}, {config.seeds} seeds, "
            f"{config.data.size}x{config.data.size}, width {config.model.features}, "
            f"{config.stream_images} images per stream", "",
            "Online IoU (per-image mean over the stream, each batch predicted as it arrives), "
@@ -450,6 +590,7 @@ def report(wd, config, plan, rows, curves) -> str:
         met = d_src >= -0.02 and (setting not in ("iid", "continual") or d_best >= -0.02)
         lines.append(f"| {b} | {setting} | {d_src:+.3f} | {d_best:+.3f} | {best_m} | "
                      f"{'yes' if met else '**no**'} |")
+  lines += label_shift_summary(wd, plan, table, config.seeds)
   lines += ["", "## Collapse", "", "Fraction of images with foreground predicted all "
             "background or all foreground, and the last quarter's IoU minus the first "
             "quarter's (mean over seeds).", "",

@@ -205,3 +205,61 @@ def test_named_key_folds_each_name_by_its_crc32():
   np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
   other = data.named_key(3, "brightness", 5, "adapt")
   assert not np.array_equal(jax.random.key_data(got), jax.random.key_data(other))
+
+
+def _nuclei_folder(tmp_path, image, labels):
+  from PIL import Image
+  Image.fromarray(image.astype(np.uint16)).save(tmp_path / "img2d.tif")
+  Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "mask2d.tif")
+  return tmp_path
+
+
+def test_nuclei_reads_16_bit_tiffs_as_the_8_bit_image_and_its_nuclei(tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 48))
+  labels = np.zeros((40, 48), np.int64)
+  labels[5:9, 7:12], labels[20:30, 30:33] = 1, 183  # two nuclei, labels 1 and 183
+  x, y = data.nuclei(_nuclei_folder(tmp_path, image, labels))
+  assert x.dtype == np.float32 and x.shape == (40, 48)
+  np.testing.assert_allclose(x, image / 255.0, rtol=1e-6)
+  np.testing.assert_array_equal(y, labels != 0)
+  (tmp_path / "mask2d.tif").unlink()
+  with pytest.raises(ValueError, match="holds no mask2d.tif"):
+    data.nuclei(tmp_path)
+  _nuclei_folder(tmp_path, image * 2, labels)  # values up to 510: not an 8-bit image
+  with pytest.raises(ValueError, match=r"values must lie in 0..255"):
+    data.nuclei(tmp_path)
+
+
+def test_nuclei_without_stardist_names_the_extra(monkeypatch):
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "stardist" else real(name, *a))
+  with pytest.raises(ImportError, match=r"pip install 'bnjax\[nuclei\]'"):
+    data.nuclei()
+
+
+def test_tiles_are_the_windows_of_the_image():
+  rng = np.random.default_rng(1)
+  image = rng.random((20, 26)).astype(np.float32)
+  mask = rng.random((20, 26)) > 0.5
+  x, y, corners = data.tiles(image, mask, 8, stride=5, rows=(2, 20))
+  # Every window of numpy's sliding view whose corner lies on the stride grid.
+  view = np.lib.stride_tricks.sliding_window_view(image, (8, 8))
+  mview = np.lib.stride_tricks.sliding_window_view(mask, (8, 8))
+  want = [(r, c) for r in range(2, 20 - 8 + 1, 5) for c in range(0, 26 - 8 + 1, 5)]
+  np.testing.assert_array_equal(corners, want)
+  np.testing.assert_array_equal(x[..., 0], np.stack([view[r, c] for r, c in want]))
+  np.testing.assert_array_equal(y, np.stack([mview[r, c] for r, c in want]))
+  assert x.shape == (len(want), 8, 8, 1)
+  # Disjoint rows give tiles that share no pixel.
+  top = data.tiles(image, mask, 8, rows=(0, 10))[2]
+  bottom = data.tiles(image, mask, 8, rows=(10, 20))[2]
+  assert top[:, 0].max() + 8 <= bottom[:, 0].min()
+  with pytest.raises(ValueError, match=r"size must be in 1..10"):
+    data.tiles(image, mask, 12, rows=(10, 20))
+  with pytest.raises(ValueError, match=r"rows must be \(start, stop\)"):
+    data.tiles(image, mask, 4, rows=(10, 30))
+  with pytest.raises(ValueError, match=r"mask \[H, W\] of the same"):
+    data.tiles(image, mask[:, :-1], 4)

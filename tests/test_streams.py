@@ -805,6 +805,36 @@ def test_a_label_shift_keeps_the_source_appearance():
   np.testing.assert_allclose(np.mean(plain.masks), np.mean(y))  # labels="iid": the pool's
 
 
+def test_alternate_gives_appearance_and_label_shifts_turns():
+  x, y = _pool()
+  s = streams.make(jax.random.key(4), x, y, setting="continual", batch_size=4,
+                   shifts=("brightness", "rotation"), severity=3, labels="alternate",
+                   label_severity=5, block_steps=2)
+  assert s.steps == 8
+  np.testing.assert_array_equal(s.block, [0, 0, 1, 1, 2, 2, 3, 3])
+  # Blocks 0 and 2: the setting's shifts, the pool's masks (every mask one of
+  # the pool's, up to rotation for block 2 counted by foreground); blocks 1
+  # and 3: the source's appearance, new masks at severity 5.
+  np.testing.assert_array_equal(s.shift[:, 0], [0, 0, -1, -1, 1, 1, -1, -1])
+  np.testing.assert_array_equal(s.severity[:, 0], [3, 3, 0, 0, 3, 3, 0, 0])
+  np.testing.assert_array_equal(s.label_severity, [0, 0, 5, 5, 0, 0, 5, 5])
+  pool = {np.asarray(m).tobytes() for m in y}
+  first = np.asarray(s.masks[:2]).reshape(-1, 16, 16)
+  assert all(m.tobytes() in pool for m in first)  # brightness keeps the masks
+  labelled = np.asarray(s.masks[2:4]).reshape(-1, 16, 16)
+  assert not any(m.tobytes() in pool for m in labelled)
+  assert labelled.mean() > 2.5 * np.mean(y)
+  fg, bg = _class_means(np.asarray(s.images[2:4]).reshape(-1, 16, 16, 1), labelled)
+  fg0, bg0 = _class_means(x, y)
+  assert abs(fg - fg0) < 4 / 255 and abs(bg - bg0) < 4 / 255  # the pool's appearance
+  # Brightness moved block 0's images away from the pool's class means.
+  fg1, _ = _class_means(np.asarray(s.images[:2]).reshape(-1, 16, 16, 1), first)
+  assert abs(fg1 - fg0) > 10 / 255
+  with pytest.raises(ValueError, match=r"square and one-channel"):
+    streams.make(jax.random.key(2), np.repeat(x, 3, -1), y, setting="iid", batch_size=4,
+                 labels="alternate")
+
+
 def test_a_label_drift_composes_with_mixed_domains():
   x, y = _pool(48)
   s = streams.make(jax.random.key(2), x, y, setting="mixed", batch_size=4, labels="drift",

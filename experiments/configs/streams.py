@@ -4,6 +4,7 @@ r"""Adaptation on streams: settings x batch sizes x online methods x source seed
     python experiments/streams.py --config=experiments/configs/streams.py:full --workdir=runs/streams_full
     python experiments/streams.py --config=experiments/configs/streams.py --config.batch_sizes=1 --config.methods=source,ema_bn --workdir=runs/streams_b1
     python experiments/streams.py --config=experiments/configs/streams.py:labels --workdir=runs/streams_labels
+    python experiments/streams.py --config=experiments/configs/streams.py:nuclei --workdir=runs/streams_nuclei
 
 Expected on 2 CPU cores (the default: 32x32 images, width 8, 3 seeds, the
 six settings at batch sizes 1, 4 and 16, every method; streams of 576
@@ -13,11 +14,16 @@ and setting, every cell below ``source``) are in docs/guides/streams.md.
 ``full``: 64x64, width 16, batch sizes 1, 2, 4, 16 and 64, 5 seeds, longer
 streams (an accelerator's work). ``labels``: the label-shift rows (a pure
 label shift, a label drift, the drift under brightness, gradient texture and
-rotation, mixed domains with the drift) for source, bn_test, ema_bn,
-balanced, lame, tent and gated. Settings, batch sizes and methods are
-comma-separated lists: a setting is ``<setting>[:<shift>][/<labels>]``
+rotation, mixed domains with the drift, and those three shifts taking turns
+with a label shift) for source, bn_test, ema_bn,
+balanced, lame, tent and gated. ``nuclei``: the same methods on a real
+image (tiles of stardist's nuclei test image, ``pip install
+'bnjax[nuclei]'``), its tiles' own foreground fractions as the label drift,
+under brightness, gradient texture, rotation and mixed domains. Settings, batch sizes and methods are
+comma-separated lists: a setting is ``<setting>[:<shift>[+<shift>...]][/<labels>]``
 (``bnjax.streams.SETTINGS`` or ``none`` for the source's appearance, one
-shift for iid, ``bnjax.streams.LABELS``), methods ``bnjax.streams.METHODS``.
+shift for iid, '+'-joined shifts for continual, gradual and mixed,
+``bnjax.streams.LABELS``), methods ``bnjax.streams.METHODS``.
 """
 
 import os
@@ -31,7 +37,7 @@ BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 
 
 def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
-  c = BASE["get_config"](arg, "streams", presets=("cpu", "full", "labels"))
+  c = BASE["get_config"](arg, "streams", presets=("cpu", "full", "labels", "nuclei"))
   full = arg == "full"
   c.seeds = 5 if full else 3               # source models (retrainings) per cell
   c.source = BASE["SOURCE"]
@@ -48,6 +54,11 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.stream_images = 2304 if full else 576  # images per stream, every setting
                                            # (every block a whole number of batches)
 
+  # "synthetic": the source domain c.source (bnjax.data); "nuclei": tiles of
+  # the real nuclei image (bnjax.data.nuclei, pip install 'bnjax[nuclei]'):
+  # training tiles from its top half, the streams' pool from its bottom half.
+  c.data.images = "synthetic"
+  c.data.nuclei_folder = ""  # "": the installed stardist package's data folder
   c.data.n_pool = 256 if full else 192     # source images the streams are drawn from
   c.data.n_fisher = 64 if full else 32     # unlabelled source images for EATA's Fisher
 
@@ -73,7 +84,19 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
     # under one shift of each appearance family, and mixed domains with it;
     # the methods that keep the class balance apart and the references.
     c.settings = ("none/shift,none/drift,iid:brightness/drift,iid:gradient/drift,"
-                  "iid:rotation/drift,mixed/drift")
+                  "iid:rotation/drift,mixed/drift,continual:brightness+gradient+rotation/alternate")
+    c.methods = "source,bn_test,ema_bn,balanced,lame,tent,gated"
+    c.severity = 3
+    c.method_options.gated = config_dict.ConfigDict()  # bnjax's default gate
+  if arg == "nuclei":
+    # A real image set (issue 36): the nuclei image's tiles, their own
+    # foreground fractions as the label drift (labels "sorted": each stream
+    # ordered by it), bnjax's appearance shifts on top; the shape family
+    # (new synthetic masks) left out.
+    c.data.images = "nuclei"
+    c.settings = ("none,none/sorted,iid:brightness/sorted,iid:gradient/sorted,"
+                  "iid:rotation/sorted,mixed/sorted")
+    c.shifts = ",".join(s for s in BASE["ALL_SHIFTS"].split(",") if s not in ("res", "threshold"))
     c.methods = "source,bn_test,ema_bn,balanced,lame,tent,gated"
     c.severity = 3
     c.method_options.gated = config_dict.ConfigDict()  # bnjax's default gate

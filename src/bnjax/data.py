@@ -33,7 +33,7 @@ import numpy as np
 
 from bnjax import _checks
 
-__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "split_dataset", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN", "digits", "DIGITS_LEVELS", "downsample"]
+__all__ = ["Domain", "perlin_masks", "perlin_noise", "perlin_from_gradients", "render", "render_white_noise", "make_dataset", "split_key", "split_dataset", "named_key", "save_folder", "load_folder", "RenderKind", "RENDER_KINDS", "Split", "SPLITS", "LAPLACIAN", "digits", "DIGITS_LEVELS", "downsample", "nuclei", "tiles"]
 
 #: How masks are rendered as images: ``"white_noise"`` (the domain's intensities),
 #: ``"gradient"`` or ``"edges"`` (the study's textures).
@@ -479,3 +479,108 @@ def downsample(images, factor: int) -> np.ndarray:
   if h % factor or w % factor:
     raise ValueError(f"factor must divide the image size {h}x{w}, got {factor}")
   return images.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+# The real image set: stardist's 2-D nuclei test image and its label image.
+_NUCLEI_FILES = ("img2d.tif", "mask2d.tif")
+
+
+def _nuclei_folder() -> str:
+  """The installed stardist package's ``data/images`` folder, found without
+  importing the package (its code, and TensorFlow's, is never run)."""
+  import importlib.util
+
+  spec = importlib.util.find_spec("stardist")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError("bnjax.data.nuclei reads the image shipped inside the stardist package, "
+                      "an optional dependency: pip install 'bnjax[nuclei]' (or pass folder=)")
+  return os.path.join(list(spec.submodule_search_locations)[0], "data", "images")
+
+
+def _read_raw(path: str) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img)
+  except (UnidentifiedImageError, OSError) as e:
+    raise ValueError(f"cannot read image file {path!r}: {e}") from None
+
+
+def nuclei(folder: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """A real image with a natural label drift: the 2-D nuclei test image that
+  ships inside the stardist package (a fluorescence-microscopy image of the
+  2018 Data Science Bowl, Caicedo et al. 2019: 512x512, 183 labelled nuclei,
+  about 20 % foreground; tiles of it range from none to three quarters).
+
+  The two files (``img2d.tif``, 8-bit values stored as 16-bit, and
+  ``mask2d.tif``, one integer label per nucleus) are read with Pillow from
+  the installed package's ``data/images`` folder; stardist itself is never
+  imported.
+
+  Args:
+    folder: a folder holding ``img2d.tif`` and ``mask2d.tif`` (default: the
+      installed stardist package's).
+
+  Returns:
+    (float32[512, 512] in [0, 1] (the values / 255), bool[512, 512]: the
+    nuclei, every label > 0).
+
+  Raises:
+    ImportError: stardist is not installed and no folder is given
+      (``pip install 'bnjax[nuclei]'``).
+    ValueError: a file is missing or unreadable, the two differ in shape, or
+      the image's values leave 0..255.
+  """
+  folder = _nuclei_folder() if folder is None else os.fspath(folder)
+  paths = [os.path.join(folder, f) for f in _NUCLEI_FILES]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise ValueError(f"folder {folder!r} holds no {os.path.basename(path)} (the nuclei image "
+                       f"set is {_NUCLEI_FILES})")
+  image, labels = (_read_raw(p) for p in paths)
+  if image.ndim != 2 or image.shape != labels.shape:
+    raise ValueError(f"the nuclei image and its labels must be two 2-D arrays of one shape, got "
+                     f"{image.shape} and {labels.shape}")
+  if image.min() < 0 or image.max() > 255:
+    raise ValueError(f"the nuclei image's values must lie in 0..255 (8-bit), got "
+                     f"{image.min()}..{image.max()}")
+  return image.astype(np.float32) / 255.0, labels > 0
+
+
+def tiles(image, mask, size: int, stride: int | None = None, rows=None):
+  """Square tiles of one large image and its mask, in raster order.
+
+  Args:
+    image: float[H, W] or [H, W, C].
+    mask: bool[H, W].
+    size: the tiles' side, in 1..min(H, W) (of the rows kept).
+    stride: pixels between tiles' corners (default ``size``: no overlap).
+    rows: ``(start, stop)``, the image rows tiles are cut from (default: all),
+      so that two calls on disjoint rows give tiles that share no pixel.
+
+  Returns:
+    (float32[n, size, size, C], bool[n, size, size], int[n, 2] each tile's
+    top-left (row, column) in the whole image).
+  """
+  image = np.asarray(image, np.float32)
+  image = image[..., None] if image.ndim == 2 else image
+  mask = np.asarray(mask)
+  if image.ndim != 3 or mask.shape != image.shape[:2]:
+    raise ValueError(f"image must be [H, W] or [H, W, C] and mask [H, W] of the same H, W; got "
+                     f"{image.shape} and {mask.shape}")
+  h = image.shape[0]
+  start, stop = (0, h) if rows is None else (int(rows[0]), int(rows[1]))
+  if not 0 <= start < stop <= h:
+    raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= {h}, got {rows!r}")
+  size = _checks.positive_int("size", size)
+  if size > min(stop - start, image.shape[1]):
+    raise ValueError(f"size must be in 1..{min(stop - start, image.shape[1])} (the rows' "
+                     f"height and the image's width), got {size}")
+  stride = size if stride is None else _checks.positive_int("stride", stride)
+  tops = np.arange(start, stop - size + 1, stride)
+  lefts = np.arange(0, image.shape[1] - size + 1, stride)
+  corners = np.array([(r, c) for r in tops for c in lefts], np.int64)
+  out_x = np.stack([image[r:r + size, c:c + size] for r, c in corners])
+  out_y = np.stack([mask[r:r + size, c:c + size] for r, c in corners]).astype(bool)
+  return out_x, out_y, corners

@@ -35,7 +35,11 @@ the pool's masks; ``"shift"`` new masks with more foreground for every image
 re-rendered from the pool's class statistics: :func:`bnjax.shifts.relabel`);
 ``"drift"`` the same with a severity that rises from 0 to ``label_severity``
 and falls back over the stream; ``"sorted"`` each block's images ordered by
-their foreground fraction.
+their foreground fraction; ``"alternate"`` every block of the setting (its
+appearance, the pool's masks) followed by a block of the source's appearance
+with new masks at ``label_severity``, so that appearance shifts and label
+shifts take turns (``setting="continual", shifts=("brightness",
+"rotation"), labels="alternate"``: brightness, labels, rotation, labels).
 
 An online method is one pure step ``(state, inputs) -> (state, logits)``
 (:func:`online`): the logits of a batch come from the state *at the time the
@@ -170,6 +174,7 @@ papers' ImageNet setting (SGD, momentum 0.9, 2.5e-4 at batch 64) is
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -192,7 +197,7 @@ from bnjax.metrics import logits_to_masks
 
 __all__ = ["Stream", "StreamResult", "Online", "make", "online", "run", "run_many",
            "pixel_entropy", "lame_fixed_point", "SETTINGS", "LABELS", "METHODS", "GRADUAL",
-           "AUGMENTS", "HYPER", "GATE_SIGNALS"]
+           "AUGMENTS", "HYPER", "GATE_SIGNALS", "GATE_THRESHOLDS"]
 
 #: The settings of :func:`make`.
 SETTINGS: tuple[str, ...] = ("iid", "episodic", "continual", "gradual", "mixed", "correlated")
@@ -203,7 +208,7 @@ METHODS: tuple[str, ...] = ("source", "bn_test", "bn_alpha", "ema_bn", "augbn", 
 GRADUAL: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities of a shift, block by block
 _ONE_SHIFT = ("iid", "episodic", "correlated")
 #: The label axis of :func:`make`, independent of the setting's appearance.
-LABELS: tuple[str, ...] = ("iid", "shift", "drift", "sorted")
+LABELS: tuple[str, ...] = ("iid", "shift", "drift", "sorted", "alternate")
 # The mask threshold of label severity s (the "threshold" shift's levels):
 # 0.4 (the study's, foreground about 0.20) at 0 to 0.15 (about 0.65) at 5.
 _LABEL_THRESHOLD = lambda s: 0.4 - 0.05 * s
@@ -298,8 +303,11 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
       masks at ``label_severity`` for every image; ``"drift"`` new masks
       whose severity drifts from 0 to ``label_severity`` and back over the
       stream; ``"sorted"`` the images of each block ordered by their
-      foreground fraction. ``"shift"`` and ``"drift"`` need square
-      one-channel images (:func:`bnjax.shifts.relabel`).
+      foreground fraction; ``"alternate"`` every block of the setting
+      followed by a block of the source's appearance whose masks are new at
+      ``label_severity`` (twice the blocks). ``"shift"``, ``"drift"`` and
+      ``"alternate"`` need square one-channel images
+      (:func:`bnjax.shifts.relabel`).
     label_severity: in [0, 5]: new masks ``|perlin noise| > 0.4 - 0.05 s``
       (the ``"threshold"`` shift's scale: about 0.20 foreground at 0, 0.65
       at 5), images re-rendered from the pool's class statistics.
@@ -323,7 +331,7 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
                        f"{labels!r} pass setting='iid'")
     labels = "sorted"
   label_sev = _check_number("label_severity", label_severity, 0.0, 5.0)
-  if labels in ("shift", "drift") and (images.shape[-1] != 1
+  if labels in ("shift", "drift", "alternate") and (images.shape[-1] != 1
                                        or images.shape[1] != images.shape[2]):
     raise ValueError(f"labels={labels!r} draws new masks and re-renders the images: they must "
                      f"be square and one-channel, got {images.shape[1:]}")
@@ -349,13 +357,22 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
     blocks = [(None, 0)]
   else:
     blocks = [(s, sevs[0]) for s in (names if setting == "continual" else names[:1])]
+  # "alternate": after each block of the setting, one of the source's
+  # appearance (shift None, severity 0) and new masks ("label" marks it).
+  label_block = [False] * len(blocks)
+  if labels == "alternate":
+    blocks = [blk for pair in zip(blocks, [(None, 0)] * len(blocks)) for blk in pair]
+    label_block = [b % 2 == 1 for b in range(len(blocks))]
 
   t = len(blocks) * steps
-  # Each batch's label severity: constant, or 0 -> label_severity -> 0 over the stream.
+  # Each batch's label severity: constant, 0 -> label_severity -> 0 over the
+  # stream, or label_severity on alternate's label blocks.
   if labels == "shift":
     label_t = np.full(t, label_sev)
   elif labels == "drift":
     label_t = label_sev * np.sin(np.pi * (np.arange(t) + 0.5) / t) ** 2
+  elif labels == "alternate":
+    label_t = np.repeat(np.where(label_block, label_sev, 0.0), steps)
   else:
     label_t = np.zeros(t)
   count = steps * batch_size
@@ -364,11 +381,13 @@ def make(key: jax.Array, images, masks, *, setting: str, batch_size: int,
     k_order, k_shift, k_draw = jax.random.split(jax.random.fold_in(key, b), 3)
     order = _order(k_order, n, count)
     x, y = images[order], masks[order]
-    if labels in ("shift", "drift"):
+    if labels in ("shift", "drift") or label_block[b]:
       per_image = np.repeat(label_t[b * steps:(b + 1) * steps], batch_size)
       x, y = _shifts.relabel(jax.random.fold_in(k_draw, 1), x, y,
                              _LABEL_THRESHOLD(per_image))
-    if setting == "mixed":
+    if label_block[b]:
+      si, vi = np.full(count, -1), np.zeros(count, int)
+    elif setting == "mixed":
       k_s, k_v = jax.random.split(k_draw)
       si = np.asarray(jax.random.randint(k_s, (count,), 0, len(names)))
       vi = np.asarray(sevs)[np.asarray(jax.random.randint(k_v, (count,), 0, len(sevs)))]
@@ -462,12 +481,12 @@ _GATED_INNER = {"ema_bn": {"per_image": True, "momentum": 0.1}}
 #: What ``gated`` decides by: the per-class appearance change (default) or
 #: the agreement of the inner method's masks with the source's.
 GATE_SIGNALS: tuple[str, ...] = ("appearance", "agreement")
-# The default threshold of each signal. "appearance": 0.015, between the
-# signal under label shifts of two development models (at most 0.006 at
-# batch 4, masks at threshold 0.15) and under the mildest appearance shifts
-# (from 0.028: brightness and contrast at severity 1); the streams
-# experiment measures it held out.
-_GATE_THRESHOLD = {"appearance": 0.015, "agreement": 0.5}
+#: The default threshold of each signal of ``gated``. ``"appearance"``: 0.015,
+#: between the signal under label shifts of two development models (at most
+#: 0.006 at batch 4, masks at threshold 0.15) and under the mildest
+#: appearance shifts (from 0.028: brightness and contrast at severity 1); the
+#: streams and when-to-adapt experiments measure it held out.
+GATE_THRESHOLDS = types.MappingProxyType({"appearance": 0.015, "agreement": 0.5})
 # Options that are arrays, used by ``init`` only (not part of a compile key).
 _ARRAY_OPTIONS = {"eata": ("source_images",)}
 #: The float options: carried in the state (``state["hyper"]``), never compiled in.
@@ -506,7 +525,7 @@ def _options(method: str, options: dict) -> tuple:
     # Checked as the inner method's own options (arrays are passed on, not kept).
     out["inner_options"] = _options(out["inner"], given)
     if out["threshold"] is None:
-      out["threshold"] = _GATE_THRESHOLD[out["signal"]]
+      out["threshold"] = GATE_THRESHOLDS[out["signal"]]
     if out["signal"] == "agreement":
       out["threshold"] = _check_number("threshold", out["threshold"], 0.0, 1.0)
     else:

@@ -3,6 +3,7 @@ one online IoU and one offline reference recomputed by hand from the
 checkpoint and a fresh stream, resume without retraining, config errors."""
 
 import csv
+import json
 
 import jax
 import numpy as np
@@ -140,7 +141,7 @@ def test_config_errors():
     streams_config.get_config("gpu")
   for token, message in (("iid/balanced", "the labels must be one of"),
                          ("nowhere", "the setting must be one of"),
-                         ("continual:gamma", "':<shift>' names one shift")):
+                         ("episodic:brightness+gamma", "':<shift>' names one shift")):
     c = tiny()
     c.settings = token
     with pytest.raises(bnjax_config.ConfigError, match=message):
@@ -162,5 +163,120 @@ def test_label_settings_build_the_streams_they_name():
   assert drift.label_severity.max() > 4 and drift.label_severity[0] < 1
   assert experiment.parse_setting("mixed/drift") == ("mixed", None, "drift")
   assert experiment.parse_setting("iid") == ("iid", None, "iid")
+  token = "continual:brightness+gamma/alternate"
+  assert experiment.parse_setting(token) == ("continual", ("brightness", "gamma"), "alternate")
+  turns = experiment._stream(c, plan, token, 2, pool)
+  # brightness, labels, gamma, labels: four blocks, the stream's images split evenly.
+  assert turns.shifts == ("brightness", "gamma") and turns.steps * 2 == c.stream_images
+  np.testing.assert_array_equal(turns.shift[::turns.steps // 4, 0], [0, -1, 1, -1])
+  for bad in ("iid:brightness+gamma", "none:gamma/shift", "continual:brightness+nope"):
+    with pytest.raises(bnjax_config.ConfigError, match="names one shift"):
+      experiment.parse_setting(bad)
   labels = streams_config.get_config("labels")
   assert experiment.plan_of(labels).settings[0] == "none/shift"
+
+
+def _fake_nuclei(folder, size=64):
+  """A 16-bit TIFF pair in the nuclei image's layout: 8-bit values, one
+  integer label per object (written here with Pillow, read back by bnjax)."""
+  from PIL import Image
+  masks = np.asarray(data.perlin_masks(jax.random.key(5), 1, size))[0]
+  rng = np.random.default_rng(0)
+  image = np.where(masks, rng.normal(170, 20, masks.shape), rng.normal(60, 15, masks.shape))
+  labels = masks * (1 + np.arange(size * size).reshape(size, size) % 7)
+  Image.fromarray(np.clip(image, 0, 255).astype(np.uint16)).save(folder / "img2d.tif")
+  Image.fromarray(labels.astype(np.uint16)).save(folder / "mask2d.tif")
+  return image, masks
+
+
+def nuclei_config(folder):
+  c = tiny()
+  c.data.images, c.data.nuclei_folder = "nuclei", str(folder)
+  c.settings = "none/sorted,iid:brightness/sorted"
+  c.data.n_train, c.data.n_pool, c.data.n_fisher = 24, 12, 4
+  return c
+
+
+def test_nuclei_pools_come_from_the_images_halves(tmp_path):
+  image, masks = _fake_nuclei(tmp_path)
+  c = nuclei_config(tmp_path)
+  plan = experiment.plan_of(c)
+  pixels = np.clip(image, 0, 255).astype(np.uint16) / 255.0
+  for split, rows in (("train", (0, 32)), ("eval", (32, 64))):
+    x, y = experiment._pool(c, plan, split, 6)
+    assert x.shape == (6, 16, 16, 1) and y.shape == (6, 16, 16)
+    for xi, yi in zip(np.asarray(x)[..., 0], np.asarray(y)):
+      # Each tile is a window of its half of the image, found by search.
+      found = [(r, col) for r in range(rows[0], rows[1] - 15) for col in range(0, 49)
+               if np.allclose(pixels[r:r + 16, col:col + 16], xi)]
+      assert found, split
+      r, col = found[0]
+      np.testing.assert_array_equal(masks[r:r + 16, col:col + 16], yi)
+  stream = experiment._stream(c, plan, "none/sorted", 2, experiment._pool(c, plan, "eval", 12))
+  frac = np.asarray(stream.masks).reshape(-1, 256).mean(1)
+  assert np.all(np.diff(frac) >= 0)  # the tiles' own foreground fractions, in order
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c, "settings", "none/shift"), "keeps its own masks"),
+    (lambda c: setattr(c, "settings", "iid:threshold/sorted"), "draw synthetic masks"),
+    (lambda c: setattr(c, "settings", "mixed"), "draw synthetic masks"),  # shifts has res
+    (lambda c: c.data.update({"n_pool": 50}), r"n_pool \(50\) exceeds the 21 tiles"),
+    (lambda c: c.data.update({"size": 48}), r"data.size 48\): size must be in 1..32"),
+    (lambda c: c.data.update({"nuclei_folder": "/nowhere"}), "holds no img2d.tif"),
+])
+def test_nuclei_config_errors(tmp_path, change, message):
+  _fake_nuclei(tmp_path)
+  c = nuclei_config(tmp_path)
+  c.shifts = "brightness,res"
+  change(c)
+  with pytest.raises(bnjax_config.ConfigError, match=message):
+    experiment.plan_of(c)
+
+
+def test_nuclei_without_the_package_is_a_config_error(monkeypatch):
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "stardist" else real(name, *a))
+  c = tiny()
+  c.data.images = "nuclei"
+  c.settings = "none/sorted"
+  with pytest.raises(bnjax_config.ConfigError, match=r"pip install 'bnjax\[nuclei\]'"):
+    experiment.plan_of(c)
+
+
+def test_label_shift_summary_against_a_hand_mean(tmp_path):
+  """What each method keeps under the class balance alone and gains under
+  appearance shifts: the mean over seeds and settings of IoU - source,
+  computed here by hand from made-up rows."""
+  c = tiny()
+  c.settings = "none/shift,none/drift,iid:brightness/drift,continual:brightness+zoom/alternate,iid"
+  c.batch_sizes = "2,4"
+  c.methods = "source,bn_test,lame"
+  plan = experiment.plan_of(c)
+  rng = np.random.default_rng(0)
+  rows = [dict(setting=s, batch_size=b, method=m, seed=k, iou=float(rng.random()))
+          for s in plan.settings for b in plan.batch_sizes for m in plan.methods
+          for k in range(c.seeds)]
+  iou = {(r["setting"], r["batch_size"], r["method"], r["seed"]): r["iou"] for r in rows}
+  wd = workdir.Workdir.open(tmp_path, "streams", c)
+  lines = experiment.label_shift_summary(wd, plan, experiment._table(rows), c.seeds)
+  record = json.loads((tmp_path / "labels.json").read_text())
+  assert record["groups"] == {"label": ["none/shift", "none/drift"],
+                              "appearance": ["iid:brightness/drift",
+                                             "continual:brightness+zoom/alternate", "iid"]}
+  for b in (2, 4):
+    for m in ("bn_test", "lame"):
+      gain = lambda s: np.mean([iou[(s, b, m, k)] - iou[(s, b, "source", k)] for k in (0, 1)])
+      want_label = (gain("none/shift") + gain("none/drift")) / 2
+      want_app = np.mean([gain(s) for s in record["groups"]["appearance"]])
+      got = record["by_method_and_batch"][f"{m}|{b}"]
+      assert got["label_kept"] == pytest.approx(want_label, abs=1e-12)
+      assert got["appearance_gain"] == pytest.approx(want_app, abs=1e-12)
+      assert f"| {b} | {m} | {want_label:+.3f} | {want_app:+.3f} |" in lines
+  assert (tmp_path / "labels.png").stat().st_size > 10_000
+  # Without a label-only setting there is nothing to compare: no section, no figure.
+  c.settings = "iid,none"
+  assert experiment.label_shift_summary(wd, experiment.plan_of(c), experiment._table(rows),
+                                        c.seeds) == []
