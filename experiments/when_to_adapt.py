@@ -62,7 +62,7 @@ import numpy as np
 
 import bnjax
 from bnjax import (adapt, data, distances, distributed, features, inference, methods, metrics,
-                   models, plots, selection, shifts, stats, train)
+                   models, plots, selection, shifts, stats, streams, train)
 from bnjax import config as cfg
 from bnjax.progress import Progress
 from bnjax.cli import main
@@ -438,7 +438,41 @@ def analyse(rows, config, plan) -> dict:
       ev["families"][f] = {**_baselines(gain[m], iou0[m], iou1[m]),
                            "spearman_gain": float(stats.spearman(x[m], gain[m])),
                            **_decisions(pred[m] > 0, gain[m], iou0[m], iou1[m])}
+    ev["gate"] = gate_decisions(mrows, pred > 0)
     out[method] = ev
+  return out
+
+
+#: A decision "near the best" costs at most this much IoU against the better
+#: of adapting and not (a gain or loss smaller than it is noise at 64 images).
+NEAR_BEST = 0.01
+
+
+def gate_decisions(rows, rule) -> dict:
+  """The decisions of the streams' gate on these pairs, per family: adapt
+  iff the per-class appearance change exceeds ``bnjax.streams.
+  GATE_THRESHOLDS["appearance"]`` (fixed beforehand on other models and
+  streams: nothing here is fitted), against the held-out ``rule`` (bool per
+  row) and the two combined (adapt iff both say so). For each: the accuracy,
+  the fraction of rows within :data:`NEAR_BEST` of the best choice, and the
+  mean IoU, per family and over all rows."""
+  gain, iou0, iou1 = (_column(rows, k) for k in ("gain", "iou_no_adapt", "iou_adapted"))
+  appearance = _column(rows, "appearance")
+  gate = appearance > streams.GATE_THRESHOLDS["appearance"]
+  fam = np.array([r["family"] for r in rows])
+  best = np.maximum(iou0, iou1)
+  out = {"threshold": float(streams.GATE_THRESHOLDS["appearance"]), "decisions": {}}
+  for name, decide in (("rule", np.asarray(rule, bool)), ("gate", gate),
+                       ("gate_and_rule", gate & np.asarray(rule, bool)),
+                       ("always", np.ones_like(gate)), ("never", np.zeros_like(gate))):
+    got = np.where(decide, iou1, iou0)
+    per = {}
+    for f in [*dict.fromkeys(fam), "all"]:
+      m = np.ones_like(gate) if f == "all" else fam == f
+      per[f] = {"accuracy": float(np.mean(decide[m] == (gain[m] > 0))),
+                "near_best": float(np.mean(best[m] - got[m] <= NEAR_BEST)),
+                "mean_iou": float(np.mean(got[m]))}
+    out["decisions"][name] = per
   return out
 
 
@@ -523,6 +557,19 @@ def report(wd, config, plan, rows, analysis) -> str:
       lines.append(f"| {f} | {e['n']} | {100 * e['helped']:.0f} % | {_num(e['spearman_gain'])} "
                    f"| {e['accuracy']:.2f} | {e['mean_iou']:.3f} | {e['always']:.3f} "
                    f"| {e['never']:.3f} | {e['best']:.3f} |")
+    g = ev["gate"]
+    names = {"rule": f"rule ({ev['chosen']})", "gate": "gate", "gate_and_rule": "gate and rule",
+             "always": "always", "never": "never"}
+    lines += ["", f"The streams' gate (adapt iff the per-class appearance change exceeds "
+              f"{g['threshold']:g}, `bnjax.streams.GATE_THRESHOLDS`: fixed beforehand, nothing "
+              "fitted here), the rule held out, and both: accuracy / rows within "
+              f"{NEAR_BEST:g} of the best choice / mean IoU, per family:", "",
+              "| family | " + " | ".join(names.values()) + " |",
+              "|---|" + "---|" * len(names)]
+    for f in g["decisions"]["gate"]:
+      lines.append(f"| {f} | " + " | ".join(
+          "{accuracy:.2f} / {near_best:.2f} / {mean_iou:.3f}".format(**g["decisions"][k][f])
+          for k in names) + " |")
     seeds = sorted(ev["per_seed"], key=int)
     lines += ["", "Spearman with the gain, each retraining alone (seed):", "",
               "| predictor | " + " | ".join(f"seed {j}" for j in seeds) + " |",

@@ -233,3 +233,25 @@ def test_plan_errors():
     w2a.plan_of(c)
   with pytest.raises(ValueError, match="'cpu' or 'full'"):
     w2a_config.get_config("gpu")
+
+
+def test_gate_decisions_by_hand():
+  """The streams' gate on made-up rows: adapt iff appearance > 0.015; its
+  accuracy, near-best share and mean IoU per family written out here."""
+  rows = [dict(family=f, gain=g, iou_no_adapt=0.5, iou_adapted=0.5 + g, appearance=a)
+          for f, g, a in (("shape", -0.2, 0.001), ("shape", 0.005, 0.002),
+                          ("intensity", 0.3, 0.5), ("intensity", -0.05, 0.02),
+                          ("geometry", 0.03, 0.0))]
+  rule = np.array([True, True, True, False, True])
+  out = w2a.gate_decisions(rows, rule)
+  assert out["threshold"] == 0.015
+  gate = out["decisions"]["gate"]
+  # shape: not adapting is right for -0.2, wrong for +0.005 (within 0.01 of the best).
+  assert gate["shape"] == {"accuracy": 0.5, "near_best": 1.0, "mean_iou": 0.5}
+  assert gate["intensity"]["accuracy"] == 0.5 and gate["intensity"]["near_best"] == 0.5
+  assert gate["intensity"]["mean_iou"] == pytest.approx((0.8 + 0.45) / 2)
+  assert gate["geometry"] == {"accuracy": 0.0, "near_best": 0.0, "mean_iou": 0.5}
+  both = out["decisions"]["gate_and_rule"]["intensity"]  # the rule says no to the second
+  assert both["accuracy"] == 1.0 and both["mean_iou"] == pytest.approx(0.65)
+  assert out["decisions"]["rule"]["all"]["accuracy"] == pytest.approx(4 / 5)  # wrong on -0.2
+  assert out["decisions"]["never"]["shape"]["mean_iou"] == 0.5
