@@ -52,6 +52,11 @@ def _bijectors():
       ("coupling_channel", flows.AffineCoupling("channel", 0, 8, 1), (3, 4, 4, 2)),
       ("batchnorm", flows.BatchNormBijector(), (3, 4, 4, 2)),
       ("actnorm", flows.ActNorm(), (3, 4, 4, 2)),
+      # One statistic per element (a BatchNorm of the flattened example).
+      ("batchnorm_per_dimension", flows.BatchNormBijector(axis=(1, 2, 3)), (3, 4, 4, 2)),
+      ("actnorm_per_dimension", flows.ActNorm(axis=(1, 2, 3)), (3, 4, 4, 2)),
+      ("coupling_unbounded", flows.AffineCoupling("checkerboard", 0, 8, 1, bounded=False),
+       (3, 4, 4, 2)),
   ]
 
 
@@ -339,3 +344,108 @@ def test_inpaint_keeps_known_pixels_and_raises_the_density():
     _, lp2 = flows.inpaint(model, v, x, known, steps=40, learning_rate=0.02)
   assert lowered == []
   assert lp2[0] == lp[0] and lp2[-1] != lp[-1]
+
+
+def _logit_np(x, alpha=0.05):
+  p = alpha + (1 - 2 * alpha) * np.asarray(x, np.float64)
+  return np.log(p) - np.log1p(-p), math.log(1 - 2 * alpha) - np.log(p) - np.log1p(-p)
+
+
+@pytest.mark.parametrize("kw", [dict(norm_axes="dimension"),
+                                dict(norm_axes="dimension", bounded_scales=False),
+                                dict(norm="actnorm", norm_axes="dimension")],
+                         ids=["bn_per_dimension", "unbounded", "actnorm_per_dimension"])
+def test_layer_log_dets_add_up_to_the_jacobian(kw):
+  """Each layer's share: the logit's and each BatchNorm's in closed form
+  (NumPy, from the stored variables), the couplings' together the rest of
+  slogdet of the whole flow's Jacobian; all of them sum to forward's."""
+  model = _flow(**kw)
+  x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1), minval=0.02, maxval=0.98)
+  v = _perturbed(model.init(jax.random.key(1), x), jax.random.key(2), 0.05)
+  with X64(True):
+    v64, x64 = _cast(v, jnp.float64), jnp.asarray(x, jnp.float64)
+    shares = model.apply(v64, x64, method="layer_log_dets")
+    _, ld = model.apply(v64, x64)
+    np.testing.assert_allclose(sum(shares.values()), ld, rtol=1e-12)
+    jac = jax.jit(jax.jacfwd(lambda xi: model.apply(v64, xi.reshape(1, 4, 4, 1))[0].ravel()))
+    names = list(shares)
+    assert names[0] == "logit" and names[1] == "0 coupling"
+    for i in range(3):
+      _, total = np.linalg.slogdet(np.asarray(jac(x64[i].ravel())))
+      _, logit_ld = _logit_np(x[i])
+      assert float(shares["logit"][i]) == pytest.approx(logit_ld.sum(), rel=1e-10)
+      norms = 0.0
+      for name in names[1:]:
+        idx, kind = name.split()
+        p = v["params"].get(f"layers_{idx}")
+        if kind == "batchnorm":
+          var = np.asarray(v["batch_stats"][f"layers_{idx}"]["var"], np.float64)
+          want = np.sum(np.asarray(p["log_gamma"], np.float64) - 0.5 * np.log(var + 1e-5))
+        elif kind == "actnorm":
+          want = np.sum(np.asarray(p["log_scale"], np.float64))
+        else:
+          continue
+        # per-element statistics: one term per element (no positions factor)
+        assert float(shares[name][i]) == pytest.approx(want, rel=1e-9, abs=1e-9), name
+        norms += want
+      couplings = sum(float(shares[n][i]) for n in names if n.endswith("coupling"))
+      assert couplings == pytest.approx(total - logit_ld.sum() - norms, rel=1e-8, abs=1e-8)
+      assert abs(couplings) > 1e-3  # the perturbed couplings are not the identity
+
+
+def test_variance_ratios_against_numpy():
+  """At initialisation every coupling is the identity and every BatchNorm
+  has gamma 1 and beta 0, so the first BatchNorm's input is logit(x) and the
+  second's the first's output: their exact variances in closed form."""
+  model = _flow(norm_axes="dimension", scales=0, couplings=2)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.02, 0.98, (50, 4, 4, 1)).astype(np.float32)
+  x[:, 0, 0, 0] = 0.5  # a constant pixel: variance 0 over the set
+  v = model.init(jax.random.key(1), jnp.asarray(x[:8]), train=True)
+  stored = {k: rng.uniform(0.01, 2.0, (4, 4, 1)).astype(np.float32) for k in ("layers_1",
+                                                                          "layers_3")}
+  v = {"params": v["params"],
+       "batch_stats": {k: {"mean": jnp.zeros((4, 4, 1)), "var": jnp.asarray(stored[k])}
+                       for k in stored}}
+  ratios = flows.variance_ratios(model, v, x)
+  logit, _ = _logit_np(x)
+  var1 = logit.var(axis=0)
+  var2 = var1 / (var1 + 1e-5)  # the exactly normalised first output's variance
+  np.testing.assert_allclose(ratios["layers_1"], (stored["layers_1"] + 1e-5) / (var1 + 1e-5),
+                             rtol=2e-4)
+  np.testing.assert_allclose(ratios["layers_3"], (stored["layers_3"] + 1e-5) / (var2 + 1e-5),
+                             rtol=2e-3)
+  assert ratios["layers_1"][0, 0, 0] > 1e2  # the constant pixel: stored var / eps
+  with pytest.raises(ValueError, match="model.norm must be 'batch'"):
+    flows.variance_ratios(_flow(norm="actnorm"), v, x)
+
+
+def test_fit_without_dequantization_leaves_a_constant_pixel_a_zero_variance():
+  """Per-element BatchNorm on discrete data: a pixel that is 0 in every
+  image keeps a running variance that decays to 0 without dequantization,
+  and stays at the noise's variance with it."""
+  rng = np.random.default_rng(0)
+  images = (rng.integers(0, 4, (64, 4, 4, 1)) / 3.0).astype(np.float32)
+  images[:, 0, 0] = 0.0
+  model = _flow(norm_axes="dimension", scales=0, couplings=1)
+  cfg = flows.FlowConfig(steps=150, batch_size=32, levels=4, learning_rate=1e-3,
+                         check_every=50)
+  runs = {}
+  for deq in (True, False):
+    v, _ = flows.fit(jax.random.key(0), model, images,
+                     dataclasses.replace(cfg, dequantize=deq), verbose=False)
+    runs[deq] = float(v["batch_stats"]["layers_1"]["var"][0, 0, 0])
+  assert runs[False] < 1e-5 < 1e-2 < runs[True], runs
+  with pytest.raises(ValueError, match="FlowConfig.dequantize must be True or False"):
+    flows.FlowConfig(dequantize="no")
+
+
+def test_fit_in_float64():
+  images = (np.random.default_rng(0).integers(0, 4, (32, 4, 4, 1)) / 3.0).astype(np.float32)
+  cfg = flows.FlowConfig(steps=3, batch_size=16, levels=4, dtype="float64", check_every=3)
+  with pytest.raises(ValueError, match="needs 64-bit JAX"):
+    flows.fit(jax.random.key(0), _flow(), images, cfg, verbose=False)
+  with X64(True):
+    v, h = flows.fit(jax.random.key(0), _flow(), images, cfg, verbose=False)
+    dtypes = {a.dtype for a in jax.tree_util.tree_leaves(v)}
+  assert dtypes == {np.dtype("float64")} and np.all(np.isfinite(h["bits_per_dim"]))

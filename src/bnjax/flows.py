@@ -46,12 +46,13 @@ import optax
 from bnjax import _checks
 from bnjax import _fitting
 from bnjax import _modules as _m
+from bnjax import adapt
 from bnjax import compiler
 
-__all__ = ["MaskKind", "MASKS", "Norm", "NORMS", "checkerboard_mask", "channel_mask", "squeeze",
+__all__ = ["MaskKind", "MASKS", "Norm", "NORMS", "NormAxes", "NORM_AXES", "checkerboard_mask", "channel_mask", "squeeze",
            "unsqueeze", "Logit", "Squeeze", "AffineCoupling", "BatchNormBijector", "ActNorm",
            "RealNVP", "standard_normal_log_prob", "dequantize", "bits_per_dim", "FlowConfig",
-           "fit", "inpaint"]
+           "fit", "inpaint", "variance_ratios"]
 
 #: How a coupling layer splits its input: a spatial checkerboard or the channels' halves.
 MaskKind = Literal["checkerboard", "channel"]
@@ -61,6 +62,10 @@ MASKS: tuple[str, ...] = get_args(MaskKind)
 Norm = Literal["batch", "actnorm", "none"]
 #: The values of :data:`Norm`.
 NORMS: tuple[str, ...] = get_args(Norm)
+#: What the normalising bijectors keep one statistic for: a channel or an element.
+NormAxes = Literal["channel", "dimension"]
+#: The values of :data:`NormAxes`.
+NORM_AXES: tuple[str, ...] = get_args(NormAxes)
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -70,17 +75,25 @@ def _per_example(v):
   return jnp.sum(v, axis=tuple(range(1, v.ndim)))
 
 
-def _feature_layout(x, axis: int):
-  """(features, the axes reduced over, the shape a per-feature vector broadcasts as)."""
-  c = x.shape[axis]
-  shape = [1] * x.ndim
-  shape[axis] = c
-  return c, tuple(i for i in range(x.ndim) if i != axis % x.ndim), tuple(shape)
+def _feature_axes(x, axis) -> tuple[int, ...]:
+  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  return tuple(sorted({int(a) % x.ndim for a in axes}))
 
 
-def _positions(x, axis: int = -1) -> int:
-  """Elements of one example per feature (e.g. H * W for NHWC, feature axis last)."""
-  return math.prod(x.shape[1:]) // x.shape[axis]
+def _feature_layout(x, axis):
+  """(the feature shape, the axes reduced over, the shape a per-feature array
+  broadcasts as) for ``axis`` one axis or a tuple of them (``(1, 2, 3)`` on
+  NHWC: every element of an example its own feature)."""
+  axes = _feature_axes(x, axis)
+  shape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
+  return (tuple(x.shape[i] for i in axes), tuple(i for i in range(x.ndim) if i not in axes),
+          shape)
+
+
+def _positions(x, axis=-1) -> int:
+  """Elements of one example per feature (e.g. H * W for NHWC, feature axis
+  last; 1 when every element is a feature)."""
+  return math.prod(x.shape[1:]) // math.prod(x.shape[i] for i in _feature_axes(x, axis))
 
 
 # --------------------------------------------------------------------------
@@ -170,13 +183,15 @@ class AffineCoupling(nn.Module):
   """Affine coupling (RealNVP): with mask ``m``, ``y = m x + (1 - m)(x exp(s) +
   t)`` where ``(s, t)`` = a residual convolutional net of ``m x`` (and ``m``),
   ``s = scale * tanh(.)`` bounded (a per-channel learnt ``scale``, 1 at
-  initialisation), the last convolution zero-initialised (the layer starts as
-  the identity). ``log |det dy/dx| = sum (1 - m) s`` per example."""
+  initialisation; ``bounded=False``: the net's output itself, unbounded),
+  the last convolution zero-initialised (the layer starts as the identity).
+  ``log |det dy/dx| = sum (1 - m) s`` per example."""
 
   mask: MaskKind = "checkerboard"
   parity: int = 0
   features: int = 32
   blocks: int = 2
+  bounded: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False, inverse: bool = False):
@@ -190,8 +205,10 @@ class AffineCoupling(nn.Module):
       net = _ResBlock(self.features)(net)
     out = nn.Conv(2 * c, (3, 3), kernel_init=nn.initializers.zeros)(nn.relu(net))
     raw_s, t = jnp.split(out, 2, axis=-1)
-    scale = self.param("scale", nn.initializers.ones, (c,))
-    s = (scale * jnp.tanh(raw_s)) * (1 - m)
+    if self.bounded:
+      scale = self.param("scale", nn.initializers.ones, (c,))
+      raw_s = scale * jnp.tanh(raw_s)
+    s = raw_s * (1 - m)
     t = t * (1 - m)
     if inverse:
       return kept + (1 - m) * ((x - t) * jnp.exp(-s)), -_per_example(s)
@@ -201,7 +218,9 @@ class AffineCoupling(nn.Module):
 class BatchNormBijector(nn.Module):
   """BatchNorm as a bijector (RealNVP, sec. 3.7): ``y = gamma (x - mean) /
   sqrt(var + epsilon) + beta``, ``gamma = exp(log_gamma)``, over the feature
-  ``axis`` (the last).
+  ``axis`` (the last: one statistic per channel, pooled over the positions;
+  a tuple of axes, e.g. ``(1, 2, 3)``: one per element, over the batch
+  alone, as a BatchNorm of the flattened example).
 
   ``train=True``: ``mean``/``var`` are the batch's (biased variance), the
   running statistics in ``batch_stats`` move by ``momentum`` (Flax's
@@ -215,15 +234,15 @@ class BatchNormBijector(nn.Module):
 
   momentum: float = 0.9
   epsilon: float = 1e-5
-  axis: int = -1
+  axis: int | tuple = -1
 
   @nn.compact
   def __call__(self, x, train: bool = False, inverse: bool = False):
     c, reduction, shape = _feature_layout(x, self.axis)
-    log_gamma = self.param("log_gamma", nn.initializers.zeros, (c,))
-    beta = self.param("beta", nn.initializers.zeros, (c,))
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    log_gamma = self.param("log_gamma", nn.initializers.zeros, c)
+    beta = self.param("beta", nn.initializers.zeros, c)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(c, jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(c, jnp.float32))
     if train and not inverse:
       mean = jnp.mean(x, axis=reduction)
       var = jnp.mean(jnp.square(x - mean.reshape(shape)), axis=reduction)
@@ -251,15 +270,15 @@ class ActNorm(nn.Module):
   adapt. ``log |det dy/dx| = positions * sum log_scale``."""
 
   epsilon: float = 1e-6
-  axis: int = -1
+  axis: int | tuple = -1
 
   @nn.compact
   def __call__(self, x, train: bool = False, inverse: bool = False):
     c, reduction, shape = _feature_layout(x, self.axis)
-    bias = self.param("bias", lambda _, s: -jnp.mean(x, axis=reduction).reshape(s), (c,))
+    bias = self.param("bias", lambda _, s: -jnp.mean(x, axis=reduction).reshape(s), c)
     log_scale = self.param(
         "log_scale",
-        lambda _, s: -0.5 * jnp.log(jnp.var(x, axis=reduction) + self.epsilon).reshape(s), (c,))
+        lambda _, s: -0.5 * jnp.log(jnp.var(x, axis=reduction) + self.epsilon).reshape(s), c)
     ld = jnp.full(x.shape[:1], _positions(x, self.axis) * jnp.sum(log_scale), x.dtype)
     b, ls = bias.reshape(shape), log_scale.reshape(shape)
     if inverse:
@@ -288,12 +307,17 @@ class RealNVP(nn.Module):
   scales ``couplings`` checkerboard couplings, a squeeze and ``couplings``
   channel couplings, then ``couplings`` final couplings (``final_mask``), each
   coupling followed by a ``norm`` bijector (:class:`BatchNormBijector`,
-  :class:`ActNorm` or none). Every dimension passes through every layer (no
+  :class:`ActNorm` or none) whose statistics are per channel (``norm_axes
+  ="channel"``, pooled over positions) or per element (``"dimension"``: a
+  BatchNorm of the flattened example, as MLP flows have it; a pixel that is
+  nearly constant over the data gets a nearly zero variance). The couplings'
+  log-scales are tanh-bounded unless ``bounded_scales=False``. Every dimension passes through every layer (no
   multi-scale factoring out); the latent is unsqueezed back to the image's
   shape, so ``z`` has the shape of ``x``.
 
   Methods (through ``apply(..., method=...)``): :meth:`forward` (also
-  ``__call__``), :meth:`inverse`, :meth:`log_prob`, :meth:`sample`.
+  ``__call__``), :meth:`inverse`, :meth:`log_prob`, :meth:`sample`,
+  :meth:`layer_log_dets`.
   """
 
   image_shape: Sequence[int]
@@ -306,12 +330,16 @@ class RealNVP(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   alpha: float = 0.05
+  norm_axes: NormAxes = "channel"
+  bounded_scales: bool = True
 
   def setup(self):
     """Builds the layers from the attributes (checked here)."""
     h, w, c = self._shape()
     _checks.choice("RealNVP.norm", self.norm, NORMS)
     _checks.choice("RealNVP.final_mask", self.final_mask, MASKS)
+    _checks.choice("RealNVP.norm_axes", self.norm_axes, NORM_AXES)
+    axis = -1 if self.norm_axes == "channel" else (1, 2, 3)
     _checks.positive_int("RealNVP.couplings", self.couplings)
     _checks.positive_int("RealNVP.scales", self.scales, 0)
     if not 0 <= _checks.number("RealNVP.alpha", self.alpha) < 0.5:
@@ -326,12 +354,13 @@ class RealNVP(nn.Module):
 
     def coupling(mask):
       nonlocal parity
-      layers.append(AffineCoupling(mask, parity, self.features, self.blocks))
+      layers.append(AffineCoupling(mask, parity, self.features, self.blocks,
+                                   self.bounded_scales))
       parity = 1 - parity
       if self.norm == "batch":
-        layers.append(BatchNormBijector(self.momentum, self.epsilon))
+        layers.append(BatchNormBijector(self.momentum, self.epsilon, axis))
       elif self.norm == "actnorm":
-        layers.append(ActNorm())
+        layers.append(ActNorm(axis=axis))
 
     for _ in range(self.scales):
       for _ in range(self.couplings):
@@ -392,6 +421,22 @@ class RealNVP(nn.Module):
       x = unsqueeze(x)
     return x, log_det
 
+  def layer_log_dets(self, x, train: bool = False):
+    """Each layer's share of :meth:`forward`'s ``log_det``: ``{name:
+    float[n]}`` in the order of the layers (``"logit"``, then
+    ``"<i> <kind>"`` for the i-th bijector: ``coupling``, ``batchnorm``,
+    ``actnorm``, ``squeeze``); the values sum to ``forward``'s."""
+    self._check(x, "x")
+    self._check_pixels(x)
+    x, ld = self.logit(x)
+    out = {"logit": ld}
+    kinds = {AffineCoupling: "coupling", BatchNormBijector: "batchnorm", ActNorm: "actnorm",
+             Squeeze: "squeeze"}
+    for i, layer in enumerate(self.layers):
+      x, ld = layer(x, train=train)
+      out[f"{i} {kinds[type(layer)]}"] = ld
+    return out
+
   def inverse(self, z, preprocessed: bool = False):
     """Latent to image (evaluation mode: stored statistics); ``preprocessed``:
     return the ``logit``-space values instead of pixels."""
@@ -438,6 +483,30 @@ def bits_per_dim(log_prob, dims: int, levels: int):
   return (-jnp.asarray(log_prob) / dims + math.log(levels)) / math.log(2)
 
 
+def variance_ratios(model: RealNVP, variables, images, *,
+                    batch_size: int = 256) -> dict[str, np.ndarray]:
+  """How far each BatchNorm bijector's stored statistics are from its
+  input's on ``images``: ``{layer: float64[features]}``, per feature
+  ``(stored var + eps) / (exact var + eps)``, the exact variances those of
+  :func:`bnjax.adapt.recompute_batch_stats` (population moments of each
+  layer's input, the layers before it recomputed too). It is the square of
+  the factor by which the stored statistics over-scale (< 1: the stored
+  variance is too small, a deviation is amplified) a feature of these
+  images; eps is the layer's ``epsilon``. Layers are named as in
+  ``batch_stats``."""
+  if not isinstance(model, RealNVP):
+    raise ValueError(f"model must be a RealNVP, got {type(model).__name__}")
+  if model.norm != "batch":
+    raise ValueError(f"model.norm must be 'batch' (BatchNorm bijectors keep statistics), got "
+                     f"{model.norm!r}")
+  exact = adapt.recompute_batch_stats(model, variables, images, batch_size=batch_size,
+                                      image_range=(0.0, 1.0))
+  stored, fresh = adapt.layer_stats(variables["batch_stats"]), adapt.layer_stats(
+      exact["batch_stats"])
+  eps = float(model.epsilon)
+  return {name: (stored[name][1] + eps) / (fresh[name][1] + eps) for name in stored}
+
+
 # --------------------------------------------------------------------------
 # Training
 
@@ -448,7 +517,12 @@ class FlowConfig:
 
   ``steps`` Adam steps (``learning_rate``, gradient norm clipped at
   ``clip``) on batches of ``batch_size`` drawn epoch by epoch without
-  replacement; every batch dequantised afresh (``levels`` discrete values).
+  replacement; every batch dequantised afresh (``levels`` discrete values;
+  ``dequantize=False``: the discrete values themselves, a density on a set
+  of volume zero that grows without bound, kept to reproduce flows trained
+  that way). ``dtype``: ``"float32"`` or ``"float64"`` (images, parameters
+  and statistics; needs ``jax.config.update("jax_enable_x64", True)`` or
+  ``with jax.enable_x64(True)``).
   """
 
   steps: int = 1000
@@ -459,6 +533,8 @@ class FlowConfig:
   levels: int = 256
   seed: int = 0
   check_every: int = 50
+  dequantize: bool = True
+  dtype: str = "float32"
 
   def __post_init__(self):
     _checks.positive_int("FlowConfig.steps", self.steps)
@@ -469,6 +545,9 @@ class FlowConfig:
     _checks.positive_number("FlowConfig.learning_rate", self.learning_rate)
     _checks.number("FlowConfig.clip", self.clip)
     _checks.number("FlowConfig.weight_decay", self.weight_decay)
+    _checks.choice("FlowConfig.dtype", self.dtype, ("float32", "float64"))
+    if not isinstance(self.dequantize, bool):
+      raise ValueError(f"FlowConfig.dequantize must be True or False, got {self.dequantize!r}")
 
 
 def _hyperparameters(config: FlowConfig) -> dict[str, np.float32]:
@@ -494,7 +573,7 @@ def _optimizer(config: FlowConfig):
 def _compiled_train_step(model: RealNVP, config: FlowConfig):
   """``step(carry, index, t, images, noise_key, hyper)``, compiled once per
   model, ``levels`` and whether the gradient is clipped."""
-  levels, clipped = config.levels, config.clip > 0
+  levels, clipped, noise = config.levels, config.clip > 0, config.dequantize
 
   def build():
     def loss_fn(p, s, x):
@@ -510,7 +589,9 @@ def _compiled_train_step(model: RealNVP, config: FlowConfig):
     def step(carry, index, t, images, noise_key, hyper):
       p, s, o = carry
       tx = _chain(clipped, hyper)
-      x = dequantize(jax.random.fold_in(noise_key, t), images[index], levels)
+      x = images[index]
+      if noise:
+        x = dequantize(jax.random.fold_in(noise_key, t), x, levels).astype(images.dtype)
       (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s, x)
       updates, o = tx.update(grads, o, p)
       bpd = (loss + math.log(levels)) / math.log(2)
@@ -518,7 +599,7 @@ def _compiled_train_step(model: RealNVP, config: FlowConfig):
 
     return step
 
-  return _m.cached(model, ("flows.fit", levels, clipped), build)
+  return _m.cached(model, ("flows.fit", levels, clipped, noise), build)
 
 
 def _train_step(model: RealNVP, config: FlowConfig):
@@ -580,8 +661,11 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
   _checks.key(key)
   if not isinstance(model, RealNVP):
     raise ValueError(f"model must be a RealNVP, got {type(model).__name__}")
+  if config.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError("FlowConfig.dtype='float64' needs 64-bit JAX: jax.config.update("
+                     "'jax_enable_x64', True), or train inside `with jax.enable_x64(True):`")
   images = jnp.asarray(_checks.images(images, name="images", other_scale=_OTHER_SCALE),
-                       jnp.float32)
+                       config.dtype)
   if tuple(images.shape[1:]) != tuple(model.image_shape):
     raise ValueError(f"images must have shape [n, {', '.join(map(str, model.image_shape))}], "
                      f"got {tuple(images.shape)}")
@@ -591,8 +675,12 @@ def fit(key, model: RealNVP, images, config: FlowConfig = FlowConfig(), *, verbo
                      f"got {config.batch_size}")
   _check_levels(np.asarray(images), config.levels)
   init_key, first_key, noise_key = jax.random.split(key, 3)
-  first = dequantize(first_key, images[: config.batch_size], config.levels)
+  first = images[: config.batch_size]
+  if config.dequantize:
+    first = dequantize(first_key, first, config.levels).astype(images.dtype)
   variables = _m.init(model, init_key, first, train=True)
+  if config.dtype == "float64":
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
   params, stats = variables["params"], variables.get("batch_stats", {})
   opt = _optimizer(config).init(params)
   order = _fitting.batches(config.seed, n, config.batch_size, config.steps)
