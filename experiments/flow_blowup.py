@@ -18,8 +18,8 @@ measured on the 297 held out:
   exactly on the training images (:func:`bnjax.adapt.recompute_batch_stats`);
 * the running statistics against the exact ones: per BatchNorm layer and
   feature ``(running var + eps) / (exact var + eps)``
-  (:func:`bnjax.flows.variance_ratios`), its smallest and largest value and
-  the layer holding the smallest;
+  (:func:`bnjax.flows.variance_ratios` against the exact statistics), its
+  smallest and largest value and the layer holding the smallest;
 * the mechanism: each layer's share of the validation log-determinant
   with running and with exact statistics (:meth:`bnjax.flows.RealNVP.
   layer_log_dets`), and the share of ``0.5 |z|^2`` carried by the pixels
@@ -206,7 +206,7 @@ def measure(setting: Setting, batch_size: int, seed: int, config, train, val) ->
   if setting.norm == "batch":
     exact_vars = adapt.recompute_batch_stats(model, variables, x_tr, image_range=(0.0, 1.0))
     exact = _per_image_bpd(model, exact_vars, x_val)
-    ratios = flows.variance_ratios(model, variables, x_tr)
+    ratios = flows.variance_ratios(model, variables, exact_vars)
     lows = {k: float(np.min(v)) for k, v in ratios.items()}
     low = min(lows, key=lows.get)
     row.update({"val_bpd_exact": float(np.mean(exact)), "val_bpd_exact_max": float(np.max(exact)),

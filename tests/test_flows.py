@@ -407,7 +407,7 @@ def test_variance_ratios_against_numpy():
   v = {"params": v["params"],
        "batch_stats": {k: {"mean": jnp.zeros((4, 4, 1)), "var": jnp.asarray(stored[k])}
                        for k in stored}}
-  ratios = flows.variance_ratios(model, v, x)
+  ratios = flows.variance_ratios(model, v, adapt.recompute_batch_stats(model, v, x))
   logit, _ = _logit_np(x)
   var1 = logit.var(axis=0)
   var2 = var1 / (var1 + 1e-5)  # the exactly normalised first output's variance
@@ -417,7 +417,9 @@ def test_variance_ratios_against_numpy():
                              rtol=2e-3)
   assert ratios["layers_1"][0, 0, 0] > 1e2  # the constant pixel: stored var / eps
   with pytest.raises(ValueError, match="model.norm must be 'batch'"):
-    flows.variance_ratios(_flow(norm="actnorm"), v, x)
+    flows.variance_ratios(_flow(norm="actnorm"), v, v)
+  with pytest.raises(ValueError, match="the same BatchNorm layers"):
+    flows.variance_ratios(model, v, {"params": v["params"]})
 
 
 def test_fit_without_dequantization_leaves_a_constant_pixel_a_zero_variance():

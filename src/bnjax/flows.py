@@ -49,8 +49,8 @@ from bnjax import _modules as _m
 from bnjax import adapt
 from bnjax import compiler
 
-__all__ = ["MaskKind", "MASKS", "Norm", "NORMS", "NormAxes", "NORM_AXES", "checkerboard_mask", "channel_mask", "squeeze",
-           "unsqueeze", "Logit", "Squeeze", "AffineCoupling", "BatchNormBijector", "ActNorm",
+__all__ = ["MaskKind", "MASKS", "Norm", "NORMS", "NormAxes", "NORM_AXES", "checkerboard_mask",
+           "channel_mask", "squeeze", "unsqueeze", "Logit", "Squeeze", "AffineCoupling", "BatchNormBijector", "ActNorm",
            "RealNVP", "standard_normal_log_prob", "dequantize", "bits_per_dim", "FlowConfig",
            "fit", "inpaint", "variance_ratios"]
 
@@ -311,8 +311,8 @@ class RealNVP(nn.Module):
   ="channel"``, pooled over positions) or per element (``"dimension"``: a
   BatchNorm of the flattened example, as MLP flows have it; a pixel that is
   nearly constant over the data gets a nearly zero variance). The couplings'
-  log-scales are tanh-bounded unless ``bounded_scales=False``. Every dimension passes through every layer (no
-  multi-scale factoring out); the latent is unsqueezed back to the image's
+  log-scales are tanh-bounded unless ``bounded_scales=False``. Every
+  dimension passes through every layer (no multi-scale factoring out); the latent is unsqueezed back to the image's
   shape, so ``z`` has the shape of ``x``.
 
   Methods (through ``apply(..., method=...)``): :meth:`forward` (also
@@ -408,34 +408,35 @@ class RealNVP(nn.Module):
     ``log_det[n]`` every bijector's log-determinant summed per image, the
     pre-processing's included (``preprocessed=True``: ``x`` is already
     ``logit``-space and that layer is skipped)."""
-    self._check(x, "x")
-    if not preprocessed:
-      self._check_pixels(x)
+    x, shares = self._through(x, train, preprocessed)
     log_det = jnp.zeros(x.shape[:1], x.dtype)
-    if not preprocessed:
-      x, log_det = self.logit(x)
-    for layer in self.layers:
-      x, ld = layer(x, train=train)
+    for ld in shares.values():
       log_det = log_det + ld
     for _ in range(self.scales):
       x = unsqueeze(x)
     return x, log_det
+
+  def _through(self, x, train: bool, preprocessed: bool):
+    """The pre-processing (unless ``preprocessed``) and every bijector in
+    turn: (the last one's output, before unsqueezing; ``{name: log_det[n]}``
+    of each layer, in order, named as :meth:`layer_log_dets` says)."""
+    self._check(x, "x")
+    shares = {}
+    if not preprocessed:
+      self._check_pixels(x)
+      x, shares["logit"] = self.logit(x)
+    kinds = {AffineCoupling: "coupling", BatchNormBijector: "batchnorm", ActNorm: "actnorm",
+             Squeeze: "squeeze"}
+    for i, layer in enumerate(self.layers):
+      x, shares[f"{i} {kinds[type(layer)]}"] = layer(x, train=train)
+    return x, shares
 
   def layer_log_dets(self, x, train: bool = False):
     """Each layer's share of :meth:`forward`'s ``log_det``: ``{name:
     float[n]}`` in the order of the layers (``"logit"``, then
     ``"<i> <kind>"`` for the i-th bijector: ``coupling``, ``batchnorm``,
     ``actnorm``, ``squeeze``); the values sum to ``forward``'s."""
-    self._check(x, "x")
-    self._check_pixels(x)
-    x, ld = self.logit(x)
-    out = {"logit": ld}
-    kinds = {AffineCoupling: "coupling", BatchNormBijector: "batchnorm", ActNorm: "actnorm",
-             Squeeze: "squeeze"}
-    for i, layer in enumerate(self.layers):
-      x, ld = layer(x, train=train)
-      out[f"{i} {kinds[type(layer)]}"] = ld
-    return out
+    return self._through(x, train, preprocessed=False)[1]
 
   def inverse(self, z, preprocessed: bool = False):
     """Latent to image (evaluation mode: stored statistics); ``preprocessed``:
@@ -483,26 +484,25 @@ def bits_per_dim(log_prob, dims: int, levels: int):
   return (-jnp.asarray(log_prob) / dims + math.log(levels)) / math.log(2)
 
 
-def variance_ratios(model: RealNVP, variables, images, *,
-                    batch_size: int = 256) -> dict[str, np.ndarray]:
-  """How far each BatchNorm bijector's stored statistics are from its
-  input's on ``images``: ``{layer: float64[features]}``, per feature
-  ``(stored var + eps) / (exact var + eps)``, the exact variances those of
-  :func:`bnjax.adapt.recompute_batch_stats` (population moments of each
-  layer's input, the layers before it recomputed too). It is the square of
-  the factor by which the stored statistics over-scale (< 1: the stored
-  variance is too small, a deviation is amplified) a feature of these
-  images; eps is the layer's ``epsilon``. Layers are named as in
-  ``batch_stats``."""
+def variance_ratios(model: RealNVP, variables, reference) -> dict[str, np.ndarray]:
+  """How far each BatchNorm bijector's stored statistics in ``variables`` are
+  from those of ``reference`` (typically the exact statistics of a set,
+  ``bnjax.adapt.recompute_batch_stats(model, variables, images)``):
+  ``{layer: float64[features]}``, per feature ``(stored var + eps) /
+  (reference var + eps)``, eps the layer's ``epsilon``. It is the square of
+  the factor by which the stored statistics over-scale a feature (< 1: the
+  stored variance is too small, a deviation is amplified). Layers are named
+  as in ``batch_stats``."""
   if not isinstance(model, RealNVP):
     raise ValueError(f"model must be a RealNVP, got {type(model).__name__}")
   if model.norm != "batch":
     raise ValueError(f"model.norm must be 'batch' (BatchNorm bijectors keep statistics), got "
                      f"{model.norm!r}")
-  exact = adapt.recompute_batch_stats(model, variables, images, batch_size=batch_size,
-                                      image_range=(0.0, 1.0))
-  stored, fresh = adapt.layer_stats(variables["batch_stats"]), adapt.layer_stats(
-      exact["batch_stats"])
+  stored, fresh = (adapt.layer_stats(v.get("batch_stats", {})) for v in (variables, reference))
+  if set(stored) != set(fresh) or any(np.shape(stored[k][1]) != np.shape(fresh[k][1])
+                                      for k in stored):
+    raise ValueError("variables and reference must hold the same BatchNorm layers and shapes, "
+                     f"got {sorted(stored)} and {sorted(fresh)}")
   eps = float(model.epsilon)
   return {name: (stored[name][1] + eps) / (fresh[name][1] + eps) for name in stored}
 
