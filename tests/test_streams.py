@@ -4,6 +4,8 @@ TENT), the scan against a Python loop, run_many against separate runs, a
 model written elsewhere through every method, and the errors."""
 
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -521,15 +523,17 @@ def test_gated_resets_a_collapsed_inner_state(pixnet):
                                             ("eta", {"learning_rate": 0.01, "d_margin": 0.99}),
                                             ("sar", {"learning_rate": 0.01,
                                                      "reset_constant": 0.1})])
-def test_scan_equals_a_python_loop_and_resets(pixnet, method, options):
-  """run (one scan) against the pure step called batch by batch; with resets
-  the state starts again from the source before the flagged batches."""
+@pytest.mark.parametrize("loop", ["scan", "loop"])
+def test_scan_equals_a_python_loop_and_resets(pixnet, method, options, loop):
+  """run (one scan, or the compiled step called per batch) against the pure
+  step called batch by batch; with resets the state starts again from the
+  source before the flagged batches."""
   model, v, batches = pixnet
   method_ = streams.online(model, method, **options)
   reset = np.array([False, False, True, False, True])
   for flags in (None, reset):
     out = streams.run(model, v, batches, method, return_logits=True, reset=flags,
-                      image_range=None, **options)
+                      image_range=None, loop=loop, **options)
     first = (jnp.asarray(batches[0]),)
     state = method_.init(v, first)
     for t, x in enumerate(batches):
@@ -573,9 +577,10 @@ def test_run_many_equals_separate_runs(pixnet):
   second = jax.tree_util.tree_map(lambda a: a * 1.1 if a.dtype == np.float32 else a, v)
   stacked = jax.tree_util.tree_map(lambda a, b: np.stack([a, b]), v, second)
   many_batches = np.stack([batches, batches[::-1], batches * 0.5])
-  for method, options in (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01})):
+  for (method, options), loop in itertools.product(
+      (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01})), ("scan", "loop")):
     many = streams.run_many(model, stacked, many_batches, method, return_logits=True,
-                            image_range=None, **options)
+                            image_range=None, loop=loop, **options)
     assert many.masks.shape == (2, 3, 5, 3, 4, 4)
     for k, vk in enumerate((v, second)):
       for m in range(3):

@@ -8,7 +8,7 @@ same operation compiled on its own (3x3, 16 -> 16 channels, 8x8, batch 64:
 22.3 vs 0.80 ms; the input gradient 2.9 vs 0.50 ms; the forward pass is not
 affected), so a scanned training step of these models was 13x slower than a
 Python loop over one compiled step (docs/measured.md, "Convolution gradients
-inside loops")."""
+inside loops"; the mechanism: :func:`bnjax.compiler.loop_form`)."""
 
 from __future__ import annotations
 

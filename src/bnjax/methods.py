@@ -60,39 +60,69 @@ def bn_affine_paths(variables: Mapping) -> list[tuple]:
   return [p for p in flat if p[:-1] in layers]
 
 
-def _tent_run(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths, episodic: bool):
-  """The jitted optimisation: ``(variables, inputs, arrays, idx, lr) ->
-  adapted affine leaves`` (``idx`` int[steps, batch]; with ``episodic`` a
-  leading episode axis on ``idx`` and on the result)."""
+def _tent_parts(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths):
+  """TENT's optimisation as ``(init, step)``: ``init(variables, lr) ->
+  (theta, optimizer state)``, ``step((theta, opt), (variables, inputs,
+  arrays, idx, lr), t)`` one step on the batch ``idx[t]``."""
+
+  def transform(lr):
+    return optimizer if optimizer is not None else optax.adam(lr)
+
+  def init(variables, lr):
+    flat = traverse_util.flatten_dict(variables["params"])
+    theta0 = {p: flat[p] for p in paths}
+    return theta0, transform(lr).init(theta0)
+
+  def step(carry, consts, t):
+    theta, opt = carry
+    variables, inputs, arrays, idx, lr = consts
+    flat = traverse_util.flatten_dict(variables["params"])
+    index = jax.lax.dynamic_index_in_dim(idx, t, 0, keepdims=False)
+
+    def loss(theta):
+      params = traverse_util.unflatten_dict({**flat, **theta})
+      out = _adapt._batch_normalised_apply(model, {**variables, "params": params},
+                                           tuple(a[index] for a in inputs), kw.join(arrays),
+                                           is_batch_norm)
+      return mean_entropy(out)
+
+    grads = jax.grad(loss)(theta)
+    updates, opt = transform(lr).update(grads, opt, theta)
+    return (optax.apply_updates(theta, updates), opt), None
+
+  return init, step
+
+
+def _tent_run(model, kw: _m.Kwargs, is_batch_norm, optimizer, paths, episodic: bool,
+              form: str = "auto"):
+  """The optimisation: ``(variables, inputs, arrays, idx, lr) -> adapted
+  affine leaves`` (``idx`` int[steps, batch]; with ``episodic`` a leading
+  episode axis on ``idx`` and on the result), its steps driven as
+  :func:`bnjax.compiler.driven` (``form``)."""
 
   def build():
+    init, step = _tent_parts(model, kw, is_batch_norm, optimizer, paths)
+    if episodic:  # the episodes side by side, each from the source's leaves
+      def one(carry, consts, t):
+        variables, inputs, arrays, idx, lr = consts
+        return jax.vmap(lambda c, i: step(c, (variables, inputs, arrays, i, lr), t))(carry, idx)
+    else:
+      one = step
+    loop = compiler.driven(one, form)
+    first = compiler.jit(init)
+
     def run(variables, inputs, arrays, idx, lr):
-      flat = traverse_util.flatten_dict(variables["params"])
-      theta0 = {p: flat[p] for p in paths}
-      tx = optimizer if optimizer is not None else optax.adam(lr)
+      carry = first(variables, lr)
+      if episodic:
+        carry = jax.tree_util.tree_map(
+            lambda a: jnp.broadcast_to(a, (idx.shape[0],) + a.shape), carry)
+      (theta, _), _ = loop(carry, (variables, inputs, arrays, idx, lr), idx.shape[-2])
+      return theta
 
-      def loss(theta, batch):
-        params = traverse_util.unflatten_dict({**flat, **theta})
-        out = _adapt._batch_normalised_apply(model, {**variables, "params": params}, batch,
-                                             kw.join(arrays), is_batch_norm)
-        return mean_entropy(out)
+    return run
 
-      def step(carry, index):
-        theta, opt = carry
-        value, grads = jax.value_and_grad(loss)(theta, tuple(a[index] for a in inputs))
-        updates, opt = tx.update(grads, opt, theta)
-        return (optax.apply_updates(theta, updates), opt), value
-
-      def episode(order):
-        (theta, _), _ = jax.lax.scan(step, (theta0, tx.init(theta0)), order)
-        return theta
-
-      return jax.vmap(episode)(idx) if episodic else episode(idx)
-
-    return compiler.jit(run)
-
-  return _m.cached(model, ("tent", kw.key(), is_batch_norm, optimizer, tuple(paths), episodic),
-                   build)
+  return _m.cached(model, ("tent", kw.key(), is_batch_norm, optimizer, tuple(paths), episodic,
+                           compiler.loop_form(form)), build)
 
 
 def _tent_model(model, variables, apply_kwargs, n_inputs: int):
@@ -248,15 +278,30 @@ def tent_stacked(model: nn.Module, variables: Mapping, inputs, *, keys, steps: i
       image_range=None)  # inputs checked above
 
 
-def _tent_stacked_run(model, kw, is_batch_norm, optimizer, paths, strategy):
-  """TENT's optimisation mapped over the pair axis, compiled once per model,
-  options and strategy."""
+def _tent_stacked_run(model, kw, is_batch_norm, optimizer, paths, strategy, form="auto"):
+  """TENT's optimisation mapped over the pair axis (every pair's step side
+  by side), compiled once per model, options and strategy."""
   def build():
-    one = _tent_run(model, kw, is_batch_norm, optimizer, paths, False)
-    return compiler.jit(stacking.stacked(one, strategy, in_axes=(0, 0, None, 0, None)))
+    init, step = _tent_parts(model, kw, is_batch_norm, optimizer, paths)
 
-  return _m.cached(model, ("tent_stacked", kw.key(), is_batch_norm, optimizer, paths, strategy),
-                   build)
+    def step_all(carry, consts, t):
+      variables, inputs, arrays, idx, lr = consts
+      return stacking.stacked(
+          lambda c, v, x, i: step(c, (v, x, arrays, i, lr), t), strategy)(
+              carry, variables, inputs, idx)
+
+    loop = compiler.driven(step_all, form)
+    first = compiler.jit(stacking.stacked(init, strategy, in_axes=(0, None)))
+
+    def run(variables, inputs, arrays, idx, lr):
+      carry = first(variables, lr)
+      (theta, _), _ = loop(carry, (variables, inputs, arrays, idx, lr), idx.shape[1])
+      return theta
+
+    return run
+
+  return _m.cached(model, ("tent_stacked", kw.key(), is_batch_norm, optimizer, paths, strategy,
+                           compiler.loop_form(form)), build)
 
 
 def histogram_match_stacked(images, reference_images) -> jax.Array:

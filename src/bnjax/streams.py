@@ -45,12 +45,13 @@ An online method is one pure step ``(state, inputs) -> (state, logits)``
 (:func:`online`): the logits of a batch come from the state *at the time the
 batch arrives*, before any update on it (the online protocol: predictions
 count as they are made; TENT's own code returns the outputs of the forward
-pass it then updates from). :func:`run` scans the step over time (one
-``jax.lax.scan``, compiled once per method, batch size and shape: the float
-options (:data:`HYPER`) are arrays in the method's state, ``state["hyper"]``,
-so another learning rate, momentum or threshold runs the same compiled
-program); :func:`run_many` maps it over K models and M streams in one
-compiled call.
+pass it then updates from). :func:`run` drives the step over time
+(:func:`bnjax.compiler.driven`: on CPU the step compiled once and called
+per batch, elsewhere one ``jax.lax.scan``; compiled once per method, batch
+size and shape: the float options (:data:`HYPER`) are arrays in the
+method's state, ``state["hyper"]``, so another learning rate, momentum or
+threshold runs the same compiled program); :func:`run_many` maps the step
+over K models and M streams, all of them advancing together.
 
 Methods (:data:`METHODS`), on any linen model with BatchNorm layers (the
 any-model machinery of :mod:`bnjax.adapt`: the layers normalise themselves
@@ -1021,7 +1022,9 @@ def _fisher(model, kw: _m.Kwargs, is_batch_norm, batch_size: int):
         g = jax.grad(ce)(theta)
         return {k: v ** 2 for k, v in g.items()}
 
-      return jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), jax.lax.map(one, batches))
+      # The batches side by side (vmap), not in a loop: a gradient inside a
+      # loop body is slow on XLA:CPU (bnjax.compiler.loop_form).
+      return jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), jax.vmap(one)(batches))
     return compiler.jit(fisher)
 
   return _m.cached(model, ("eata_fisher", kw.key(), is_batch_norm, batch_size), build)
@@ -1196,20 +1199,20 @@ class StreamResult:
     return np.asarray(per_image).mean(-1)
 
 
-def _scan(online_: Online, state0, inputs, reset, with_logits: bool, resets: bool):
-  """``online_.step`` over the T batches of ``inputs`` (a tuple of [T, B, ...]
-  arrays), the state reset to ``state0`` before every batch whose ``reset``
-  is True."""
+def _step_of(online_: Online, with_logits: bool, resets: bool):
+  """``step(state, (state0, inputs, reset), t)``: ``online_.step`` on batch
+  ``t`` of ``inputs`` (a tuple of [T, B, ...] arrays), the state reset to
+  ``state0`` first where ``reset[t]``; its output (masks, logits or None)."""
 
-  def body(state, item):
-    x, r = item
+  def step(state, consts, t):
+    state0, inputs, reset = consts
+    x = tuple(jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False) for a in inputs)
     if resets:
-      state = jax.tree_util.tree_map(lambda a, b: jnp.where(r, a, b), state0, state)
+      state = jax.tree_util.tree_map(lambda a, b: jnp.where(reset[t], a, b), state0, state)
     state, logits = online_.step(state, x)
     return state, (logits_to_masks(logits), logits if with_logits else None)
 
-  final, (masks, logits) = jax.lax.scan(body, state0, (inputs, reset))
-  return final, masks, logits
+  return step
 
 
 def _stream_inputs(stream, reset, image_range, lead: int):
@@ -1265,26 +1268,47 @@ def _stream_inputs(stream, reset, image_range, lead: int):
   return arrays, reset
 
 
-def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built, strategy):
-  """The jitted scan from an initial state: one model's (``strategy`` None),
-  or K models' stacked states, each over M streams side by side; cached by
-  the method's ``structure`` (:attr:`Online.structure`), so that float
-  options, carried in the state, never recompile."""
+def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built, strategy,
+            form):
+  """``(state0, inputs, reset) -> (masks, logits, final state)`` over time:
+  one model's (``strategy`` None: ``inputs`` [T, B, ...]), or K models'
+  stacked states, each over M streams side by side (``inputs`` [M, T, B,
+  ...], outputs [K, M, T, ...], no final state), driven as
+  :func:`bnjax.compiler.driven` (``form``); cached by the method's
+  ``structure`` (:attr:`Online.structure`), so that float options, carried
+  in the state, never recompile."""
   def build():
-    def one(state0, inputs, reset):
-      final, masks, logits = _scan(built, state0, inputs, reset, with_logits, resets)
-      return masks, logits, final
-
+    one = _step_of(built, with_logits, resets)
     if strategy is None:
-      return compiler.jit(one)
+      loop = compiler.driven(one, form)
 
-    def per_model(state0, inputs, reset):
-      masks, logits, _ = jax.vmap(lambda x, r: one(state0, x, r))(inputs, reset)
-      return masks, logits
-    return compiler.jit(stacking.stacked(per_model, strategy, in_axes=(0, None, None)))
+      def run_one(state0, inputs, reset):
+        final, (masks, logits) = loop(state0, (state0, inputs, reset), reset.shape[0])
+        return masks, logits, final
+      return run_one
+
+    def per_model(states, state0, inputs, reset, t):
+      # The model's M streams side by side, each from its own state.
+      return jax.vmap(lambda s, x, r: one(s, (state0, x, r), t))(states, inputs, reset)
+
+    def step_all(states, consts, t):
+      states0, inputs, reset = consts
+      return stacking.stacked(lambda s, s0: per_model(s, s0, inputs, reset, t), strategy)(
+          states, states0)
+
+    loop = compiler.driven(step_all, form)
+
+    def run_all(states0, inputs, reset):
+      m = reset.shape[0]
+      states = jax.tree_util.tree_map(
+          lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], m) + a.shape[1:]), states0)
+      _, (masks, logits) = loop(states, (states0, inputs, reset), reset.shape[1])
+      move = lambda a: None if a is None else jnp.moveaxis(a, 0, 2)  # [T, K, M] -> [K, M, T]
+      return move(masks), move(logits)
+    return run_all
 
   return _m.cached(model, ("streams", structure, kw_key, is_batch_norm, with_logits, resets,
-                           strategy), build)
+                           strategy, compiler.loop_form(form)), build)
 
 
 def _prepare(model, method, apply_kwargs, is_batch_norm, image_range, options):
@@ -1296,8 +1320,9 @@ def _prepare(model, method, apply_kwargs, is_batch_norm, image_range, options):
 
 def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
         return_logits: bool = False, reset=None, apply_kwargs: Mapping | None = None,
-        is_batch_norm: Callable | None = None, image_range="auto", **options) -> StreamResult:
-  """``method`` over ``stream`` as one scan over time.
+        is_batch_norm: Callable | None = None, image_range="auto", loop: str = "auto",
+        **options) -> StreamResult:
+  """``method`` over ``stream``, one compiled step per batch.
 
   Args:
     model: a linen model (BatchNorm layers for every method but ``"source"``).
@@ -1310,17 +1335,22 @@ def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
       (default: the stream's own, e.g. every batch of ``"episodic"``).
     apply_kwargs, is_batch_norm, image_range: as in
       :func:`bnjax.adapt.recompute_batch_stats`.
+    loop: how the steps over time are driven (:data:`bnjax.compiler.LOOP_FORMS`):
+      ``"auto"`` calls the compiled step once per batch on CPU and compiles
+      one ``lax.scan`` elsewhere (:func:`bnjax.compiler.loop_form`); the
+      numbers are the same.
 
   Returns:
     A :class:`StreamResult` with ``masks`` bool[T, B, H, W].
   """
+  _checks.choice("loop", loop, compiler.LOOP_FORMS)
   structure, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
                                                    image_range, options)
   inputs, reset = _stream_inputs(stream, reset, image_range, 0)
   with _m.inputs_fit("stream images", [a[0] for a in inputs]):
     state0 = built.init(dict(variables), tuple(a[0] for a in inputs))
     fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
-                 bool(reset.any()), built, None)
+                 bool(reset.any()), built, None, loop)
     masks, logits, final = fn(state0, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits), final)
 
@@ -1328,18 +1358,19 @@ def run(model: nn.Module, variables: Mapping, stream, method: str = "source", *,
 def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str = "source", *,
              strategy: stacking.Strategy = "auto", return_logits: bool = False, reset=None,
              apply_kwargs: Mapping | None = None, is_batch_norm: Callable | None = None,
-             image_range="auto", **options) -> StreamResult:
-  """``method`` of K models over M streams in one compiled call: model k
+             image_range="auto", loop: str = "auto", **options) -> StreamResult:
+  """``method`` of K models over M streams, all advancing together: model k
   (``stacked_variables`` with a leading axis K) runs every stream m
   (a sequence of :class:`Stream` s of one shape, or arrays ``[M, T, B,
   ...]``) from its own source state. The streams of a model are mapped with
   ``jax.vmap`` (their batches side by side in each step), the models by
   ``strategy`` (:mod:`bnjax.stacking`). Each pair's result equals
-  :func:`run` on it.
+  :func:`run` on it. ``loop`` as in :func:`run`.
 
   Returns:
     A :class:`StreamResult` with ``masks`` bool[K, M, T, B, H, W].
   """
+  _checks.choice("loop", loop, compiler.LOOP_FORMS)
   structure, built, kw_key, image_range = _prepare(model, method, apply_kwargs, is_batch_norm,
                                                    image_range, options)
   inputs, reset = _stream_inputs(streams, reset, image_range, 1)
@@ -1353,6 +1384,6 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
     states = stacking.tree_stack([built.init(stacking.tree_index(dict(stacked_variables), i),
                                              first) for i in range(k)])
     fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
-                 bool(reset.any()), built, stacking.resolve(strategy))
+                 bool(reset.any()), built, stacking.resolve(strategy), loop)
     masks, logits = fn(states, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits))
