@@ -577,15 +577,20 @@ def test_run_many_equals_separate_runs(pixnet):
   second = jax.tree_util.tree_map(lambda a: a * 1.1 if a.dtype == np.float32 else a, v)
   stacked = jax.tree_util.tree_map(lambda a, b: np.stack([a, b]), v, second)
   many_batches = np.stack([batches, batches[::-1], batches * 0.5])
-  for (method, options), loop in itertools.product(
-      (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01})), ("scan", "loop")):
+  # Stream 1 starts again from the source before its batches 2 and 4.
+  resets = np.zeros((3, 5), bool)
+  resets[1, [2, 4]] = True
+  for (method, options), loop, reset in itertools.product(
+      (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01})), ("scan", "loop"),
+      (None, resets)):
     many = streams.run_many(model, stacked, many_batches, method, return_logits=True,
-                            image_range=None, loop=loop, **options)
+                            image_range=None, loop=loop, reset=reset, **options)
     assert many.masks.shape == (2, 3, 5, 3, 4, 4)
     for k, vk in enumerate((v, second)):
       for m in range(3):
         one = streams.run(model, vk, many_batches[m], method, return_logits=True,
-                          image_range=None, **options)
+                          image_range=None, reset=None if reset is None else reset[m],
+                          **options)
         np.testing.assert_allclose(many.logits[k, m], one.logits, rtol=1e-4, atol=1e-5)
 
 

@@ -1268,6 +1268,16 @@ def _stream_inputs(stream, reset, image_range, lead: int):
   return arrays, reset
 
 
+def _unchanged(step, state, x) -> list[bool]:
+  """Per leaf of ``state`` (flattened): whether ``step(state, x)`` returns it
+  as it came (its output is the input itself in the step's jaxpr)."""
+  closed = jax.make_jaxpr(lambda s: jax.tree_util.tree_leaves(step(s, x)[0]))(state)
+  ins, outs = closed.jaxpr.invars, closed.jaxpr.outvars
+  if len(ins) != len(outs):
+    return [False] * len(ins)
+  return [o is i for o, i in zip(outs, ins)]
+
+
 def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built, strategy,
             form):
   """``(state0, inputs, reset) -> (masks, logits, final state)`` over time:
@@ -1287,24 +1297,48 @@ def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built,
         return masks, logits, final
       return run_one
 
-    def per_model(states, state0, inputs, reset, t):
-      # The model's M streams side by side, each from its own state.
-      return jax.vmap(lambda s, x, r: one(s, (state0, x, r), t))(states, inputs, reset)
-
-    def step_all(states, consts, t):
-      states0, inputs, reset = consts
-      return stacking.stacked(lambda s, s0: per_model(s, s0, inputs, reset, t), strategy)(
-          states, states0)
-
-    loop = compiler.driven(step_all, form)
+    fixed_of = {}
 
     def run_all(states0, inputs, reset):
       m = reset.shape[0]
-      states = jax.tree_util.tree_map(
-          lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], m) + a.shape[1:]), states0)
-      _, (masks, logits) = loop(states, (states0, inputs, reset), reset.shape[1])
+      flat0, tree = jax.tree_util.tree_flatten(states0)
+      x0 = tuple(a[0, 0] for a in inputs)
+      key = (tree, tuple(a.shape[1:] for a in flat0), tuple((a.shape, a.dtype) for a in x0))
+      if key not in fixed_of:
+        fixed_of[key] = _unchanged(built.step, jax.tree_util.tree_unflatten(
+            tree, [a[0] for a in flat0]), x0)
+      fixed = fixed_of[key]
+      pick = lambda leaves, want: [a for a, f in zip(leaves, fixed) if f == want]
+
+      def one_stream(var, x, r, fix, var0, t):
+        # One stream of one model: its own (varying) leaves, the model's
+        # fixed ones shared unbatched (a leaf the step never changes, e.g. a
+        # convolution's kernel, stays one array for all M streams, not M).
+        if resets:
+          var = [jnp.where(r[t], a0, a) for a0, a in zip(var0, var)]
+        it_var, it_fix = iter(var), iter(fix)
+        state = jax.tree_util.tree_unflatten(
+            tree, [next(it_fix) if f else next(it_var) for f in fixed])
+        xt = tuple(jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False) for a in x)
+        state, logits = built.step(state, xt)
+        out = (logits_to_masks(logits), logits if with_logits else None)
+        return pick(jax.tree_util.tree_leaves(state), False), out
+
+      def step_all(var, consts, t):
+        fix, var0, inputs, reset = consts
+
+        def per_model(v, f, v0):  # the model's M streams side by side
+          return jax.vmap(lambda a, x, r: one_stream(a, x, r, f, v0, t))(v, inputs, reset)
+        return stacking.stacked(per_model, strategy)(var, fix, var0)
+
+      loop = loops.setdefault(key, compiler.driven(step_all, form))
+      var0 = pick(flat0, False)
+      var = [jnp.broadcast_to(a[:, None], (a.shape[0], m) + a.shape[1:]) for a in var0]
+      _, (masks, logits) = loop(var, (pick(flat0, True), var0, inputs, reset), reset.shape[1])
       move = lambda a: None if a is None else jnp.moveaxis(a, 0, 2)  # [T, K, M] -> [K, M, T]
       return move(masks), move(logits)
+
+    loops = {}
     return run_all
 
   return _m.cached(model, ("streams", structure, kw_key, is_batch_norm, with_logits, resets,
@@ -1363,9 +1397,11 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
   (``stacked_variables`` with a leading axis K) runs every stream m
   (a sequence of :class:`Stream` s of one shape, or arrays ``[M, T, B,
   ...]``) from its own source state. The streams of a model are mapped with
-  ``jax.vmap`` (their batches side by side in each step), the models by
-  ``strategy`` (:mod:`bnjax.stacking`). Each pair's result equals
-  :func:`run` on it. ``loop`` as in :func:`run`.
+  ``jax.vmap`` (their batches side by side in each step; the parts of the
+  state the method never changes, e.g. the convolution kernels, stay one
+  array shared by the M streams, so their convolutions run as one batch),
+  the models by ``strategy`` (:mod:`bnjax.stacking`). Each pair's result
+  equals :func:`run` on it. ``loop`` as in :func:`run`.
 
   Returns:
     A :class:`StreamResult` with ``masks`` bool[K, M, T, B, H, W].
