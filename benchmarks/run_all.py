@@ -30,6 +30,7 @@ import loop_vs_scan  # noqa: E402
 import methods_many  # noqa: E402
 import sliced_wasserstein  # noqa: E402
 import streams_many  # noqa: E402
+import tent_online  # noqa: E402
 import train_many  # noqa: E402
 import train_step  # noqa: E402
 
@@ -42,6 +43,7 @@ BENCHMARKS = {
     "sliced_w2": lambda: sliced_wasserstein.run(reps=2),
     "train_many": lambda: train_many.run(ks="4,8", strategies="auto", reps=7),
     "streams": lambda: streams_many.run(),
+    "tent_online": lambda: tent_online.run(reps=3, scan=False),
     "methods": lambda: methods_many.run(),
     "loop_vs_scan": lambda: loop_vs_scan.run(),
 }
