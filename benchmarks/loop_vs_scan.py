@@ -109,5 +109,5 @@ if __name__ == "__main__":
   rows = run(args.steps)
   print_table(rows)
   for r in rows:
-    print(f"{r['case']}: largest difference loop vs scan {r['value']:.3g} "
-          "(conv: weights; flow: step losses in bits/dim)")
+    print(f"{r['case']}: largest difference, one call per step vs {r['reference']}: "
+          f"{r['value']:.3g} (conv: weights; flow: step losses in bits/dim)")

@@ -23,7 +23,7 @@ For each shape (U-Net width x image side x batch size): a stream of
   forward and backward pass, the update of the original weights) and the
   reset check on the moving average of the loss.
 
-Set-wise TENT (``--settwise``, on by default): ``bnjax.methods.tent``
+Set-wise TENT (``--no_setwise`` skips it), once per width and side: ``bnjax.methods.tent``
 (``steps`` Adam steps on minibatches of 16 drawn from 64 images, then exact
 statistics of the set) against the same in PyTorch (the statistics by one
 pass with a cumulative average, ``momentum=None``).
@@ -241,11 +241,9 @@ def run(shapes: str = SHAPES, methods_: str = METHODS, steps: int = 16, reps: in
         rows.append(row(f"online {method}", case, times[0], times[1], "bnjax lax.scan",
                         "the loop's gain"))
   if setwise:
-    for spec in shapes.split(","):
-      width, side, _ = (int(v) for v in spec.split("x"))
+    for width, side in dict.fromkeys(tuple(int(v) for v in spec.split("x")[:2])
+                                     for spec in shapes.split(",")):
       case = f"w{width} {side}x{side}, 64 images, {steps} steps of 16"
-      if any(r["case"] == case for r in rows):
-        continue
       fns = [bnjax_setwise(width, side, steps)]
       if have_torch:
         fns.append(torch_setwise(width, side, steps))

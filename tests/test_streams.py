@@ -581,8 +581,8 @@ def test_run_many_equals_separate_runs(pixnet):
   resets = np.zeros((3, 5), bool)
   resets[1, [2, 4]] = True
   for (method, options), loop, reset in itertools.product(
-      (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01})), ("scan", "loop"),
-      (None, resets)):
+      (("ema_bn", {"momentum": 0.3}), ("tent", {"learning_rate": 0.01}), ("bn_test", {})),
+      ("scan", "loop"), (None, resets)):
     many = streams.run_many(model, stacked, many_batches, method, return_logits=True,
                             image_range=None, loop=loop, reset=reset, **options)
     assert many.masks.shape == (2, 3, 5, 3, 4, 4)

@@ -126,9 +126,11 @@ def driven(step: Callable, form: str = "auto") -> Callable:
   compiled ``lax.scan`` or as one compiled step called per iteration with
   the carry's buffers donated (:func:`loop_form`; ``t`` an int32 scalar in
   both, so a step reads its own slice of ``consts`` by
-  ``jax.lax.dynamic_index_in_dim``). Both forms compute the same function;
-  the step's program compiles once for every ``steps``. The caller's carry
-  is never donated (the loop works on a copy)."""
+  ``jax.lax.dynamic_index_in_dim``). Both forms compute the same function.
+  The loop compiles its step once for every ``steps``, puts ``consts`` on
+  the device once per call and stacks the ``y`` on the host (``ys`` NumPy
+  arrays: no program per length); the scan compiles once per ``steps``.
+  The caller's carry is never donated (the loop works on a copy)."""
   if form not in LOOP_FORMS:
     raise ValueError(f"loop form must be one of {LOOP_FORMS}, got {form!r}")
   scanned = jit(lambda carry, consts, ts: jax.lax.scan(
@@ -139,13 +141,14 @@ def driven(step: Callable, form: str = "auto") -> Callable:
     if loop_form(form) == "scan":
       return scanned(carry, consts, jnp.arange(steps, dtype=jnp.int32))
     carry = jax.tree_util.tree_map(jnp.copy, carry)
+    consts = jax.device_put(consts)  # once, not with every step
     ys = []
     for t in range(steps):
       carry, y = one(carry, consts, np.int32(t))
       ys.append(y)
     if not ys or all(y is None for y in ys):
       return carry, None
-    return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
+    return carry, jax.tree_util.tree_map(lambda *a: np.stack(a), *jax.device_get(ys))
 
   return run
 

@@ -66,7 +66,7 @@ def stacked(fn: Callable, strategy: str, in_axes=0, sequential: bool = True) -> 
   def unrolled(*args):
     axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     size = {jax.tree_util.tree_leaves(a)[0].shape[0]
-            for a, ax in zip(args, axes) if ax == 0}
+            for a, ax in zip(args, axes) if ax == 0 and jax.tree_util.tree_leaves(a)}
     if len(size) != 1:
       raise ValueError(f"stacked arguments disagree on the leading axis: {size}")
     outs = []

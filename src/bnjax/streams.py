@@ -1006,26 +1006,31 @@ def _fisher(model, kw: _m.Kwargs, is_batch_norm, batch_size: int):
   argmax, averaged over the batches."""
 
   def build():
-    def fisher(variables, images, arrays):
+    def step(total, consts, t):
+      variables, batches, arrays = consts
       affine = _Affine(variables)
-      theta = affine.theta()
+      batch = jax.lax.dynamic_index_in_dim(batches, t, 0, keepdims=False)
+
+      def ce(theta):
+        out = _adapt._batch_normalised_apply(
+            model, {**variables, "params": affine.params(theta)}, (batch,), kw.join(arrays),
+            is_batch_norm)
+        labels = jax.lax.stop_gradient(jnp.argmax(out, axis=-1))
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, labels))
+      g = jax.grad(ce)(affine.theta())
+      return {k: total[k] + v ** 2 for k, v in g.items()}, None
+
+    # One batch at a time (memory bounded by batch_size), driven as every
+    # gradient loop is (bnjax.compiler.driven: a Python loop on CPU).
+    loop = compiler.driven(step)
+
+    def fisher(variables, images, arrays):
       n = images.shape[0] // batch_size
       batches = images[:n * batch_size].reshape((n, batch_size) + images.shape[1:])
-
-      def one(batch):
-        def ce(theta):
-          out = _adapt._batch_normalised_apply(
-              model, {**variables, "params": affine.params(theta)}, (batch,), kw.join(arrays),
-              is_batch_norm)
-          labels = jax.lax.stop_gradient(jnp.argmax(out, axis=-1))
-          return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, labels))
-        g = jax.grad(ce)(theta)
-        return {k: v ** 2 for k, v in g.items()}
-
-      # The batches side by side (vmap), not in a loop: a gradient inside a
-      # loop body is slow on XLA:CPU (bnjax.compiler.loop_form).
-      return jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), jax.vmap(one)(batches))
-    return compiler.jit(fisher)
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, _Affine(variables).theta())
+      total, _ = loop(zeros, (variables, batches, arrays), n)
+      return jax.tree_util.tree_map(lambda a: a / n, total)
+    return fisher
 
   return _m.cached(model, ("eata_fisher", kw.key(), is_batch_norm, batch_size), build)
 
@@ -1331,11 +1336,14 @@ def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built,
           return jax.vmap(lambda a, x, r: one_stream(a, x, r, f, v0, t))(v, inputs, reset)
         return stacking.stacked(per_model, strategy)(var, fix, var0)
 
-      loop = loops.setdefault(key, compiler.driven(step_all, form))
+      if key not in loops:
+        loops[key] = compiler.driven(step_all, form)
+      loop = loops[key]
       var0 = pick(flat0, False)
       var = [jnp.broadcast_to(a[:, None], (a.shape[0], m) + a.shape[1:]) for a in var0]
       _, (masks, logits) = loop(var, (pick(flat0, True), var0, inputs, reset), reset.shape[1])
-      move = lambda a: None if a is None else jnp.moveaxis(a, 0, 2)  # [T, K, M] -> [K, M, T]
+      # [T, K, M, ...] -> [K, M, T, ...]
+      move = lambda a: None if a is None else np.moveaxis(np.asarray(a), 0, 2)
       return move(masks), move(logits)
 
     loops = {}
