@@ -16,7 +16,10 @@ error, and the others still run):
    forward passes;
 5. the streams runner: ``run_many`` over 16 streams against 16 ``run`` calls;
 6. TENT, histogram matching and the scores over 64 pairs in one call against
-   64 per-pair calls (the benchmark's and when-to-adapt's batched methods).
+   64 per-pair calls (the benchmark's and when-to-adapt's batched methods);
+7. online TENT on one stream (``streams.run``) in the form chosen for the
+   backend (one ``lax.scan``) against the step called per batch (CPU's
+   choice), and set-wise TENT; PyTorch where it is installed.
 
 The machine's environment comes first in the summary: versions, devices, and
 which optional packages are missing (and what that skips).
@@ -113,6 +116,12 @@ def _methods(quick):
                           reps=2 if quick else 3)
 
 
+def _tent_online(quick):
+  import tent_online
+  return tent_online.run(shapes="4x32x1" if quick else "8x32x1,16x64x16",
+                         methods_="tent", steps=2 if quick else 16, reps=2 if quick else 3)
+
+
 def _cyclegan(quick):
   import cyclegan_many
   return cyclegan_many.run(k=2 if quick else 32, steps=2 if quick else 100,
@@ -125,10 +134,10 @@ def _cyclegan(quick):
 
 BENCHMARKS = {"train_many": _train_many, "train_step": _train_step, "data_gen": _data_gen,
               "adapt_cost": _adapt_cost, "streams": _streams, "methods": _methods,
-              "cyclegan": _cyclegan}
+              "cyclegan": _cyclegan, "tent_online": _tent_online}
 # A benchmark starts only if this many seconds are left (about its length on an H200).
 NEEDS_S = {"train_many": 120, "train_step": 60, "data_gen": 40, "adapt_cost": 60, "streams": 60,
-           "methods": 60, "cyclegan": 120}
+           "methods": 60, "cyclegan": 120, "tent_online": 60}
 
 
 def _markdown(summary: dict) -> str:
