@@ -247,7 +247,7 @@ def _seed_rows(config, plan, model, v, pairs, seed, src):
 def _pair_measures(config, plan, model, x, y, xa, keys, v, src):
   """The IoUs, label-free scores and distances of a share of one source
   model's pairs (evaluation images, masks and adaptation images [p, ...])."""
-  src_eval, src_adapt, src_features = src
+  src_eval, src_adapt, src_features, classes = src
   n_pairs = x.shape[0]
   tile = lambda t: jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n_pairs, *a.shape)), t)
   vs = tile(v)
@@ -276,10 +276,6 @@ def _pair_measures(config, plan, model, x, y, xa, keys, v, src):
       adapted_inputs=[score_x for _, _, score_x in adapted.values()], strategy=config.strategy)
   x, y = np.asarray(x), np.asarray(y)
   shared = {k: [] for k in ("bn_w2", "frechet", "sliced_w2", "appearance", "overlap")}
-  # The per-class appearance change (bnjax.adapt.appearance_gap): the source
-  # model's class statistics on its unlabelled source images, the target's
-  # under the source model's masks.
-  classes = adapt.add_class_stats(model, v, src_adapt[0])["class_stats"]
   for p in range(n_pairs):
     kf = jax.random.fold_in(keys[p], 1)
     fs = distances.subsample(src_features, config.max_rows, kf)
@@ -315,7 +311,11 @@ def _score_source(wd, config, plan, model, stacks, i, source, bar, done):
                                   config.data.size)
     src_adapt = data.split_dataset(config.seed + j, source, "adapt", config.data.n_adapt,
                                    config.data.size)
-    src = (src_eval, src_adapt, features.extract(model, v, src_eval[0], config.tap))
+    # The per-class appearance change (bnjax.adapt.appearance_gap) needs the
+    # source model's class statistics on its unlabelled source images: once
+    # per source model, not per pair.
+    src = (src_eval, src_adapt, features.extract(model, v, src_eval[0], config.tap),
+           adapt.add_class_stats(model, v, src_adapt[0])["class_stats"])
     rows += _seed_rows(config, plan, model, v, pairs, j, src)
     done += len(pairs)
     bar.update(done, f"{source} seed {j}")
