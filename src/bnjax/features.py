@@ -49,12 +49,21 @@ def _one_example(inputs) -> tuple:
 
 
 def _intermediates_shapes(model, variables, inputs, kwargs, capture) -> dict:
+  """The shapes of the model's intermediates (traced once per model, call
+  flags and shapes: a trace of a U-Net costs more than its forward pass)."""
   kw, arrays = _m.Kwargs.split(kwargs)
+  shapes = lambda tree: (jax.tree_util.tree_structure(tree), tuple(
+      (jnp.shape(a), jnp.result_type(a)) for a in jax.tree_util.tree_leaves(tree)))
 
-  def fn(v, x, a):
-    return model.apply(v, *x, mutable=["intermediates"], capture_intermediates=capture,
-                       **kw.join(a))[1]
-  return jax.eval_shape(fn, variables, inputs, arrays).get("intermediates", {})
+  def build():
+    def fn(v, x, a):
+      return model.apply(v, *x, mutable=["intermediates"], capture_intermediates=capture,
+                         **kw.join(a))[1]
+    found = jax.eval_shape(fn, variables, inputs, arrays).get("intermediates", {})
+    return lambda: found
+
+  return _m.cached(model, ("intermediates_shapes", kw.key(), capture, shapes(variables),
+                           shapes(inputs), shapes(arrays)), build)()
 
 
 def _sown_taps(model, variables, inputs, kwargs) -> list[str]:
