@@ -141,6 +141,10 @@ def plan_of(config) -> Plan:
     raise cfg.ConfigError(f"config.grids, config.shifts: the pairs come from one family "
                           f"({pairs[0].family}); holding a family out needs at least two (add "
                           "grids or shifts)")
+  if len({p.source for p in pairs}) < 2:
+    raise cfg.ConfigError(f"config.grids, config.shifts: the pairs come from one source domain "
+                          f"({pairs[0].source}); holding a source out needs at least two (add "
+                          "grids)")
   size = cfg.image_size(config.data.size)
   for name in ("n_train", "n_eval", "n_adapt"):
     cfg.positive_int(config.data[name], f"data.{name}")

@@ -219,6 +219,10 @@ def test_plan_errors():
   c.shifts = ""
   with pytest.raises(ValueError, match="one family"):
     w2a.plan_of(c)
+  c = tiny()  # two families, one source domain: no source to hold out
+  c.grids = ""
+  with pytest.raises(ValueError, match="one source domain"):
+    w2a.plan_of(c)
   c = tiny()
   c.methods = "adabn,oracle"
   with pytest.raises(ValueError, match="config.methods"):
