@@ -8,7 +8,7 @@ Expected on 2 CPU cores (the default: the CPU versions of the study's
 brightness, geometric and clip_corrected grids, and the shift benchmark's 12
 shifts at severities 1, 3, 5 of the source (90,50,170,50); 32x32 images,
 width 8, 3 retrainings; 151 pairs x 3 seeds x 3 methods): about 10 minutes
-(614 s measured on 2026-12-08, 1208 s before TENT's steps left
+(564 s measured on 2026-12-08, 1208 s before TENT's steps left
 ``lax.scan``; a rerun redoes only the analysis, ~30 s).
 The agreement between the unadapted and the adapted masks ranks the gain
 best (Spearman about -0.8 for every method, in every retraining); for AdaBN
