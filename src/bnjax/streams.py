@@ -1204,18 +1204,27 @@ class StreamResult:
     return np.asarray(per_image).mean(-1)
 
 
-def _step_of(online_: Online, with_logits: bool, resets: bool):
-  """``step(state, (state0, inputs, reset), t)``: ``online_.step`` on batch
-  ``t`` of ``inputs`` (a tuple of [T, B, ...] arrays), the state reset to
-  ``state0`` first where ``reset[t]``; its output (masks, logits or None)."""
+def _step_of(online_: Online, tree, fixed: list[bool], with_logits: bool, resets: bool):
+  """``step(var, (fix, var0, inputs, reset), t)``: ``online_.step`` on batch
+  ``t`` of ``inputs`` (a tuple of [T, B, ...] arrays), its state put
+  together (``tree``) from the leaves it changes, ``var``, and those it
+  never changes, ``fix`` (``fixed``: per leaf, :func:`_unchanged`), ``var``
+  reset to ``var0`` first where ``reset[t]``. Returns the new ``var`` and
+  (masks, logits or None). The fixed leaves stay outside the carry, so
+  that streams mapped side by side share them (one convolution kernel, not
+  one per stream) and a reset never touches them."""
 
-  def step(state, consts, t):
-    state0, inputs, reset = consts
-    x = tuple(jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False) for a in inputs)
+  def step(var, consts, t):
+    fix, var0, inputs, reset = consts
     if resets:
-      state = jax.tree_util.tree_map(lambda a, b: jnp.where(reset[t], a, b), state0, state)
+      var = [jnp.where(reset[t], a0, a) for a0, a in zip(var0, var)]
+    it_var, it_fix = iter(var), iter(fix)
+    state = jax.tree_util.tree_unflatten(tree, [next(it_fix) if f else next(it_var)
+                                                for f in fixed])
+    x = tuple(jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False) for a in inputs)
     state, logits = online_.step(state, x)
-    return state, (logits_to_masks(logits), logits if with_logits else None)
+    out = (logits_to_masks(logits), logits if with_logits else None)
+    return [a for a, f in zip(jax.tree_util.tree_leaves(state), fixed) if not f], out
 
   return step
 
@@ -1293,61 +1302,45 @@ def _runner(model, structure, kw_key, is_batch_norm, with_logits, resets, built,
   ``structure`` (:attr:`Online.structure`), so that float options, carried
   in the state, never recompile."""
   def build():
-    one = _step_of(built, with_logits, resets)
-    if strategy is None:
-      loop = compiler.driven(one, form)
+    prepared = {}  # per state structure and shapes: (fixed leaves, driven loop)
 
-      def run_one(state0, inputs, reset):
-        final, (masks, logits) = loop(state0, (state0, inputs, reset), reset.shape[0])
-        return masks, logits, final
-      return run_one
+    def prepare(tree, one_state, x0):
+      key = (tree, tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(one_state)),
+             tuple((a.shape, a.dtype) for a in x0))
+      if key not in prepared:
+        fixed = _unchanged(built.step, one_state, x0)
+        one = _step_of(built, tree, fixed, with_logits, resets)
 
-    fixed_of = {}
+        def step_all(var, consts, t):  # K models (strategy), each over its M streams (vmap)
+          fix, var0, inputs, reset = consts
 
-    def run_all(states0, inputs, reset):
-      m = reset.shape[0]
-      flat0, tree = jax.tree_util.tree_flatten(states0)
-      x0 = tuple(a[0, 0] for a in inputs)
-      key = (tree, tuple(a.shape[1:] for a in flat0), tuple((a.shape, a.dtype) for a in x0))
-      if key not in fixed_of:
-        fixed_of[key] = _unchanged(built.step, jax.tree_util.tree_unflatten(
-            tree, [a[0] for a in flat0]), x0)
-      fixed = fixed_of[key]
-      pick = lambda leaves, want: [a for a, f in zip(leaves, fixed) if f == want]
+          def per_model(v, f, v0):
+            return jax.vmap(lambda a, x, r: one(a, (f, v0, x, r), t))(v, inputs, reset)
+          return stacking.stacked(per_model, strategy)(var, fix, var0)
+        prepared[key] = fixed, compiler.driven(one if strategy is None else step_all, form)
+      return prepared[key]
 
-      def one_stream(var, x, r, fix, var0, t):
-        # One stream of one model: its own (varying) leaves, the model's
-        # fixed ones shared unbatched (a leaf the step never changes, e.g. a
-        # convolution's kernel, stays one array for all M streams, not M).
-        if resets:
-          var = [jnp.where(r[t], a0, a) for a0, a in zip(var0, var)]
+    def run(state0, inputs, reset):
+      flat0, tree = jax.tree_util.tree_flatten(state0)
+      lead = 0 if strategy is None else 1  # the model axis K
+      one_state = jax.tree_util.tree_unflatten(tree, [a[0] if lead else a for a in flat0])
+      fixed, loop = prepare(tree, one_state, tuple(a[(0,) * (1 + lead)] for a in inputs))
+      var0 = [a for a, f in zip(flat0, fixed) if not f]
+      fix = [a for a, f in zip(flat0, fixed) if f]
+      if strategy is None:
+        var, (masks, logits) = loop(var0, (fix, var0, inputs, reset), reset.shape[0])
         it_var, it_fix = iter(var), iter(fix)
-        state = jax.tree_util.tree_unflatten(
-            tree, [next(it_fix) if f else next(it_var) for f in fixed])
-        xt = tuple(jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False) for a in x)
-        state, logits = built.step(state, xt)
-        out = (logits_to_masks(logits), logits if with_logits else None)
-        return pick(jax.tree_util.tree_leaves(state), False), out
-
-      def step_all(var, consts, t):
-        fix, var0, inputs, reset = consts
-
-        def per_model(v, f, v0):  # the model's M streams side by side
-          return jax.vmap(lambda a, x, r: one_stream(a, x, r, f, v0, t))(v, inputs, reset)
-        return stacking.stacked(per_model, strategy)(var, fix, var0)
-
-      if key not in loops:
-        loops[key] = compiler.driven(step_all, form)
-      loop = loops[key]
-      var0 = pick(flat0, False)
+        final = jax.tree_util.tree_unflatten(tree, [next(it_fix) if f else next(it_var)
+                                                    for f in fixed])
+        return masks, logits, final
+      m = reset.shape[0]  # every stream of a model starts from its state
       var = [jnp.broadcast_to(a[:, None], (a.shape[0], m) + a.shape[1:]) for a in var0]
-      _, (masks, logits) = loop(var, (pick(flat0, True), var0, inputs, reset), reset.shape[1])
+      _, (masks, logits) = loop(var, (fix, var0, inputs, reset), reset.shape[1])
       # [T, K, M, ...] -> [K, M, T, ...]
       move = lambda a: None if a is None else np.moveaxis(np.asarray(a), 0, 2)
-      return move(masks), move(logits)
+      return move(masks), move(logits), None
 
-    loops = {}
-    return run_all
+    return run
 
   return _m.cached(model, ("streams", structure, kw_key, is_batch_norm, with_logits, resets,
                            strategy, compiler.loop_form(form)), build)
@@ -1429,5 +1422,5 @@ def run_many(model: nn.Module, stacked_variables: Mapping, streams, method: str 
                                              first) for i in range(k)])
     fn = _runner(model, structure, kw_key, is_batch_norm, bool(return_logits),
                  bool(reset.any()), built, stacking.resolve(strategy), loop)
-    masks, logits = fn(states, inputs, jnp.asarray(reset))
+    masks, logits, _ = fn(states, inputs, jnp.asarray(reset))
   return StreamResult(np.asarray(masks), None if logits is None else np.asarray(logits))
