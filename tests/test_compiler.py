@@ -107,3 +107,8 @@ def test_loop_form_by_backend_and_errors():
     compiler.loop_form("while")
   with pytest.raises(ValueError, match="loop form must be one of"):
     compiler.driven(_momentum_step, "unrolled")
+  run = compiler.driven(_momentum_step, "loop")
+  carry = (jnp.ones((3, 3, 3, 4)), jnp.zeros((3, 3, 3, 4)))
+  for steps in (0, -2, 2.0, True):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+      run(carry, (jnp.zeros((2, 1, 5, 5, 3)), 0.1), steps)

@@ -138,6 +138,8 @@ def driven(step: Callable, form: str = "auto") -> Callable:
   one = jit(step, donate_argnums=0)
 
   def run(carry, consts, steps: int):
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+      raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if loop_form(form) == "scan":
       return scanned(carry, consts, jnp.arange(steps, dtype=jnp.int32))
     carry = jax.tree_util.tree_map(jnp.copy, carry)
